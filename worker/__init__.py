@@ -1,0 +1,1 @@
+"""Compactor's worker: the Celery app, its thin tasks, and the pure-torch compression engines."""
