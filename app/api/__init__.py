@@ -1,0 +1,1 @@
+"""HTTP layer: routes only translate between HTTP and the services."""

@@ -1,0 +1,44 @@
+"""Dependencies that routes declare in their signatures: the session, the tenant, the store."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Iterator
+
+from fastapi import Depends, Header, Query
+from sqlalchemy.orm import Session
+
+from app.db import unit_of_work
+from app.errors import Unauthorized
+from app.settings import Settings, get_settings
+from app.storage import LocalBlobStore, get_blob_store
+
+
+def get_session() -> Iterator[Session]:
+    """One transaction per request: commit when the handler returns, roll back if it raises."""
+    with unit_of_work() as session:
+        yield session
+
+
+def get_tenant(authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+               settings: Settings = Depends(get_settings)) -> str:
+    """The caller's tenant from `Authorization: Bearer <key>`; 'default' when no keys are configured."""
+    if not settings.api_keys:
+        return "default"
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and token:
+        for entry in settings.api_keys:
+            tenant, sep, key = entry.rpartition(":")
+            if hmac.compare_digest(key, token):
+                return tenant if sep else "default"
+    raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
+
+
+# scope="function": the session commits when the handler returns, before the response is sent,
+# so a client that reads right after a 201/202 always finds what it created.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+TenantDep = Annotated[str, Depends(get_tenant)]
+StoreDep = Annotated[LocalBlobStore, Depends(get_blob_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+LimitQuery = Annotated[int, Query(ge=1, le=500, description="Page size.")]
+CursorQuery = Annotated[str | None, Query(description="The next_cursor of the previous page.")]

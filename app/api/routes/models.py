@@ -1,0 +1,54 @@
+"""/v1/models: uploaded TorchScript models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.deps import CursorQuery, LimitQuery, SessionDep, SettingsDep, StoreDep, TenantDep
+from app.api.files import blob_response
+from app.api.routes.openapi import ERRORS, upload_body
+from app.schemas.common import Page
+from app.schemas.resources import ModelRead
+from app.services import models as service
+from app.uploads import receive_upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
+
+
+@router.post("", status_code=201, operation_id="upload_model", response_model=ModelRead,
+             openapi_extra=upload_body("A TorchScript archive (torch.jit.save)."))
+async def upload_model(request: Request, session: SessionDep, tenant: TenantDep, store: StoreDep,
+                       settings: SettingsDep) -> ModelRead:
+    """Upload a TorchScript model (multipart `file`, optional `name`); it is validated by a worker."""
+    upload = await receive_upload(request, store, settings.max_upload_bytes)
+    model = service.create_model(session, store, tenant, upload)
+    return ModelRead.model_validate(model)
+
+
+@router.get("", operation_id="list_models", response_model=Page[ModelRead])
+def list_models(session: SessionDep, tenant: TenantDep, limit: LimitQuery = 50, cursor: CursorQuery = None):
+    """List uploaded models, newest first."""
+    rows, next_cursor = service.list_models(session, tenant, limit, cursor)
+    return Page[ModelRead](items=[ModelRead.model_validate(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{model_id}", operation_id="get_model", response_model=ModelRead)
+def get_model(model_id: str, session: SessionDep, tenant: TenantDep):
+    """Get one model, with its validation status and summary."""
+    return ModelRead.model_validate(service.get_model(session, tenant, model_id))
+
+
+@router.delete("/{model_id}", status_code=204, operation_id="delete_model")
+def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep) -> Response:
+    """Delete a model (refused while an unfinished job uses it)."""
+    service.delete_model(session, store, tenant, model_id)
+    return Response(status_code=204)
+
+
+@router.get("/{model_id}/content", operation_id="download_model",
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "The original bytes"}})
+def download_model(model_id: str, request: Request, session: SessionDep, tenant: TenantDep, store: StoreDep):
+    """Download the original bytes of a model (ETag = sha256, Range supported)."""
+    model = service.get_model(session, tenant, model_id)
+    return blob_response(request, store, model.sha256, model.size_bytes, f"{model.id}.pt")

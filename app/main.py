@@ -1,0 +1,46 @@
+"""The FastAPI application: routers, error handlers, and schema migration on start."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.routes import datasets, health, jobs, models
+from app.errors import install_error_handlers
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def _lifespan(_: FastAPI):
+    settings = get_settings()
+    if settings.auto_migrate:
+        from app.migrate import upgrade
+
+        upgrade()
+    yield
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="Compactor",
+        version="1.0.0",
+        summary="Makes trained PyTorch (TorchScript) models smaller and faster, and proves it.",
+        lifespan=_lifespan,
+        openapi_tags=[
+            {"name": "models", "description": "Uploaded TorchScript models."},
+            {"name": "datasets", "description": "Calibration, training and evaluation data."},
+            {"name": "jobs", "description": "Compression pipelines, reports and artifacts."},
+            {"name": "service", "description": "Health probes."},
+        ],
+    )
+    install_error_handlers(app)
+    for module in (models, datasets, jobs, health):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()

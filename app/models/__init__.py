@@ -1,0 +1,8 @@
+"""SQLAlchemy ORM tables (schemas for HTTP live in app.schemas)."""
+
+from app.models.base import Base
+from app.models.dataset import Dataset
+from app.models.job import CompressionJob
+from app.models.model import UploadedModel
+
+__all__ = ["Base", "CompressionJob", "Dataset", "UploadedModel"]

@@ -1,0 +1,1 @@
+"""Pydantic request/response schemas of the HTTP API (tables live in app.models)."""

@@ -1,0 +1,126 @@
+"""The JobSpec a user submits and the Job they read back."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.common import ErrorInfo
+
+
+class _Strict(BaseModel):
+    # A misspelt field must be a 422 naming it, never silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    """One positional model input for synthetic data: shape with the batch dimension first."""
+
+    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    dtype: Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "bool"] = "float32"
+    low: float = 0.0
+    high: float = 1.0
+
+
+class PruneStep(_Strict):
+    """Remove weights or whole channels."""
+
+    op: Literal["prune"]
+    structure: Literal["unstructured", "channel", "n:m"]
+    criterion: Literal["l1", "l2", "gradient", "entropy", "bn_scale"] = "l1"
+    amount: float = Field(0.5, gt=0, lt=1, description="Fraction of weights (unstructured) or output channels (channel) removed.")
+    scope: Literal["global", "layer"] = "global"
+    n: int = Field(2, ge=1)
+    m: int = Field(4, ge=2)
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of module names left untouched.")
+
+
+class QuantizeStep(_Strict):
+    """Lower the precision of weights (and activations)."""
+
+    op: Literal["quantize"]
+    scheme: Literal["dynamic_int8", "static_int8", "fp16", "bf16", "weight_int8", "weight_int4", "binary"]
+    per_channel: bool = True
+    exclude: list[str] = Field(default_factory=list, description="Module-name globs kept in float.")
+    min_fidelity: float | None = Field(None, gt=0, le=1, description="Keep the most sensitive layers in float until output fidelity holds.")
+    group_size: int = Field(128, ge=8, description="Group size of weight_int4 scales.")
+
+
+class DistillStep(_Strict):
+    """Train a student on the original model's soft targets."""
+
+    op: Literal["distill"]
+    student_model_id: str | None = Field(None, description="An uploaded student; default: the pipeline's current model.")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the soft-target loss against hard labels.")
+    epochs: int = Field(3, ge=1, le=1000)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(2, ge=1, description="Epochs without validation gain before stopping early.")
+    sparsity_regularization: float = Field(0.0, ge=0, description="β of the L1 penalty on BatchNorm scales.")
+    loss: Literal["auto", "kl", "cosine", "mse"] = "auto"
+    weight_decay: float = Field(0.0, ge=0)
+
+
+Step = Annotated[Union[PruneStep, QuantizeStep, DistillStep], Field(discriminator="op")]
+
+
+class BenchmarkSpec(_Strict):
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1], min_length=1, max_length=8)
+    warmup: int = Field(10, ge=0, le=10_000)
+    iterations: int = Field(100, ge=5, le=100_000)
+    threads: int | None = Field(None, ge=1, description="CPU threads for timing; default: the worker's setting.")
+
+
+class TargetSpec(_Strict):
+    """Goals the report checks the result against (the job still succeeds when one is missed)."""
+
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    min_fidelity: float | None = Field(None, ge=0, le=1)
+    min_speedup: float | None = Field(None, gt=0)
+
+
+class JobSpec(_Strict):
+    """A compression pipeline: steps run in order, each on the output of the one before."""
+
+    model_id: str
+    name: str | None = Field(None, max_length=255)
+    calibration_dataset_id: str | None = None
+    eval_dataset_id: str | None = None
+    input_spec: list[InputSpec] | None = Field(None, min_length=1)
+    steps: list[Step] = Field(default_factory=list, max_length=32)
+    benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
+    target: TargetSpec | None = None
+    seed: int = 0
+
+
+class JobProgress(BaseModel):
+    stage: str
+    step_index: int | None = None
+    percent: float = 0.0
+    message: str = ""
+
+
+class ArtifactInfo(BaseModel):
+    size_bytes: int
+    sha256: str
+
+
+class JobRead(BaseModel):
+    """A compression job and where it stands."""
+
+    id: str
+    name: str | None
+    model_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    spec: JobSpec
+    progress: JobProgress
+    error: ErrorInfo | None = None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    artifact: ArtifactInfo | None = None

@@ -1,0 +1,119 @@
+"""The benchmark report a succeeded job returns (typed, so generated clients get real fields)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Open(BaseModel):
+    # Workers may add figures; clients keep the typed ones and still see the rest.
+    model_config = ConfigDict(extra="allow")
+
+
+class LatencyStats(_Open):
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    iterations: int
+
+
+class Accuracy(_Open):
+    top1: float
+
+
+class Fidelity(_Open):
+    top1_agreement: float | None = None
+    cosine_min: float
+    cosine_mean: float
+    max_abs_error: float
+
+
+class Metrics(_Open):
+    size_bytes: int
+    compressed_size_bytes: int | None = None
+    parameters: int
+    nonzero_parameters: int
+    buffers_bytes: int | None = None
+    macs: int | None = None
+    macs_by_operator: dict[str, int] | None = None
+    macs_uncounted: list[str] | None = None
+    latency_ms: dict[str, LatencyStats] = {}
+    throughput_per_s: dict[str, float] = {}
+    peak_memory_bytes: int | None = None
+    accuracy: Accuracy | None = None
+    fidelity: Fidelity | None = None
+
+
+class Environment(_Open):
+    device: str
+    device_name: str | None = None
+    torch: str
+    threads: int | None = None
+    worker: str | None = None
+    measured_at: str
+
+
+class SkippedModule(_Open):
+    module: str
+    reason: str
+
+
+class StageDetails(_Open):
+    layers: list[dict[str, Any]] = []
+    skipped: list[SkippedModule] = []
+
+
+class Stage(_Open):
+    op: str
+    params: dict[str, Any]
+    metrics: Metrics
+    details: StageDetails
+    speedup: dict[str, float] = {}
+
+
+class SpeedupSpread(_Open):
+    median: float
+    min: float
+    max: float
+    rounds: int
+
+
+class TargetCheck(_Open):
+    limit: float
+    actual: float | None
+    met: bool
+
+
+class Summary(_Open):
+    speedup: dict[str, float]
+    speedup_spread: dict[str, SpeedupSpread] = {}
+    size_ratio: float
+    accuracy_drop: float | None = None
+    fidelity_cosine_min: float | None = None
+    targets: dict[str, TargetCheck] = {}
+    headline: str = ""
+
+
+class Report(_Open):
+    """Baseline and result measured side by side in one worker process, per stage and overall."""
+
+    job_id: str
+    spec: dict[str, Any]
+    environment: Environment
+    baseline: Metrics
+    result: Metrics
+    stages: list[Stage]
+    summary: Summary
+    notes: list[str] = []
+
+
+class JobComparison(_Open):
+    job_id: str
+    name: str | None
+    status: str
+    steps: list[dict[str, Any]]
+    summary: Summary | None = None
+    result: Metrics | None = None

@@ -1,0 +1,59 @@
+"""Uploaded datasets: accept a streamed .npz / .safetensors file after checking its array headers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict
+from app.inspection import inspect_dataset
+from app.models import CompressionJob, Dataset
+from app.models.base import utcnow
+from app.models.job import ACTIVE_STATUSES
+from app.services.pagination import paginate
+from app.services.uploads import get_live, release_blob_after_commit
+from app.storage import BlobStore
+from app.uploads import ReceivedUpload
+from app.errors import InvalidInput
+
+
+def create_dataset(session: Session, store: BlobStore, tenant: str, upload: ReceivedUpload) -> Dataset:
+    """Validate the file's arrays (names, dtypes, sample counts; no pickles) and store it."""
+    writer = upload.writer
+    try:
+        if writer.size == 0:
+            raise InvalidInput("the file is empty", code="empty_file")
+        file_format, arrays, num_samples = inspect_dataset(writer.temp_path, upload.filename)
+        sha256 = writer.commit()
+    except BaseException:
+        writer.discard()
+        raise
+    name = upload.fields.get("name") or Path(upload.filename or "dataset").name
+    dataset = Dataset(tenant=tenant, name=name[:255], file_format=file_format, size_bytes=writer.size,
+                      sha256=sha256, num_samples=num_samples, arrays=arrays)
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
+    return get_live(session, Dataset, tenant, dataset_id, "dataset")
+
+
+def list_datasets(session: Session, tenant: str, limit: int, cursor: str | None):
+    query = select(Dataset).where(Dataset.tenant == tenant, Dataset.deleted_at.is_(None))
+    return paginate(session, query, Dataset, limit, cursor)
+
+
+def delete_dataset(session: Session, store: BlobStore, tenant: str, dataset_id: str) -> None:
+    """Delete a dataset unless an unfinished job still reads it."""
+    dataset = get_dataset(session, tenant, dataset_id)
+    for job in session.scalars(select(CompressionJob).where(CompressionJob.tenant == tenant,
+                                                              CompressionJob.status.in_(ACTIVE_STATUSES))):
+        if dataset_id in (job.spec.get("calibration_dataset_id"), job.spec.get("eval_dataset_id")):
+            raise Conflict(f"dataset {dataset_id} is used by job {job.id}, which has not finished", code="dataset_in_use")
+    dataset.deleted_at = utcnow()
+    session.flush()
+    release_blob_after_commit(session, store, dataset.sha256)

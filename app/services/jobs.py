@@ -1,0 +1,185 @@
+"""Compression jobs as users see them: submit (idempotently), read, list, cancel, reports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, undefer
+
+from app import queue
+from app.db import after_commit
+from app.errors import Conflict, InvalidInput
+from app.models import CompressionJob
+from app.models.base import utcnow
+from app.models.job import ACTIVE_STATUSES
+from app.schemas.job import JobSpec
+from app.services.datasets import get_dataset
+from app.services.models import get_model
+from app.services.pagination import paginate
+from app.errors import NotFound
+
+# What the workers implement; anything else is refused at submission, never silently skipped.
+SUPPORTED_STEPS: dict[str, set[str]] = {
+    "quantize": {"dynamic_int8", "static_int8", "fp16", "bf16", "weight_int8", "weight_int4", "binary"},
+    "prune": {"unstructured", "channel", "n:m"},
+    "distill": {"distill"},
+}
+
+
+def _variant(step) -> str:
+    return {"quantize": getattr(step, "scheme", ""), "prune": getattr(step, "structure", "")}.get(step.op, step.op)
+
+
+def check_spec(session: Session, tenant: str, spec: JobSpec) -> None:
+    """Refuse a spec that cannot run: unknown references, unsupported steps, missing data."""
+    errors: list[dict] = []
+
+    def refuse(loc: list, msg: str) -> None:
+        errors.append({"loc": ["body", *loc], "msg": msg})
+
+    def exists(loc: list, getter, ref: str) -> None:
+        try:
+            getter(session, tenant, ref)
+        except NotFound as exc:
+            refuse(loc, exc.detail)
+
+    exists(["model_id"], get_model, spec.model_id)
+    for field in ("calibration_dataset_id", "eval_dataset_id"):
+        if getattr(spec, field):
+            exists([field], get_dataset, getattr(spec, field))
+    has_data = bool(spec.calibration_dataset_id or spec.eval_dataset_id)
+    if not has_data and not spec.input_spec:
+        refuse(["input_spec"], "give input_spec (synthetic inputs) or a dataset: the benchmark needs inputs")
+    for index, step in enumerate(spec.steps):
+        if _variant(step) not in SUPPORTED_STEPS.get(step.op, set()):
+            refuse(["steps", index], f"{step.op} {_variant(step)!r} is not supported yet by this service")
+        if step.op == "quantize" and step.scheme == "static_int8" and not spec.calibration_dataset_id:
+            refuse(["calibration_dataset_id"], "static_int8 needs a calibration dataset (synthetic calibration "
+                                               "would silently ruin accuracy)")
+        if step.op == "prune" and step.structure == "n:m" and step.n >= step.m:
+            refuse(["steps", index, "n"], "n must be smaller than m")
+        if step.op == "distill" and step.student_model_id:
+            exists(["steps", index, "student_model_id"], get_model, step.student_model_id)
+    if errors:
+        raise InvalidInput("; ".join(e["msg"] for e in errors), code="invalid_job_spec", errors=errors)
+
+
+def _spec_hash(spec: JobSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def create_job(session: Session, tenant: str, spec: JobSpec, idempotency_key: str | None) -> tuple[CompressionJob, bool]:
+    """Store a queued job and send it to the workers once committed; returns (job, created).
+
+    With an `idempotency_key`, the same key and spec return the existing job; another spec is a 409.
+    """
+    spec_hash = _spec_hash(spec)
+    if idempotency_key:
+        existing = _by_idempotency_key(session, tenant, idempotency_key)
+        if existing is not None:
+            return _replay(existing, spec_hash), False
+    check_spec(session, tenant, spec)
+    job = CompressionJob(tenant=tenant, name=spec.name, model_id=spec.model_id, spec=spec.model_dump(mode="json"),
+                         spec_hash=spec_hash, idempotency_key=idempotency_key, status="queued")
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        existing = _by_idempotency_key(session, tenant, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, spec_hash), False
+    job_id = job.id
+    after_commit(session, lambda: dispatch(job_id))
+    return job, True
+
+
+def dispatch(job_id: str) -> None:
+    """Send a committed job to the workers and remember when; a failed send is retried by the sweeper."""
+    if queue.send(queue.RUN_JOB, job_id):
+        from app.db import unit_of_work
+
+        with unit_of_work() as session:
+            job = session.get(CompressionJob, job_id)
+            if job is not None and job.enqueued_at is None:
+                job.enqueued_at = utcnow()
+
+
+def _by_idempotency_key(session: Session, tenant: str, key: str) -> CompressionJob | None:
+    return session.scalar(select(CompressionJob).where(CompressionJob.tenant == tenant,
+                                                       CompressionJob.idempotency_key == key))
+
+
+def _replay(job: CompressionJob, spec_hash: str) -> CompressionJob:
+    if job.spec_hash != spec_hash:
+        raise Conflict("this Idempotency-Key was used with a different job spec", code="idempotency_key_reused")
+    return job
+
+
+def get_job(session: Session, tenant: str, job_id: str, with_report: bool = False) -> CompressionJob:
+    if with_report:
+        job = session.scalar(select(CompressionJob).options(undefer(CompressionJob.report))
+                             .where(CompressionJob.id == job_id))
+        if job is None or job.tenant != tenant:
+            raise NotFound(f"job {job_id} does not exist", code="job_not_found")
+        return job
+    return get_live_job(session, tenant, job_id)
+
+
+def get_live_job(session: Session, tenant: str, job_id: str) -> CompressionJob:
+    job = session.get(CompressionJob, job_id)
+    if job is None or job.tenant != tenant:
+        raise NotFound(f"job {job_id} does not exist", code="job_not_found")
+    return job
+
+
+def list_jobs(session: Session, tenant: str, limit: int, cursor: str | None, status: str | None, model_id: str | None):
+    query = select(CompressionJob).where(CompressionJob.tenant == tenant)
+    if status:
+        query = query.where(CompressionJob.status == status)
+    if model_id:
+        query = query.where(CompressionJob.model_id == model_id)
+    return paginate(session, query, CompressionJob, limit, cursor)
+
+
+def cancel_job(session: Session, tenant: str, job_id: str) -> CompressionJob:
+    """Cancel a queued or running job (its worker stops it); a finished job is returned unchanged."""
+    job = get_live_job(session, tenant, job_id)
+    if job.status in ACTIVE_STATUSES:
+        job.status = "canceled"
+        job.finished_at = utcnow()
+        job.progress = {**(job.progress or {}), "message": "canceled by request"}
+        session.flush()
+    return job
+
+
+def get_report(session: Session, tenant: str, job_id: str) -> dict:
+    """The report of a succeeded job; 409 while it has not succeeded."""
+    job = get_job(session, tenant, job_id, with_report=True)
+    if job.status != "succeeded" or job.report is None:
+        raise Conflict(f"job {job_id} is {job.status}: its report exists once it has succeeded", code="job_not_succeeded")
+    return job.report
+
+
+def get_artifact(session: Session, tenant: str, job_id: str) -> CompressionJob:
+    job = get_live_job(session, tenant, job_id)
+    if job.status != "succeeded" or job.artifact_sha256 is None:
+        raise Conflict(f"job {job_id} is {job.status}: its artifact exists once it has succeeded", code="job_not_succeeded")
+    return job
+
+
+def compare_jobs(session: Session, tenant: str, job_ids: list[str]) -> list[dict]:
+    """Summaries of several jobs side by side, in the order asked, for choosing between recipes."""
+    if not 1 <= len(job_ids) <= 20:
+        raise InvalidInput("give between 1 and 20 job ids", code="invalid_compare")
+    rows = []
+    for job_id in job_ids:
+        job = get_job(session, tenant, job_id, with_report=True)
+        report = job.report or {}
+        rows.append({"job_id": job.id, "name": job.name, "status": job.status, "steps": job.spec.get("steps", []),
+                     "summary": report.get("summary"), "result": report.get("result")})
+    return rows

@@ -1,0 +1,60 @@
+"""Uploaded models: accept a streamed TorchScript archive, queue its validation, list and delete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.db import after_commit
+from app.errors import Conflict
+from app.inspection import check_torchscript_archive
+from app.models import CompressionJob, UploadedModel
+from app.models.base import utcnow
+from app.models.job import ACTIVE_STATUSES
+from app.services.pagination import paginate
+from app.services.uploads import get_live, release_blob_after_commit
+from app.storage import BlobStore
+from app.uploads import ReceivedUpload
+
+
+def create_model(session: Session, store: BlobStore, tenant: str, upload: ReceivedUpload) -> UploadedModel:
+    """Check the archive's structure, store its bytes, and queue full validation on a worker."""
+    writer = upload.writer
+    try:
+        check_torchscript_archive(writer.temp_path, writer.size)
+        sha256 = writer.commit()
+    except BaseException:
+        writer.discard()
+        raise
+    name = upload.fields.get("name") or Path(upload.filename or "model.pt").name
+    model = UploadedModel(tenant=tenant, name=name[:255], size_bytes=writer.size, sha256=sha256, status="validating")
+    session.add(model)
+    session.flush()
+    model_id = model.id
+    after_commit(session, lambda: queue.send(queue.VALIDATE_MODEL, model_id))
+    return model
+
+
+def get_model(session: Session, tenant: str, model_id: str) -> UploadedModel:
+    return get_live(session, UploadedModel, tenant, model_id, "model")
+
+
+def list_models(session: Session, tenant: str, limit: int, cursor: str | None):
+    query = select(UploadedModel).where(UploadedModel.tenant == tenant, UploadedModel.deleted_at.is_(None))
+    return paginate(session, query, UploadedModel, limit, cursor)
+
+
+def delete_model(session: Session, store: BlobStore, tenant: str, model_id: str) -> None:
+    """Delete a model unless a queued or running job still needs it; finished jobs keep their record."""
+    model = get_model(session, tenant, model_id)
+    active = session.scalar(select(CompressionJob.id).where(
+        CompressionJob.model_id == model_id, CompressionJob.status.in_(ACTIVE_STATUSES)).limit(1))
+    if active:
+        raise Conflict(f"model {model_id} is used by job {active}, which has not finished: cancel it first",
+                       code="model_in_use")
+    model.deleted_at = utcnow()
+    session.flush()
+    release_blob_after_commit(session, store, model.sha256)

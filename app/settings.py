@@ -1,0 +1,62 @@
+"""The one settings object, read from `COMPACTOR_*` environment variables by API, worker and CLI."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1024**3
+
+
+class Settings(BaseSettings):
+    """Service configuration; every field is `COMPACTOR_<NAME>` in the environment.
+
+    The defaults are the embedded mode: SQLite and a SQLite-backed Celery broker under `data_dir`,
+    so `compactor serve` runs with no Postgres or Redis. Production points `database_url` at
+    `postgresql+psycopg://…` and `broker_url` at `redis://…`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="COMPACTOR_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Root of the embedded defaults (database, broker, blobs).")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
+    broker_url: str | None = Field(None, description="Celery broker URL; default: SQLite (kombu sqlalchemy transport) in data_dir.")
+    storage_dir: Path | None = Field(None, description="Blob store directory; default: data_dir/blobs.")
+    max_upload_bytes: int = Field(2 * GIB, description="Largest accepted upload, enforced while streaming.")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer API keys; empty = auth off. 'key' or 'tenant:key'.")
+    auto_migrate: bool = Field(True, description="Upgrade the database schema when the API starts.")
+    job_time_limit_s: float = Field(3600.0, description="Wall-clock limit of one job's torch work.")
+    validate_time_limit_s: float = Field(300.0, description="Wall-clock limit of a model's validation.")
+    job_memory_limit_bytes: int | None = Field(None, description="Address-space limit of a job's child process.")
+    max_attempts: int = Field(3, description="Deliveries of a job before it is failed as lost.")
+    requeue_interval_s: float = Field(30.0, description="How often the worker re-sends jobs whose enqueue was lost.")
+    requeue_after_s: float = Field(60.0, description="A queued job older than this with no worker is re-sent.")
+    queue_name: str = Field("compactor", description="Celery queue the API sends to and workers consume.")
+    worker_device: str = Field("auto", description="Device the worker computes on: auto, cpu or cuda.")
+    environment: str = Field("development", description="'production' refuses insecure defaults.")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        self.data_dir = self.data_dir.resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'compactor.sqlite'}"
+        if self.broker_url is None:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+        if self.storage_dir is None:
+            self.storage_dir = self.data_dir / "blobs"
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
+            raise ValueError("production needs COMPACTOR_DATABASE_URL pointing at Postgres")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (read once from the environment)."""
+    return Settings()

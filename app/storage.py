@@ -1,0 +1,156 @@
+"""Content-addressed blob storage: files named by their sha256, written atomically.
+
+`BlobStore` is the small interface an object store can implement later; `LocalBlobStore` keeps
+blobs on local disk as `<root>/<aa>/<bb>/<sha256>`, written to a temp file and renamed into place,
+so a reader never sees a half-written blob and a failed upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+from app.errors import PayloadTooLarge
+
+
+class BlobWriter:
+    """Receives an upload chunk by chunk, hashing it and enforcing the size limit as bytes arrive."""
+
+    def __init__(self, store: "LocalBlobStore", max_bytes: int):
+        self._store = store
+        self._max_bytes = max_bytes
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
+        self._file = os.fdopen(fd, "wb")
+        self.temp_path = Path(name)
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.head = b""
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self._max_bytes:
+            raise PayloadTooLarge(f"the upload exceeds the limit of {self._max_bytes} bytes")
+        if len(self.head) < 64:
+            self.head += chunk[: 64 - len(self.head)]
+        self._hash.update(chunk)
+        self._file.write(chunk)
+
+    def finish(self) -> str:
+        """Flush to disk and return the sha256; the blob is not stored until `commit()`."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._hash.hexdigest()
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self) -> str:
+        """Move the finished temp file into the store under its hash."""
+        return self._store.adopt(self.temp_path, self.sha256)
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.temp_path.unlink(missing_ok=True)
+
+
+class BlobStore(ABC):
+    """Where uploaded models, datasets and artifacts live, by sha256."""
+
+    @abstractmethod
+    def writer(self, max_bytes: int) -> BlobWriter: ...
+
+    @abstractmethod
+    def adopt(self, path: Path, sha256: str) -> str:
+        """Move a finished local file into the store (atomically) under `sha256`."""
+
+    @abstractmethod
+    def local_path(self, sha256: str) -> Path:
+        """A local file path to read the blob from (an object store would download it)."""
+
+    @abstractmethod
+    def exists(self, sha256: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, sha256: str) -> None: ...
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise when the store is not usable (for /readyz)."""
+
+
+class LocalBlobStore(BlobStore):
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def writer(self, max_bytes: int) -> BlobWriter:
+        return BlobWriter(self, max_bytes)
+
+    def local_path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256[2:4] / sha256
+
+    def adopt(self, path: Path, sha256: str) -> str:
+        target = self.local_path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            Path(path).unlink(missing_ok=True)
+        else:
+            os.replace(path, target)
+        return sha256
+
+    def put_file(self, path: Path) -> tuple[str, int]:
+        """Copy a local file into the store; returns (sha256, size)."""
+        writer = self.writer(max_bytes=1 << 62)
+        try:
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    writer.write(chunk)
+            writer.finish()
+            return writer.commit(), writer.size
+        except BaseException:
+            writer.discard()
+            raise
+
+    def exists(self, sha256: str) -> bool:
+        return self.local_path(sha256).exists()
+
+    def delete(self, sha256: str) -> None:
+        self.local_path(sha256).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        probe = tempfile.NamedTemporaryFile(dir=self.tmp_dir, prefix="ready-")
+        probe.close()
+
+    def iter_range(self, sha256: str, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """Yield bytes [start, end] (inclusive) of a blob."""
+        with open(self.local_path(sha256), "rb") as fh:
+            fh.seek(start)
+            remaining = end - start + 1
+            while remaining > 0:
+                data = fh.read(min(chunk, remaining))
+                if not data:
+                    break
+                remaining -= len(data)
+                yield data
+
+
+_STORE: LocalBlobStore | None = None
+
+
+def get_blob_store() -> LocalBlobStore:
+    """The process-wide blob store at the configured storage directory."""
+    global _STORE
+    from app.settings import get_settings
+
+    root = get_settings().storage_dir
+    if _STORE is None or _STORE.root != root:
+        _STORE = LocalBlobStore(root)
+    return _STORE

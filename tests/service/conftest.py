@@ -1,0 +1,101 @@
+"""Fixtures for service tests: real Postgres, real Redis, the API and a Celery worker running."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tests import zoo
+from tests.service.servers import REDIS_URL, Service, check_redis, postgres_database, service_env
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A fresh Postgres database, migrated by the tests that need it. Missing Postgres fails the run."""
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_broker():
+    check_redis()  # fails (never skips) when Redis is down
+    return f"{REDIS_URL}/5"
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory, pg_url, redis_broker):
+    """API + worker on Postgres and Redis, the production shape."""
+    data_dir = tmp_path_factory.mktemp("service")
+    env = service_env(data_dir, pg_url, redis_broker, COMPACTOR_MAX_UPLOAD_BYTES=str(64 * 1024 * 1024),
+                      COMPACTOR_JOB_TIME_LIMIT_S="120", COMPACTOR_REQUEUE_INTERVAL_S="2",
+                      COMPACTOR_REQUEUE_AFTER_S="5")
+    svc = Service(env, data_dir)
+    svc.start_api()
+    svc.start_worker()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def api(service):
+    with httpx.Client(base_url=service.url, timeout=60) as client:
+        yield client
+
+
+def torchscript_bytes(module: torch.jit.ScriptModule) -> bytes:
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    return buffer.getvalue()
+
+
+def traced_cnn() -> torch.jit.ScriptModule:
+    return zoo.trace(zoo.SequentialCNN(), torch.rand(2, 1, 32, 32))
+
+
+def scripted_loop_if() -> torch.jit.ScriptModule:
+    return zoo.script(zoo.LoopIfNet())
+
+
+def upload_model(api: httpx.Client, module: torch.jit.ScriptModule | bytes, name: str = "model.pt") -> dict:
+    content = module if isinstance(module, bytes) else torchscript_bytes(module)
+    response = api.post("/v1/models", files={"file": (name, content, "application/octet-stream")})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def upload_dataset(api: httpx.Client, name: str = "data.npz", **arrays: np.ndarray) -> dict:
+    response = api.post("/v1/datasets", files={"file": (name, npz_bytes(**arrays), "application/octet-stream")})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def wait_for(api: httpx.Client, path: str, done, timeout: float = 120.0) -> dict:
+    """Poll `path` until `done(body)` holds; fail with the last body after `timeout`."""
+    deadline = time.monotonic() + timeout
+    body = None
+    while time.monotonic() < deadline:
+        body = api.get(path).json()
+        if done(body):
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting on {path}: {body}")
+
+
+def wait_job(api: httpx.Client, job_id: str, timeout: float = 180.0) -> dict:
+    return wait_for(api, f"/v1/jobs/{job_id}", lambda j: j["status"] in ("succeeded", "failed", "canceled"), timeout)
+
+
+def digits_arrays(n: int = 128) -> dict[str, np.ndarray]:
+    x, y, _, _ = zoo.digits()
+    return {"input": x[:n].numpy(), "label": y[:n].numpy()}

@@ -1,0 +1,111 @@
+"""Real servers for the service tests: a fresh Postgres database, a Redis db, and the API and a
+Celery worker as subprocesses, exactly as production runs them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+PG_ADMIN_URL = os.environ.get("COMPACTOR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("COMPACTOR_TEST_REDIS", "redis://127.0.0.1:6379")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, empty Postgres database for this test session; dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"compactor_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def check_redis() -> None:
+    import redis
+
+    redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+
+
+def service_env(data_dir: Path, database_url: str, broker_url: str, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
+    env.update({"COMPACTOR_DATA_DIR": str(data_dir), "COMPACTOR_DATABASE_URL": database_url,
+                "COMPACTOR_BROKER_URL": broker_url, "COMPACTOR_QUEUE_NAME": f"test-{uuid.uuid4().hex[:8]}",
+                "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+class Service:
+    """The API (uvicorn) and, optionally, a Celery worker, as subprocesses sharing one environment."""
+
+    def __init__(self, env: dict, log_dir: Path):
+        self.env, self.log_dir = env, log_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_api(self) -> None:
+        self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+                            "--port", str(self.port), "--log-level", "warning"])
+        wait_until_up(self.url, self.processes["api"], self.log_dir / "api.log")
+
+    def start_worker(self, concurrency: int = 1) -> None:
+        self._spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+                               "-P", "threads", "-c", str(concurrency), "-Q", self.env["COMPACTOR_QUEUE_NAME"],
+                               "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"])
+
+    def stop(self, name: str | None = None) -> None:
+        for key in [name] if name else list(self.processes):
+            process = self.processes.pop(key, None)
+            if process is None:
+                continue
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited ({process.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server at {url} did not come up:\n{log.read_text(errors='replace')[-3000:]}")

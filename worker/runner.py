@@ -1,0 +1,201 @@
+"""The torch side of a job, run inside the isolated child process: load, compress, measure.
+
+It receives plain paths and the spec, and returns plain data (the artifact's path and the report);
+it never touches the database or the broker, so it can also be called directly from a notebook.
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from worker.engines.data import ModelData, load_dataset, synthetic_data
+from worker.engines.errors import EngineError
+from worker.engines.measure import BenchmarkConfig, measure_models
+from worker.engines.modules import load_model, save_model
+from worker.engines.pipeline import PipelineContext, run_step
+
+Emit = Callable[[dict], None]
+STEPS_SHARE = 80.0  # percent of the progress bar the steps take; measuring takes the rest
+
+
+@dataclass
+class JobFiles:
+    model: str
+    calibration: str | None
+    evaluation: str | None
+    students: dict[str, str]
+    output_dir: str
+
+
+def execute_job(emit: Emit, job_id: str, spec: dict, files: dict, device: str = "auto") -> dict:
+    """Run a job's steps in order, measure baseline, every stage and the result side by side.
+
+    Returns {"artifact_path": str, "report": dict} (the report without the job's storage ids).
+    """
+    job_files = JobFiles(**files)
+    compute = _pick_device(spec.get("benchmark", {}).get("device", "cpu"), device)
+    torch.manual_seed(spec.get("seed", 0))
+    out = Path(job_files.output_dir)
+    emit({"stage": "loading", "step_index": None, "percent": 1.0, "message": "loading model and data"})
+
+    teacher = load_model(job_files.model, compute)
+    calibration = load_dataset(job_files.calibration) if job_files.calibration else None
+    evaluation = _evaluation_data(spec, job_files, calibration)
+    ctx = PipelineContext(teacher=teacher, calibration=calibration, evaluation=evaluation, device=compute,
+                          load_model=lambda model_id: load_model(job_files.students[model_id], compute),
+                          seed=spec.get("seed", 0))
+    example = evaluation.take(2)
+    reference_outputs = _run(teacher, example, compute)
+
+    steps = spec.get("steps", [])
+    models = {"baseline": teacher}
+    paths = {"baseline": Path(job_files.model)}
+    stages = []
+    current = load_model(job_files.model, compute)
+    for index, step in enumerate(steps):
+        share = STEPS_SHARE / max(len(steps), 1)
+        base = 2.0 + index * share
+
+        def progress(fraction: float, message: str, _i=index, _base=base, _share=share, _op=step["op"]) -> None:
+            emit({"stage": _op, "step_index": _i, "percent": round(_base + _share * min(max(fraction, 0.0), 1.0), 1),
+                  "message": message})
+
+        ctx.progress = progress
+        progress(0.0, f"step {index + 1}/{len(steps)}: {step['op']}")
+        started = time.perf_counter()
+        output = run_step(current, step, ctx)
+        current = output.model.eval()
+        _check_interface(reference_outputs, _run(current, example, compute), step["op"])
+        name = f"stage{index + 1}"
+        paths[name] = out / f"{name}.pt"
+        save_model(current, paths[name])
+        models[name] = current
+        details = {**output.details, "seconds": round(time.perf_counter() - started, 3)}
+        stages.append({"op": step["op"], "params": {k: v for k, v in step.items() if k != "op"}, "details": details})
+
+    result_name = f"stage{len(steps)}" if steps else "baseline"
+    benchmark = spec.get("benchmark", {})
+    config = BenchmarkConfig(device=str(compute), batch_sizes=benchmark.get("batch_sizes", [1]),
+                             warmup=benchmark.get("warmup", 10), iterations=benchmark.get("iterations", 100),
+                             threads=benchmark.get("threads"))
+
+    def measure_progress(fraction: float, message: str) -> None:
+        emit({"stage": "benchmark", "step_index": None, "percent": round(STEPS_SHARE + 2 + 17 * fraction, 1),
+              "message": message})
+
+    measure_progress(0.0, "measuring baseline and result side by side")
+    measurement = measure_models(models=models, files=paths, reference="baseline", data=evaluation,
+                                 config=config, progress=measure_progress)
+    for index, stage in enumerate(stages):
+        name = f"stage{index + 1}"
+        stage["metrics"] = measurement.metrics[name]
+        stage["speedup"] = {b: s["median"] for b, s in measurement.speedup.get(name, {}).items()}
+    environment = {**measurement.environment, "worker": f"{socket.gethostname()} ({platform.machine()})"}
+    report = {
+        "spec": spec,
+        "environment": environment,
+        "baseline": measurement.metrics["baseline"],
+        "result": measurement.metrics[result_name],
+        "stages": stages,
+        "summary": summarize(measurement.metrics["baseline"], measurement.metrics[result_name],
+                             measurement.speedup.get(result_name, {}), spec.get("target")),
+        "notes": _notes(stages),
+    }
+    return {"artifact_path": str(paths[result_name]), "report": report}
+
+
+def summarize(baseline: dict, result: dict, speedup: dict, target: dict | None) -> dict:
+    """The figures a pipeline gates on: speed-up per batch, size ratio, accuracy drop, targets."""
+    size_ratio = baseline["size_bytes"] / max(result["size_bytes"], 1)
+    accuracy_drop = None
+    if baseline.get("accuracy") and result.get("accuracy"):
+        accuracy_drop = round(baseline["accuracy"]["top1"] - result["accuracy"]["top1"], 6)
+    fidelity = (result.get("fidelity") or {}).get("cosine_min")
+    medians = {b: s["median"] for b, s in speedup.items()}
+    summary = {"speedup": medians, "speedup_spread": speedup, "size_ratio": round(size_ratio, 4),
+               "accuracy_drop": accuracy_drop, "fidelity_cosine_min": fidelity, "targets": {}}
+    target = target or {}
+    checks = {"max_accuracy_drop": (accuracy_drop, lambda limit, actual: actual <= limit),
+              "min_fidelity": (fidelity, lambda limit, actual: actual >= limit),
+              "min_speedup": (min(medians.values()) if medians else None, lambda limit, actual: actual >= limit)}
+    for key, (actual, holds) in checks.items():
+        if target.get(key) is not None:
+            summary["targets"][key] = {"limit": target[key], "actual": actual,
+                                       "met": actual is not None and holds(target[key], actual)}
+    summary["headline"] = _headline(medians, size_ratio, accuracy_drop)
+    return summary
+
+
+def _headline(speedup: dict, size_ratio: float, accuracy_drop: float | None) -> str:
+    parts = []
+    if speedup:
+        batch = max(speedup, key=int)
+        parts.append(f"{speedup[batch]:.2f}× {'faster' if speedup[batch] >= 1 else 'speed'} at batch {batch}")
+    parts.append(f"{size_ratio:.2f}× smaller" if size_ratio >= 1 else f"{1 / size_ratio:.2f}× larger")
+    if accuracy_drop is not None:
+        parts.append(f"{-accuracy_drop * 100:+.1f} pt accuracy")
+    return ", ".join(parts)
+
+
+def _notes(stages: list[dict]) -> list[str]:
+    notes = []
+    for stage in stages:
+        notes.extend(stage["details"].get("notes", []))
+    return notes
+
+
+def _pick_device(requested: str, worker_device: str) -> torch.device:
+    wanted = requested if requested != "auto" else worker_device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device_unavailable", "the job asks for benchmark.device 'cuda' but this worker has no "
+                                                "GPU; use 'cpu' or 'auto', or run a GPU worker")
+    return torch.device(wanted)
+
+
+def _evaluation_data(spec: dict, files: JobFiles, calibration: ModelData | None) -> ModelData:
+    if files.evaluation:
+        return load_dataset(files.evaluation)
+    if calibration is not None:
+        return calibration
+    batches = spec.get("benchmark", {}).get("batch_sizes", [1])
+    return synthetic_data(spec["input_spec"], num_samples=max(64, max(batches)), seed=spec.get("seed", 0))
+
+
+def _run(model: torch.jit.ScriptModule, data: ModelData, device: torch.device):
+    with torch.inference_mode():
+        try:
+            return model(*(t.to(device) for t in data.inputs))
+        except Exception as exc:
+            raise EngineError("model_error", f"the model does not run on the job's inputs: {_one_line(exc)}") from exc
+
+
+def _structure(output) -> object:
+    if isinstance(output, torch.Tensor):
+        return ("tensor", tuple(output.shape), output.dtype)
+    if isinstance(output, (tuple, list)):
+        return (type(output).__name__, tuple(_structure(o) for o in output))
+    if isinstance(output, dict):
+        return ("dict", tuple((k, _structure(v)) for k, v in sorted(output.items())))
+    return (type(output).__name__,)
+
+
+def _check_interface(reference, output, op: str) -> None:
+    """A step must keep the model's interface: same output structure, shapes and dtypes."""
+    if _structure(reference) != _structure(output):
+        raise EngineError("interface_changed", f"the {op} step changed the model's outputs from "
+                                               f"{_structure(reference)} to {_structure(output)}; it was stopped "
+                                               "rather than return a model callers cannot use")
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]

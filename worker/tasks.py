@@ -1,0 +1,48 @@
+"""Celery tasks: thin wrappers that hand ids to `worker.execution`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery.signals import worker_ready, worker_shutdown
+
+from app.settings import get_settings
+from worker import execution
+from worker.celery_app import celery_app
+
+log = logging.getLogger(__name__)
+_stop = threading.Event()
+
+
+@celery_app.task(name="compactor.run_job")
+def run_job(job_id: str) -> str:
+    return execution.run_job(job_id)
+
+
+@celery_app.task(name="compactor.validate_model")
+def validate_model(model_id: str) -> str:
+    return execution.validate_model(model_id)
+
+
+@worker_ready.connect
+def _start_sweeper(**_) -> None:
+    """Re-send lost jobs now and then every `requeue_interval_s`, so an accepted job is never lost."""
+    interval = get_settings().requeue_interval_s
+
+    def sweep_forever() -> None:
+        while not _stop.is_set():
+            try:
+                resent = execution.resend_lost_jobs()
+                if resent:
+                    log.warning("re-sent %d lost job(s): %s", len(resent), resent)
+            except Exception:
+                log.exception("sweeping for lost jobs failed; retrying later")
+            _stop.wait(interval)
+
+    threading.Thread(target=sweep_forever, name="compactor-sweeper", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_) -> None:
+    _stop.set()

@@ -1,0 +1,30 @@
+"""Validating an uploaded model in the isolated child: does torch load it, and what is in it."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from worker.engines.errors import EngineError
+from worker.engines.modules import load_model
+
+
+def validate_model(emit: Callable[[dict], None], path: str) -> dict:
+    """Load a TorchScript file and summarise it; raises EngineError("model_invalid") with the reason."""
+    try:
+        model = load_model(path)
+    except Exception as exc:  # torch raises many types for a bad archive
+        raise EngineError("model_invalid", f"torch.jit.load cannot load this file: {_last_line(exc)}") from exc
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    inputs = []
+    try:
+        for argument in model.forward.schema.arguments[1:]:
+            inputs.append({"name": argument.name, "type": str(argument.type)})
+    except (AttributeError, RuntimeError):
+        inputs = None
+    return {"parameters": sum(p.numel() for p in model.parameters()), "buffers_bytes": buffers,
+            "submodules": sum(1 for _ in model.named_modules()) - 1, "inputs": inputs}
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
