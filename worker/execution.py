@@ -129,8 +129,9 @@ def _job_files(spec: dict, model_id: str, work_dir: Path) -> dict:
                 "output_dir": str(work_dir)}
 
 
-def resend_lost_jobs() -> list[str]:
-    """Find queued jobs whose message was lost and running jobs whose worker died; send them again."""
+def resend_lost_work() -> list[str]:
+    """Find queued jobs whose message was lost, running jobs whose worker died, and validations that
+    never ran; send them again. Returns the ids sent."""
     from app import queue
 
     settings = get_settings()
@@ -138,6 +139,9 @@ def resend_lost_jobs() -> list[str]:
         job_ids = lifecycle.jobs_to_resend(session, settings.requeue_after_s,
                                            heartbeat_timeout_s=max(120.0, 4 * settings.requeue_interval_s),
                                            max_attempts=settings.max_attempts)
+        model_ids = lifecycle.models_to_revalidate(session, settings.requeue_after_s)
     for job_id in job_ids:
         queue.send(queue.RUN_JOB, job_id)
-    return job_ids
+    for model_id in model_ids:
+        queue.send(queue.VALIDATE_MODEL, model_id)
+    return job_ids + model_ids

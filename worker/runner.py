@@ -20,6 +20,7 @@ from worker.engines.errors import EngineError
 from worker.engines.measure import BenchmarkConfig, measure_models
 from worker.engines.modules import load_model, save_model
 from worker.engines.pipeline import PipelineContext, run_step
+from worker.isolation import describe_error
 
 Emit = Callable[[dict], None]
 STEPS_SHARE = 80.0  # percent of the progress bar the steps take; measuring takes the rest
@@ -175,6 +176,8 @@ def _run(model: torch.jit.ScriptModule, data: ModelData, device: torch.device):
         try:
             return model(*(t.to(device) for t in data.inputs))
         except Exception as exc:
+            if describe_error(exc)["code"] == "out_of_memory":
+                raise
             raise EngineError("model_error", f"the model does not run on the job's inputs: {_one_line(exc)}") from exc
 
 

@@ -33,9 +33,9 @@ def _start_sweeper(**_) -> None:
     def sweep_forever() -> None:
         while not _stop.is_set():
             try:
-                resent = execution.resend_lost_jobs()
+                resent = execution.resend_lost_work()
                 if resent:
-                    log.warning("re-sent %d lost job(s): %s", len(resent), resent)
+                    log.warning("re-sent %d lost job(s) or validation(s): %s", len(resent), resent)
             except Exception:
                 log.exception("sweeping for lost jobs failed; retrying later")
             _stop.wait(interval)

@@ -95,3 +95,11 @@ def jobs_to_resend(session: Session, requeue_after_s: float, heartbeat_timeout_s
     for job_id in resend:
         session.execute(update(CompressionJob).where(CompressionJob.id == job_id).values(enqueued_at=now))
     return resend
+
+
+def models_to_revalidate(session: Session, older_than_s: float) -> list[str]:
+    """Models still `validating` long after upload: their validation message was lost (or its worker
+    died), so it is sent again. Validation is idempotent."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return list(session.scalars(select(UploadedModel.id).where(
+        UploadedModel.status == "validating", UploadedModel.deleted_at.is_(None), UploadedModel.created_at < cutoff)))
