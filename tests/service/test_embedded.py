@@ -1,0 +1,53 @@
+"""The embedded default: `compactor serve` on SQLite, a SQLite broker and local files (no Postgres,
+no Redis), driven by the README's own curl walkthrough."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from tests import zoo
+from tests.service.servers import ROOT, free_port, wait_until_up
+
+
+def _walkthrough() -> str:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash walkthrough\n(.*?)```", readme, re.S)
+    assert len(blocks) == 1, "README.md must hold exactly one walkthrough block"
+    return blocks[0]
+
+
+def test_readme_walkthrough_against_compactor_serve(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
+    env.update({"COMPACTOR_DATA_DIR": str(tmp_path / "var"), "PYTHONUNBUFFERED": "1"})
+    log = open(tmp_path / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}", serve, tmp_path / "serve.log")
+        original = zoo.trace(zoo.SequentialCNN(), torch.rand(2, 1, 32, 32))
+        torch.jit.save(original, str(tmp_path / "model.pt"))
+        x, y, _, _ = zoo.digits()
+        np.savez(tmp_path / "digits.npz", input=x[:32].numpy(), label=y[:32].numpy())
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", _walkthrough()], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300, env={**env, "BASE": f"http://127.0.0.1:{port}"})
+        assert result.returncode == 0, result.stderr + (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
+        assert re.search(r"job [0-9a-f-]+: succeeded", result.stdout), result.stdout
+        assert "faster" in result.stdout or "speed" in result.stdout
+        compressed = torch.jit.load(str(tmp_path / "compressed.pt"))
+        with torch.inference_mode():
+            assert torch.nn.functional.cosine_similarity(compressed(x[:8]), original(x[:8])).min() > 0.99
+        assert "<html" in (tmp_path / "report.html").read_text().lower()
+        assert (tmp_path / "var" / "compactor.sqlite").exists() and (tmp_path / "var" / "broker.sqlite").exists()
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
