@@ -10,10 +10,8 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict
 from app.inspection import inspect_dataset
 from app.models import CompressionJob, Dataset
-from app.models.base import utcnow
 from app.models.job import ACTIVE_STATUSES
-from app.services.pagination import paginate
-from app.services.uploads import get_live, release_blob_after_commit
+from app.services.uploads import get_live, list_live, soft_delete
 from app.storage import BlobStore
 from app.uploads import ReceivedUpload
 from app.errors import InvalidInput
@@ -43,8 +41,7 @@ def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
 
 
 def list_datasets(session: Session, tenant: str, limit: int, cursor: str | None):
-    query = select(Dataset).where(Dataset.tenant == tenant, Dataset.deleted_at.is_(None))
-    return paginate(session, query, Dataset, limit, cursor)
+    return list_live(session, Dataset, tenant, limit, cursor)
 
 
 def delete_dataset(session: Session, store: BlobStore, tenant: str, dataset_id: str) -> None:
@@ -54,6 +51,4 @@ def delete_dataset(session: Session, store: BlobStore, tenant: str, dataset_id: 
                                                               CompressionJob.status.in_(ACTIVE_STATUSES))):
         if dataset_id in (job.spec.get("calibration_dataset_id"), job.spec.get("eval_dataset_id")):
             raise Conflict(f"dataset {dataset_id} is used by job {job.id}, which has not finished", code="dataset_in_use")
-    dataset.deleted_at = utcnow()
-    session.flush()
-    release_blob_after_commit(session, store, dataset.sha256)
+    soft_delete(session, store, dataset)

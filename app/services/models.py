@@ -12,10 +12,8 @@ from app.db import after_commit
 from app.errors import Conflict
 from app.inspection import check_torchscript_archive
 from app.models import CompressionJob, UploadedModel
-from app.models.base import utcnow
 from app.models.job import ACTIVE_STATUSES
-from app.services.pagination import paginate
-from app.services.uploads import get_live, release_blob_after_commit
+from app.services.uploads import get_live, list_live, soft_delete
 from app.storage import BlobStore
 from app.uploads import ReceivedUpload
 
@@ -43,8 +41,7 @@ def get_model(session: Session, tenant: str, model_id: str) -> UploadedModel:
 
 
 def list_models(session: Session, tenant: str, limit: int, cursor: str | None):
-    query = select(UploadedModel).where(UploadedModel.tenant == tenant, UploadedModel.deleted_at.is_(None))
-    return paginate(session, query, UploadedModel, limit, cursor)
+    return list_live(session, UploadedModel, tenant, limit, cursor)
 
 
 def delete_model(session: Session, store: BlobStore, tenant: str, model_id: str) -> None:
@@ -55,6 +52,4 @@ def delete_model(session: Session, store: BlobStore, tenant: str, model_id: str)
     if active:
         raise Conflict(f"model {model_id} is used by job {active}, which has not finished: cancel it first",
                        code="model_in_use")
-    model.deleted_at = utcnow()
-    session.flush()
-    release_blob_after_commit(session, store, model.sha256)
+    soft_delete(session, store, model)

@@ -7,8 +7,10 @@ from sqlalchemy.orm import Session
 
 from app.errors import NotFound
 from app.models import Dataset, UploadedModel
-from app.storage import BlobStore
 from app.db import after_commit
+from app.models.base import utcnow
+from app.services.pagination import paginate
+from app.storage import BlobStore
 
 
 def get_live(session: Session, table, tenant: str, row_id: str, what: str):
@@ -19,7 +21,20 @@ def get_live(session: Session, table, tenant: str, row_id: str, what: str):
     return row
 
 
-def release_blob_after_commit(session: Session, store: BlobStore, sha256: str) -> None:
+def list_live(session: Session, table, tenant: str, limit: int, cursor: str | None):
+    """A page of `tenant`'s live (not deleted) rows of `table`, newest first."""
+    query = select(table).where(table.tenant == tenant, table.deleted_at.is_(None))
+    return paginate(session, query, table, limit, cursor)
+
+
+def soft_delete(session: Session, store: BlobStore, row) -> None:
+    """Hide an upload from the API and free its blob once no live upload holds it any more."""
+    row.deleted_at = utcnow()
+    session.flush()
+    _release_blob_after_commit(session, store, row.sha256)
+
+
+def _release_blob_after_commit(session: Session, store: BlobStore, sha256: str) -> None:
     """Delete a blob once the deletion commits, unless another live upload still holds it."""
     holders = 0
     for table in (UploadedModel, Dataset):
