@@ -1,0 +1,68 @@
+"""Shared measuring for the quantize benchmarks: interleaved latency, file size, output agreement.
+
+Models are timed in turn within one loop (baseline, candidate, baseline, …), so machine noise
+hits them alike; the median of the per-call times is reported.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def interleaved_latency_ms(models: dict[str, Callable], inputs: Sequence[torch.Tensor], iterations: int = 30,
+                           warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds per call of each model on `inputs`, the models run in turn each iteration."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            for model in models.values():
+                model(*inputs)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        names = list(models)
+        for i in range(iterations):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                start = time.perf_counter()
+                models[name](*inputs)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def file_size(model: torch.jit.ScriptModule) -> int:
+    """Bytes of `torch.jit.save(model)`."""
+    buffer = io.BytesIO()
+    torch.jit.save(model, buffer)
+    return buffer.tell()
+
+
+def reload(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """The model after a save/load round trip (what a user of the artifact runs)."""
+    buffer = io.BytesIO()
+    torch.jit.save(model, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+def cosine_min(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Minimum per-sample cosine similarity."""
+    return float(torch.nn.functional.cosine_similarity(reference.flatten(1), candidate.flatten(1), dim=1).min())
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print an aligned text table."""
+    cells = [[str(c) for c in header]] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))

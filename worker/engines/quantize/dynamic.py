@@ -1,0 +1,142 @@
+"""`dynamic_int8`: int8 weights with activations quantized on the fly, per batch.
+
+Linear layers run `quantized::linear_dynamic`, LSTM/GRU layers the int8 recurrent kernels
+(`quantized_lstm` / `quantized_gru`, which `quantize_dynamic_jit` leaves alone), and embedding
+tables are stored as uint8 rows with a float scale and offset each (`quantized::embedding_byte`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import torch
+
+from worker.engines.quantize.backend import quantized_engine
+from worker.engines.quantize.graph import ForwardGraph, Site
+from worker.engines.quantize.int8 import (
+    Int8Scheme,
+    quantize_rows_uint8,
+    quantize_weight_int8,
+    quiet_quantized_tensors,
+)
+from worker.engines.quantize.scheme import Conversion, Layer, register_scheme
+
+KINDS = ("Linear", "LSTM", "GRU", "Embedding")
+
+
+@register_scheme("dynamic_int8")
+class DynamicInt8(Int8Scheme):
+    """Dynamic int8 for Linear, LSTM, GRU; weight-only int8 rows for Embedding."""
+
+    def convert(self, model: torch.jit.ScriptModule, modules: Collection[str] | None) -> Conversion:
+        graph = ForwardGraph(self.fresh_copy(model))
+        sites, skipped = graph.sites(KINDS)
+        converter = _SiteConverter(graph, self.config.per_channel, self.reduce_range)
+        converted: dict[str, Layer] = {}
+        with quantized_engine(self.backend), quiet_quantized_tensors():
+            for site in sites:
+                if modules is not None and site.module not in modules:
+                    continue
+                reason = converter.convert(site)
+                if reason is None:
+                    converted[site.module] = Layer(site.module, site.kind)
+                else:
+                    skipped.append({"module": site.module, "reason": reason})
+        graph.finish(converted)
+        return Conversion(graph.model, list(converted.values()), skipped)
+
+    def notes(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "activations": "int8 per batch" + (" (7-bit range: this CPU lacks VNNI)" if self.reduce_range else ""),
+            "weights": "per-channel" if self.config.per_channel else "per-tensor",
+            "embeddings": "uint8 rows, float scale and offset per row",
+            "compute": "cpu",
+        }
+
+
+class _SiteConverter:
+    """Rewrites one graph site at a time, packing each module's weights once."""
+
+    def __init__(self, graph: ForwardGraph, per_channel: bool, reduce_range: bool):
+        self.graph = graph
+        self.per_channel = per_channel
+        self.reduce_range = reduce_range
+        self._packed: dict[str, str] = {}
+
+    def convert(self, site: Site) -> str | None:
+        """Rewrite `site`; returns why it could not be, or None."""
+        weights = [self.graph.tensor(p) for p in site.weights]
+        if any(not w.is_floating_point() for w in weights):
+            return "its weights are not floating point"
+        return getattr(self, "_" + site.kind.lower())(site, weights)
+
+    def _attribute(self, site: Site, make) -> str:
+        # a module called at several places (weight sharing, loops) is packed once
+        if site.module not in self._packed:
+            self._packed[site.module] = self.graph.add_attribute(site.module, make())
+        return self._packed[site.module]
+
+    def _linear(self, site: Site, weights: list[torch.Tensor]) -> str | None:
+        node = site.node
+        bias = self.graph.optional_tensor(node.inputsAt(2))
+        if bias is False:
+            return "its bias is computed in the graph"
+        weight = weights[0]
+        name = self._attribute(site, lambda: torch.ops.quantized.linear_prepack(
+            quantize_weight_int8(weight, self.per_channel), None if bias is None else bias.float().cpu()))
+        self.graph.replace(node, "quantized::linear_dynamic", [
+            node.inputsAt(0), self.graph.read_attribute(name, node), self.graph.constant(self.reduce_range, node)])
+        return None
+
+    def _embedding(self, site: Site, weights: list[torch.Tensor]) -> str | None:
+        node = site.node
+        if weights[0].dim() != 2:
+            return "embedding table is not 2-D"
+        name = self._attribute(site, lambda: torch.ops.quantized.embedding_bag_prepack(quantize_rows_uint8(weights[0])))
+        indices = node.inputsAt(1)
+        # the kernel needs contiguous ids; sliced position-id buffers (BERT) are not
+        contiguous = self.graph.insert("aten::contiguous", [indices, self.graph.constant(0, node)], node, [indices.type()])
+        self.graph.replace(node, "quantized::embedding_byte", [
+            self.graph.read_attribute(name, node), contiguous.output(), self.graph.constant(False, node)])
+        return None
+
+    def _lstm(self, site: Site, weights: list[torch.Tensor]) -> str | None:
+        return self._recurrent(site, weights, "aten::quantized_lstm")
+
+    def _gru(self, site: Site, weights: list[torch.Tensor]) -> str | None:
+        return self._recurrent(site, weights, "aten::quantized_gru")
+
+    def _recurrent(self, site: Site, weights: list[torch.Tensor], kernel: str) -> str | None:
+        node = site.node
+        # inputs: input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first
+        has_biases, num_layers, bidirectional = (node.inputsAt(i).toIValue() for i in (3, 4, 7))
+        if has_biases is None or num_layers is None or bidirectional is None:
+            return "its configuration (layers, direction, bias) is not constant in the graph"
+        per_cell = 4 if has_biases else 2
+        cells = num_layers * (2 if bidirectional else 1)
+        if len(weights) != cells * per_cell:
+            return "projections (proj_size > 0) have no int8 recurrent kernel"
+
+        def pack_cells() -> list:
+            params = []
+            for c in range(cells):
+                w_ih, w_hh = weights[c * per_cell], weights[c * per_cell + 1]
+                if has_biases:
+                    b_ih, b_hh = weights[c * per_cell + 2].float(), weights[c * per_cell + 3].float()
+                else:
+                    b_ih, b_hh = torch.zeros(w_ih.shape[0]), torch.zeros(w_hh.shape[0])
+                packed_ih = torch.ops.quantized.linear_prepack(quantize_weight_int8(w_ih, self.per_channel), b_ih)
+                packed_hh = torch.ops.quantized.linear_prepack(quantize_weight_int8(w_hh, self.per_channel), b_hh)
+                params.append(torch.ops.quantized.make_quantized_cell_params_dynamic(
+                    packed_ih, packed_hh, b_ih, b_hh, self.reduce_range))
+            return params
+
+        name = self._attribute(site, pack_cells)
+        inputs = list(node.inputs())
+        inputs[2] = self.graph.read_attribute(name, node)
+        if kernel == "aten::quantized_lstm":
+            inputs += [self.graph.constant(torch.qint8, node), self.graph.constant(True, node)]
+        self.graph.replace(node, kernel, inputs)
+        return None
