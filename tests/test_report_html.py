@@ -1,0 +1,207 @@
+"""The HTML report: summary figures, escaping, tolerance of missing fields, no torch, and a real
+browser (headless Chromium) that loads it without a single console message."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.reports.html import headline, render_report_html
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _metrics(size, compressed, params, nonzero, macs, p50s, top1, fidelity=None, peak=None, by_op=None):
+    latency = {b: {"p50": p, "p90": p * 1.08, "p99": p * 1.6, "mean": p * 1.03, "iterations": 105} for b, p in p50s.items()}
+    return {
+        "size_bytes": size, "compressed_size_bytes": compressed, "parameters": params, "nonzero_parameters": nonzero,
+        "buffers_bytes": 2304, "macs": macs, "macs_by_operator": by_op or {"aten::conv2d": macs - 131_712, "aten::linear": 131_712},
+        "macs_uncounted": [], "latency_ms": latency,
+        "throughput_per_s": {b: int(b) / (s["mean"] / 1000) for b, s in latency.items()},
+        "peak_memory_bytes": peak, "accuracy": {"top1": top1},
+        "fidelity": fidelity or {"top1_agreement": 1.0, "cosine_min": 1.0, "cosine_mean": 1.0, "max_abs_error": 0.0},
+    }
+
+
+def realistic_report() -> dict:
+    """A prune → quantize job on a small CNN, shaped like the worker's report."""
+    baseline = _metrics(2_252_800, 2_087_000, 545_098, 545_098, 5_830_000, {"1": 0.912, "32": 24.8}, 0.9562,
+                        peak=41_900_000)
+    pruned = _metrics(1_140_000, 1_050_000, 273_000, 273_000, 2_960_000, {"1": 0.52, "32": 12.1}, 0.9529,
+                      {"top1_agreement": 0.981, "cosine_min": 0.912, "cosine_mean": 0.991, "max_abs_error": 1.72},
+                      peak=24_100_000, by_op={"aten::conv2d": 2_828_288, "aten::linear": 131_712})
+    result = _metrics(578_000, 402_000, 273_000, 271_400, 2_960_000, {"1": 0.301, "32": 8.0}, 0.9542,
+                      {"top1_agreement": 0.984, "cosine_min": 0.905, "cosine_mean": 0.989, "max_abs_error": 1.9},
+                      peak=12_700_000, by_op={"quantized::conv2d": 2_828_288, "quantized::linear": 131_712})
+    prune_layers = [{"module": f"features.{i}", "kind": "Conv2d", "channels_before": c, "channels_after": c // 2,
+                     "sparsity": 0.5} for i, c in ((0, 32), (3, 64), (7, 128))]
+    prune_layers.append({"module": "fc1", "kind": "Linear", "channels_before": 256, "channels_after": 256, "sparsity": 0.0})
+    quant_layers = [{"module": m, "kind": k, "precision": "int8", "sensitivity": s}
+                    for m, k, s in (("features.0", "Conv2d", 0.004), ("features.3", "Conv2d", 0.002), ("features.7", "Conv2d", 0.003))]
+    quant_layers.append({"module": "fc2", "kind": "Linear", "precision": "float32", "sensitivity": 0.031,
+                         "reason": "kept in float to hold min_fidelity 0.9"})
+    return {
+        "job_id": "7b0c5a9e-52d4-4cde-9f0a-1f6c1c3f8e21",
+        "spec": {"model_id": "m-1", "name": "cnn <fast> & small",
+                 "steps": [{"op": "prune", "structure": "channel", "criterion": "l1", "amount": 0.5},
+                           {"op": "quantize", "scheme": "static_int8"}],
+                 "benchmark": {"device": "cpu", "batch_sizes": [1, 32]}, "target": {"max_accuracy_drop": 0.01}},
+        "environment": {"device": "cpu", "device_name": "Intel(R) Xeon(R) Processor", "torch": "2.13.0+cpu",
+                        "threads": 1, "worker": "worker-1 (x86_64)", "measured_at": "2026-11-29T12:00:00Z",
+                        "rounds": 7, "timing": "perf_counter per call"},
+        "baseline": baseline,
+        "result": result,
+        "stages": [
+            {"op": "prune", "params": {"structure": "channel", "amount": 0.5}, "metrics": pruned,
+             "speedup": {"1": 1.75, "32": 2.05},
+             "details": {"layers": prune_layers, "skipped": [{"module": "fc2", "reason": "output layer: its width is the model's interface"}]}},
+            {"op": "quantize", "params": {"scheme": "static_int8"}, "metrics": result,
+             "speedup": {"1": 3.03, "32": 3.1},
+             "details": {"layers": quant_layers, "skipped": []}},
+        ],
+        "summary": {"speedup": {"1": 3.03, "32": 3.1},
+                    "speedup_spread": {"1": {"median": 3.03, "min": 2.88, "max": 3.2, "rounds": 7},
+                                       "32": {"median": 3.1, "min": 3.02, "max": 3.17, "rounds": 7}},
+                    "size_ratio": 3.9, "accuracy_drop": 0.002, "fidelity_cosine_min": 0.905,
+                    "targets": {"max_accuracy_drop": {"limit": 0.01, "actual": 0.002, "met": True}}},
+        "notes": ["quantize: fc2 kept in float32 to hold min_fidelity"],
+    }
+
+
+def profile_report() -> dict:
+    """A profile-only job: `steps: []`, result = baseline."""
+    report = realistic_report()
+    report["spec"]["steps"] = []
+    report["stages"] = []
+    report["result"] = report["baseline"]
+    report["summary"] = {"speedup": {}, "size_ratio": 1.0, "accuracy_drop": 0.0}
+    return report
+
+
+def test_headline_has_the_summary_figures():
+    assert headline(realistic_report()) == "3.1× faster at batch 32, 3.9× smaller, −0.2 pt accuracy"
+    page = render_report_html(realistic_report())
+    assert "3.1× faster at batch 32, 3.9× smaller, −0.2 pt accuracy" in page
+
+
+def test_headline_variants():
+    slower = realistic_report()
+    slower["summary"].update(speedup={"1": 0.8}, size_ratio=0.5, accuracy_drop=-0.004)
+    assert headline(slower) == "1.25× slower at batch 1, 2.0× larger, +0.4 pt accuracy"
+    unlabelled = realistic_report()
+    unlabelled["summary"]["accuracy_drop"] = None
+    assert headline(unlabelled).endswith("98.4% top-1 agreement")
+    assert headline(profile_report()) == "Profile: p50 0.912 ms at batch 1, 24.8 ms at batch 32; 2.15 MiB; 5.83 M MACs per sample"
+
+
+def test_page_shows_charts_tables_and_environment():
+    page = render_report_html(realistic_report())
+    assert page.count("<svg") == 2 + 1 + 2  # two latency panels, the stage scatter, two layer charts
+    for text in ("p50 latency at batch 32", "features.7", "kept in float to hold min_fidelity 0.9",
+                 "output layer: its width is the model&#x27;s interface", "Intel(R) Xeon(R) Processor",
+                 "quantized::conv2d", "range 2.88–3.20× over 7 paired rounds", "max_accuracy_drop"):
+        assert text in page, text
+
+
+def test_user_strings_are_escaped():
+    report = realistic_report()
+    report["spec"]["name"] = "<script>alert(1)</script>"
+    report["stages"][0]["details"]["layers"][0]["module"] = "<img src=x onerror=alert(1)>"
+    report["notes"] = ["<b>bold</b> & more"]
+
+    page = render_report_html(report)
+
+    assert "<script>alert(1)" not in page and "<img src=x" not in page and "<b>bold" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&amp; more" in page
+
+
+def test_nothing_is_fetched_and_there_are_no_scripts():
+    page = render_report_html(realistic_report())
+    assert "<script" not in page
+    assert not re.search(r"""\b(src|href)\s*=""", page)
+    assert "@import" not in page and "url(" not in page
+    assert "default-src 'none'" in page
+
+
+@pytest.mark.parametrize("report", [
+    {}, None, {"baseline": None, "stages": [None, {"op": 3}], "summary": "broken"},
+    {"baseline": {"latency_ms": {"1": {"p50": None}}, "size_bytes": "big"}, "result": {}, "stages": [{"op": "prune"}]},
+    {"stages": [{"op": "prune", "metrics": {"latency_ms": {"8": {"p50": 2.0}}}, "details": {"layers": [{"sparsity": 2}]}}],
+     "baseline": {"latency_ms": {"8": {"p50": 3.0, "p90": float("nan")}}}},
+])
+def test_missing_and_malformed_fields_still_render(report):
+    page = render_report_html(report)
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+
+
+def test_profile_only_report():
+    page = render_report_html(profile_report())
+    assert "profile only (no steps)" in page
+    assert page.count("<svg") == 2  # one latency panel per batch size, baseline only
+    assert "speed-up" not in page
+
+
+def test_rendering_does_not_import_torch():
+    code = "import sys; import app.reports.html as h; h.render_report_html({}); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "False"
+
+
+def _chromium(page: Path, tmp_path: Path, *extra: str) -> tuple[str, list[str]]:
+    """Load `page` in headless Chromium; return the DOM after load and every console message."""
+    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", *extra,
+               "--dump-dom", page.as_uri()]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    return result.stdout, console
+
+
+chromium_only = pytest.mark.skipif(not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None,
+                                   reason="headless Chromium is not installed at /usr/bin/chromium "
+                                          "(apt-get install -y chromium)")
+
+
+@chromium_only
+def test_console_capture_sees_errors_and_blocked_fetches(tmp_path):
+    """The harness itself: a page with a script error and an external image must be caught."""
+    page = render_report_html(realistic_report()).replace(
+        "</main>", '<img alt="" src="https://example.com/x.png"></main>')
+    probe = tmp_path / "probe.html"
+    probe.write_text(page, encoding="utf-8")
+
+    _, console = _chromium(probe, tmp_path)
+
+    assert any("Content Security Policy" in line for line in console), console
+
+
+@chromium_only
+def test_chromium_renders_the_report_without_console_messages(tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(render_report_html(realistic_report()), encoding="utf-8")
+
+    dom, console = _chromium(page, tmp_path, "--window-size=1200,4000", f"--screenshot={tmp_path / 'report.png'}")
+
+    assert console == []
+    assert "3.1× faster at batch 32, 3.9× smaller, −0.2 pt accuracy" in dom
+    assert dom.count("<svg") == 5
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+@chromium_only
+def test_chromium_renders_a_profile_and_an_empty_report(tmp_path):
+    for name, report in (("profile", profile_report()), ("empty", copy.deepcopy({}))):
+        page = tmp_path / f"{name}.html"
+        page.write_text(render_report_html(report), encoding="utf-8")
+        dom, console = _chromium(page, tmp_path)
+        assert console == [], name
+        assert "<h1" in dom

@@ -1,0 +1,267 @@
+"""The measurement entry point: every figure of the report's Metrics for a set of models at once.
+
+All models live in one process and are timed interleaved against the same inputs, so a speed-up
+compares like with like; quality is measured against the reference model's outputs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import platform
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.engines.data import ModelData
+from worker.engines.errors import EngineError
+from worker.engines.measure.latency import (
+    MIN_WARMUP,
+    BenchmarkConfig,
+    latency_summary,
+    paired_speedup,
+    time_interleaved,
+)
+from worker.engines.measure.macs import count_macs
+from worker.engines.measure.memory import cpu_peak_memory, cuda_peak_memory
+from worker.engines.measure.quality import FidelityAccumulator, count_correct
+from worker.engines.measure.size import file_size, weight_stats
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass
+class Measurement:
+    """What `measure_models` found.
+
+    Attributes:
+        metrics: `{name: Metrics}` shaped like API.md's Metrics, JSON-safe.
+        speedup: `{name: {"<batch>": {"median", "min", "max", "rounds"}}}` against the reference,
+            for every timed model except the reference itself.
+        environment: `{"device", "device_name", "torch", "threads", "worker", "measured_at", …}`.
+        notes: things a reader should know (a figure that could not be measured, and why).
+    """
+
+    metrics: dict[str, dict[str, Any]]
+    speedup: dict[str, dict[str, dict[str, float | int]]]
+    environment: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def measure_models(
+    models: Mapping[str, torch.jit.ScriptModule],
+    files: Mapping[str, Path],
+    reference: str,
+    data: ModelData,
+    config: BenchmarkConfig | None = None,
+    latency_for: Iterable[str] | None = None,
+    progress: ProgressFn = lambda fraction, message: None,
+) -> Measurement:
+    """Measure size, work, quality, latency and memory of several models side by side.
+
+    Args:
+        models: `{name: model}` in eval mode, already on `config.device`; quantized and
+            half-precision models take and return the original dtypes.
+        files: `{name: saved TorchScript file}` for the file and compressed sizes (and, on CPU,
+            the isolated memory probe).
+        reference: the name whose outputs the others' fidelity is measured against and whose
+            latency the speed-ups divide; its own fidelity is against itself (1.0 by definition).
+        data: evaluation inputs (labels optional); benchmark batches are filled from it.
+        config: device, batch sizes, warm-up, iterations, rounds, threads (None: the defaults).
+        latency_for: names to time and probe for memory; the others get size and quality only
+            (latency `{}`, peak memory None). None: all.
+        progress: `progress(fraction, message)`.
+
+    Returns:
+        A `Measurement` (metrics, speed-ups with spread, environment, notes).
+
+    Raises:
+        EngineError: unknown reference, empty data, unavailable device, or outputs that do not match.
+
+    Example:
+        measurement = measure_models({"baseline": teacher, "result": student},
+                                     {"baseline": Path("a.pt"), "result": Path("b.pt")},
+                                     reference="baseline", data=eval_data,
+                                     config=BenchmarkConfig(batch_sizes=[1, 32]))
+        measurement.speedup["result"]["32"]["median"]
+    """
+    config = config or BenchmarkConfig()
+    if reference not in models:
+        raise EngineError("invalid_benchmark", f"the reference model {reference!r} is not among the measured models")
+    if data.num_samples == 0:
+        raise EngineError("empty_dataset", "the evaluation data has no samples to benchmark with")
+    device = _device(config.device)
+    timed = [name for name in models if latency_for is None or name in set(latency_for)]
+    previous_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        notes: list[str] = []
+        metrics = {name: _static_metrics(models[name], files.get(name), data, device) for name in models}
+        progress(0.1, "counted sizes and MACs")
+        quality = _quality(models, reference, data, config, device, notes)
+        for name in models:
+            metrics[name].update(quality[name])
+        progress(0.25, "measured accuracy and fidelity")
+        peaks = _peak_memory(models, files, timed, data, config, device, notes)
+        for name in models:
+            metrics[name]["peak_memory_bytes"] = peaks.get(name)
+        progress(0.35, "measured peak memory")
+        speedup = _latency(models, timed, reference, data, config, device, metrics,
+                           lambda f, m: progress(0.35 + 0.65 * f, m))
+        return Measurement(_json_safe(metrics), _json_safe(speedup), _environment(device, config), notes)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device_unavailable", f"benchmark device {name!r} is not available on this worker")
+    if device.type not in ("cpu", "cuda"):
+        raise EngineError("device_unavailable", f"benchmark device {name!r} is not supported (use cpu or cuda)")
+    return device
+
+
+def _inputs(data: ModelData, count: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device) for t in data.repeat_to(count).inputs)
+
+
+def _static_metrics(model: torch.nn.Module, path: Path | None, data: ModelData, device: torch.device) -> dict[str, Any]:
+    sizes = file_size(path) if path is not None else None
+    weights = weight_stats(model)
+    macs = count_macs(model, _inputs(data, 1, device))
+    return {
+        "size_bytes": sizes.size_bytes if sizes else None,
+        "compressed_size_bytes": sizes.compressed_size_bytes if sizes else None,
+        "parameters": weights.parameters,
+        "nonzero_parameters": weights.nonzero_parameters,
+        "buffers_bytes": weights.buffers_bytes,
+        "macs": macs.macs,
+        "macs_by_operator": macs.by_operator,
+        "macs_uncounted": macs.uncounted,
+    }
+
+
+def _quality(models: Mapping[str, torch.nn.Module], reference: str, data: ModelData, config: BenchmarkConfig,
+             device: torch.device, notes: list[str]) -> dict[str, dict[str, Any]]:
+    """Accuracy (when labelled) and fidelity to the reference, in one pass over the data."""
+    if config.eval_samples is not None:
+        data = data.take(config.eval_samples)
+    fidelity = {name: FidelityAccumulator() for name in models}
+    correct: dict[str, int | None] = {name: 0 for name in models}
+    with torch.inference_mode():
+        for batch in data.batches(config.eval_batch_size, device):
+            reference_outputs = models[reference](*batch.inputs)
+            for name, model in models.items():
+                outputs = reference_outputs if name == reference else model(*batch.inputs)
+                fidelity[name].update(reference_outputs, outputs)
+                if batch.labels is not None and correct[name] is not None:
+                    hits = count_correct(outputs, batch.labels)
+                    correct[name] = None if hits is None else correct[name] + hits
+    labelled = data.labels is not None and data.num_samples > 0
+    if labelled and any(hits is None for hits in correct.values()):
+        notes.append("the dataset has labels but a model output has no [batch, classes] tensor: no accuracy for it")
+    return {
+        name: {
+            "accuracy": {"top1": correct[name] / data.num_samples} if labelled and correct[name] is not None else None,
+            "fidelity": fidelity[name].result(),
+        }
+        for name in models
+    }
+
+
+def _peak_memory(models: Mapping[str, torch.nn.Module], files: Mapping[str, Path], timed: list[str], data: ModelData,
+                 config: BenchmarkConfig, device: torch.device, notes: list[str]) -> dict[str, int | None]:
+    """Peak memory at the largest batch size, for the timed models."""
+    if not config.measure_memory or not timed:
+        return {}
+    inputs = _inputs(data, max(config.batch_sizes), device)
+    if device.type == "cuda":
+        return {name: cuda_peak_memory(models[name], inputs, device) for name in timed}
+    probed = {name: files[name] for name in timed if name in files}
+    peaks = cpu_peak_memory(probed, inputs, torch.get_num_threads())
+    failed = sorted(name for name in timed if peaks.get(name) is None)
+    if failed:
+        notes.append(f"peak memory could not be measured for {', '.join(failed)} (no file, or the probe process failed)")
+    return peaks
+
+
+def _latency(models: Mapping[str, torch.nn.Module], timed: list[str], reference: str, data: ModelData,
+             config: BenchmarkConfig, device: torch.device, metrics: dict[str, dict[str, Any]],
+             progress: ProgressFn) -> dict[str, dict[str, dict[str, float | int]]]:
+    """Fill latency and throughput into `metrics`; return the paired speed-ups."""
+    for name in models:
+        metrics[name]["latency_ms"], metrics[name]["throughput_per_s"] = {}, {}
+    if not timed:
+        return {}
+    calls = {}
+    for batch_size in config.batch_sizes:
+        inputs = _inputs(data, batch_size, device)
+        calls[batch_size] = {name: _inference_call(models[name], inputs) for name in timed}
+    with torch.inference_mode():
+        result = time_interleaved(calls, config, device, progress)
+    speedup: dict[str, dict[str, dict[str, float | int]]] = {}
+    for name in timed:
+        for batch_size in config.batch_sizes:
+            summary = latency_summary(result.samples_ms[name][batch_size])
+            metrics[name]["latency_ms"][str(batch_size)] = summary
+            metrics[name]["throughput_per_s"][str(batch_size)] = batch_size / (summary["mean"] / 1000)
+            if name != reference and reference in timed:
+                speedup.setdefault(name, {})[str(batch_size)] = paired_speedup(
+                    result.round_medians_ms[reference][batch_size], result.round_medians_ms[name][batch_size]
+                )
+    return speedup
+
+
+def _inference_call(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+    return lambda: model(*inputs)
+
+
+def _environment(device: torch.device, config: BenchmarkConfig) -> dict[str, Any]:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        device_label, device_name = f"cuda:{index}", torch.cuda.get_device_name(index)
+    else:
+        device_label, device_name = "cpu", _cpu_name()
+    return {
+        "device": device_label,
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "worker": socket.gethostname(),
+        "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "batch_sizes": list(config.batch_sizes),
+        "warmup": max(config.warmup, MIN_WARMUP),
+        "iterations": config.iterations_per_round * config.rounds,
+        "rounds": config.rounds,
+        "timing": "cuda events, synchronised per call" if device.type == "cuda" else "perf_counter per call",
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become None: strict JSON has no NaN or Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
