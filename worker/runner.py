@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from app.reports.html import headline
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError
 from worker.engines.measure import BenchmarkConfig, measure_models
@@ -109,6 +110,7 @@ def execute_job(emit: Emit, job_id: str, spec: dict, files: dict, device: str = 
                              measurement.speedup.get(result_name, {}), spec.get("target")),
         "notes": _notes(stages),
     }
+    report["summary"]["headline"] = headline(report)
     return {"artifact_path": str(paths[result_name]), "report": report}
 
 
@@ -130,19 +132,7 @@ def summarize(baseline: dict, result: dict, speedup: dict, target: dict | None) 
         if target.get(key) is not None:
             summary["targets"][key] = {"limit": target[key], "actual": actual,
                                        "met": actual is not None and holds(target[key], actual)}
-    summary["headline"] = _headline(medians, size_ratio, accuracy_drop)
     return summary
-
-
-def _headline(speedup: dict, size_ratio: float, accuracy_drop: float | None) -> str:
-    parts = []
-    if speedup:
-        batch = max(speedup, key=int)
-        parts.append(f"{speedup[batch]:.2f}× {'faster' if speedup[batch] >= 1 else 'speed'} at batch {batch}")
-    parts.append(f"{size_ratio:.2f}× smaller" if size_ratio >= 1 else f"{1 / size_ratio:.2f}× larger")
-    if accuracy_drop is not None:
-        parts.append(f"{-accuracy_drop * 100:+.1f} pt accuracy")
-    return ", ".join(parts)
 
 
 def _notes(stages: list[dict]) -> list[str]:

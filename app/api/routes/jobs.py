@@ -11,6 +11,7 @@ from app.api.deps import CursorQuery, LimitQuery, SessionDep, StoreDep, TenantDe
 from app.api.files import blob_response
 from app.api.routes.openapi import ERRORS
 from app.models import CompressionJob
+from app.reports.html import render_report_html
 from app.schemas.common import Page
 from app.schemas.job import ArtifactInfo, JobRead, JobSpec
 from app.schemas.report import JobComparison, Report
@@ -76,8 +77,6 @@ def get_report(job_id: str, session: SessionDep, tenant: TenantDep):
 @router.get("/{job_id}/report.html", operation_id="get_report_html", response_class=HTMLResponse)
 def get_report_html(job_id: str, session: SessionDep, tenant: TenantDep):
     """The report as one self-contained HTML page with tables and charts (409 before success)."""
-    from app.reports.html import render_report_html
-
     return HTMLResponse(render_report_html(service.get_report(session, tenant, job_id)))
 
 
