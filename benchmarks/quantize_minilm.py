@@ -97,6 +97,8 @@ def main() -> None:
         kept = [layer["module"] for layer in out.details["layers"] if layer["precision"] == "float32"]
         print(f"{name}: {out.details['quantized_layers']} int8 layers, kept float: {kept or 'none'}, "
               f"step took {timings[name]:.0f} s, backend {out.details['backend']}")
+        print(f"  linear kernels: { {k: len(v) for k, v in out.details['linear_kernels'].items()} }, "
+              f"probe ms per in x out: {out.details['linear_kernel_probe_ms']}")
         candidates[name] = reload(out.model)
     candidates["plain quantize_dynamic_jit per-tensor"] = quantize_dynamic_jit(traced, {"": default_dynamic_qconfig})
     candidates["plain quantize_dynamic_jit per-channel"] = quantize_dynamic_jit(traced, {"": per_channel_dynamic_qconfig})

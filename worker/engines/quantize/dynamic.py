@@ -3,6 +3,8 @@
 Linear layers run `quantized::linear_dynamic`, LSTM/GRU layers the int8 recurrent kernels
 (`quantized_lstm` / `quantized_gru`, which `quantize_dynamic_jit` leaves alone), and embedding
 tables are stored as uint8 rows with a float scale and offset each (`quantized::embedding_byte`).
+A linear layer runs oneDNN's int8 kernel instead of the backend's when a timing probe of its weight
+shape finds it clearly faster on this CPU (`onednn.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from worker.engines.quantize.int8 import (
     quantize_weight_int8,
     quiet_quantized_tensors,
 )
+from worker.engines.quantize.onednn import (
+    OnednnDynamicLinear,
+    prefer_onednn,
+    probe_linear_kernels,
+)
 from worker.engines.quantize.scheme import Conversion, Layer, register_scheme
 
 KINDS = ("Linear", "LSTM", "GRU", "Embedding")
@@ -29,10 +36,15 @@ KINDS = ("Linear", "LSTM", "GRU", "Embedding")
 class DynamicInt8(Int8Scheme):
     """Dynamic int8 for Linear, LSTM, GRU; weight-only int8 rows for Embedding."""
 
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        # probe timings per linear weight shape (in, out), kept across the conversions of one step
+        self._kernel_probes: dict[tuple[int, int], dict[str, float]] = {}
+
     def convert(self, model: torch.jit.ScriptModule, modules: Collection[str] | None) -> Conversion:
         graph = ForwardGraph(self.fresh_copy(model))
         sites, skipped = graph.sites(KINDS)
-        converter = _SiteConverter(graph, self.config.per_channel, self.reduce_range)
+        converter = _SiteConverter(graph, self.config.per_channel, self.reduce_range, self._onednn_shapes(graph, sites))
         converted: dict[str, Layer] = {}
         with quantized_engine(self.backend), quiet_quantized_tensors():
             for site in sites:
@@ -44,7 +56,21 @@ class DynamicInt8(Int8Scheme):
                 else:
                     skipped.append({"module": site.module, "reason": reason})
         graph.finish(converted)
-        return Conversion(graph.model, list(converted.values()), skipped)
+        onednn = sorted(converter.onednn_layers & set(converted))
+        return Conversion(graph.model, list(converted.values()), skipped,
+                          {"linear_kernels": {"onednn": onednn, self.backend: sorted(
+                              layer.module for layer in converted.values()
+                              if layer.kind == "Linear" and layer.module not in converter.onednn_layers)}})
+
+    def _onednn_shapes(self, graph: ForwardGraph, sites: list[Site]) -> set[tuple[int, int]]:
+        """The linear weight shapes for which oneDNN's int8 kernel beat the backend's in the probe."""
+        for site in sites:
+            weight = graph.tensor(site.weights[0])
+            if site.kind == "Linear" and weight.dim() == 2 and weight.is_floating_point():
+                shape = (weight.shape[1], weight.shape[0])
+                if shape not in self._kernel_probes:
+                    self._kernel_probes[shape] = probe_linear_kernels(weight, self.config.per_channel, self.backend)
+        return {shape for shape, timings in self._kernel_probes.items() if prefer_onednn(timings, self.backend)}
 
     def notes(self) -> dict[str, Any]:
         return {
@@ -53,16 +79,21 @@ class DynamicInt8(Int8Scheme):
             "weights": "per-channel" if self.config.per_channel else "per-tensor",
             "embeddings": "uint8 rows, float scale and offset per row",
             "compute": "cpu",
+            "linear_kernel_probe_ms": {f"{n_in}x{n_out}": {k: round(v, 3) for k, v in timings.items()}
+                                       for (n_in, n_out), timings in sorted(self._kernel_probes.items())},
         }
 
 
 class _SiteConverter:
     """Rewrites one graph site at a time, packing each module's weights once."""
 
-    def __init__(self, graph: ForwardGraph, per_channel: bool, reduce_range: bool):
+    def __init__(self, graph: ForwardGraph, per_channel: bool, reduce_range: bool,
+                 onednn_shapes: set[tuple[int, int]]):
         self.graph = graph
         self.per_channel = per_channel
         self.reduce_range = reduce_range
+        self.onednn_shapes = onednn_shapes
+        self.onednn_layers: set[str] = set()
         self._packed: dict[str, str] = {}
 
     def convert(self, site: Site) -> str | None:
@@ -84,6 +115,16 @@ class _SiteConverter:
         if bias is False:
             return "its bias is computed in the graph"
         weight = weights[0]
+        if weight.dim() == 2 and (weight.shape[1], weight.shape[0]) in self.onednn_shapes:
+            name = self._attribute(site, lambda: torch.jit.script(OnednnDynamicLinear(
+                weight, None if bias is None else bias, self.per_channel))._c)
+            call = self.graph.insert("prim::CallMethod", [self.graph.read_attribute(name, node), node.inputsAt(0)],
+                                     node, [node.output().type()])
+            call.s_("name", "forward")
+            node.output().replaceAllUsesWith(call.output())
+            node.destroy()
+            self.onednn_layers.add(site.module)
+            return None
         name = self._attribute(site, lambda: torch.ops.quantized.linear_prepack(
             quantize_weight_int8(weight, self.per_channel), None if bias is None else bias.float().cpu()))
         self.graph.replace(node, "quantized::linear_dynamic", [
