@@ -20,6 +20,15 @@ def _worker_command(concurrency: int, loglevel: str) -> list[str]:
             "-c", str(concurrency), "-Q", settings.queue_name, "--loglevel", loglevel, "-n", f"compactor-{os.getpid()}@%h"]
 
 
+def _die_with_parent() -> None:
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so `finally` may never run: the kernel
+    # stops the embedded worker when `compactor serve` goes, however it goes.
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Migrate, start an embedded worker (unless --no-worker), and serve the API until stopped."""
     import uvicorn
@@ -30,7 +39,7 @@ def serve(args: argparse.Namespace) -> int:
     upgrade()
     worker = None
     if not args.no_worker:
-        worker = subprocess.Popen(_worker_command(args.concurrency, "WARNING"))
+        worker = subprocess.Popen(_worker_command(args.concurrency, "WARNING"), preexec_fn=_die_with_parent)
     try:
         uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_level="warning")
     finally:

@@ -20,9 +20,18 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
-def get_tenant(authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-               settings: Settings = Depends(get_settings)) -> str:
+async def settings_dependency() -> Settings:
+    # async: a plain lookup should not cost a thread-pool hop on every request.
+    return get_settings()
+
+
+async def store_dependency() -> LocalBlobStore:
+    return get_blob_store()
+
+
+async def get_tenant(authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> str:
     """The caller's tenant from `Authorization: Bearer <key>`; 'default' when no keys are configured."""
+    settings = get_settings()
     if not settings.api_keys:
         return "default"
     scheme, _, token = (authorization or "").partition(" ")
@@ -38,7 +47,7 @@ def get_tenant(authorization: Annotated[str | None, Header(include_in_schema=Fal
 # so a client that reads right after a 201/202 always finds what it created.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 TenantDep = Annotated[str, Depends(get_tenant)]
-StoreDep = Annotated[LocalBlobStore, Depends(get_blob_store)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[LocalBlobStore, Depends(store_dependency)]
+SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 LimitQuery = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 CursorQuery = Annotated[str | None, Query(description="The next_cursor of the previous page.")]

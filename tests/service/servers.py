@@ -70,9 +70,9 @@ class Service:
         log = open(self.log_dir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
-    def start_api(self) -> None:
+    def start_api(self, workers: int = 1) -> None:
         self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                            "--port", str(self.port), "--log-level", "warning"])
+                            "--port", str(self.port), "--log-level", "warning", "--workers", str(workers)])
         wait_until_up(self.url, self.processes["api"], self.log_dir / "api.log")
 
     def start_worker(self, concurrency: int = 1) -> None:

@@ -51,3 +51,20 @@ def test_readme_walkthrough_against_compactor_serve(tmp_path):
             serve.wait(30)
         except subprocess.TimeoutExpired:
             serve.kill()
+
+
+def test_serve_takes_its_embedded_worker_down_with_it(tmp_path):
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
+    env["COMPACTOR_DATA_DIR"] = str(tmp_path / "var")
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until_up(f"http://127.0.0.1:{port}", serve, tmp_path / "none.log")
+    children = psutil.Process(serve.pid).children()
+    assert any("celery" in " ".join(c.cmdline()) for c in children)
+    serve.terminate()
+    serve.wait(30)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == []
