@@ -21,7 +21,9 @@ def measure(service: Service) -> list[float]:
     delays = []
     with httpx.Client(base_url=service.url, timeout=60) as client:
         model = client.post("/v1/models", files={"file": ("m.pt", tiny_model_bytes())}).json()
-        time.sleep(3)  # let the worker finish validating and sit idle
+        while client.get(f"/v1/models/{model['id']}").json()["status"] == "validating":
+            time.sleep(0.1)  # the worker validates the upload first; time it only once idle
+        time.sleep(1)
         for _ in range(JOBS):
             job = client.post("/v1/jobs", json={"model_id": model["id"], "input_spec": [{"shape": [1, 4]}],
                                                 "benchmark": {"batch_sizes": [1], "warmup": 1, "iterations": 5}}).json()
@@ -35,6 +37,7 @@ def measure(service: Service) -> list[float]:
 
 def report(label: str, delays: list[float]) -> None:
     print(f"submission → running, {label}: median {statistics.median(delays) * 1000:.0f} ms, "
+          f"all {[round(d * 1000) for d in delays]} ms, "
           f"max {max(delays) * 1000:.0f} ms over {len(delays)} jobs")
 
 
