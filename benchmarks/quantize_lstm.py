@@ -1,11 +1,17 @@
 """dynamic_int8 on a scripted 2-layer LSTM classifier: ours against `quantize_dynamic_jit` and float.
 
-Run: .venv/bin/python benchmarks/quantize_lstm.py   (one thread; under a minute)
+Ours times each LSTM layout in float and int8 before converting and keeps it in float where int8
+is slower (the reason and the probe's timings are printed). Latency: interleaved rounds, median of
+the rounds' medians with their range.
+
+Run: .venv/bin/python benchmarks/quantize_lstm.py   (one thread; about a minute)
 """
 
 from __future__ import annotations
 
+import statistics
 import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 from quantize_timing import (
@@ -22,22 +28,43 @@ from worker.engines.data import ModelData
 from worker.engines.pipeline import PipelineContext, run_step
 
 
+def latency_rounds(models: dict[str, Callable], inputs: Sequence[torch.Tensor], rounds: int = 3,
+                   iterations: int = 15) -> dict[str, tuple[float, float, float]]:
+    """(median, min, max) over `rounds` of each model's interleaved median ms per call."""
+    medians: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, ms in interleaved_latency_ms(models, inputs, iterations=iterations).items():
+            medians[name].append(ms)
+    return {name: (statistics.median(v), min(v), max(v)) for name, v in medians.items()}
+
+
+def spread(values: tuple[float, float, float]) -> str:
+    """`12.3 [11.9–13.0]`: a median with its range."""
+    return f"{values[0]:.3f} [{values[1]:.3f}–{values[2]:.3f}]"
+
+
 def measure(vocab: int, dim: int, hidden: int) -> None:
     """Quantize one LSTM classifier size and print speed, fidelity and size."""
     torch.manual_seed(0)
     model = script(LSTMClassifier(vocab=vocab, dim=dim, hidden=hidden))
     tokens = torch.randint(0, vocab, (256, 32))
     ctx = PipelineContext(teacher=model, calibration=None, evaluation=ModelData((tokens,)))
-    ours = reload(run_step(model, {"op": "quantize", "scheme": "dynamic_int8"}, ctx).model)
+    out = run_step(model, {"op": "quantize", "scheme": "dynamic_int8"}, ctx)
+    ours = reload(out.model)
     plain = quantize_dynamic_jit(model, {"": default_dynamic_qconfig})
+    lstm = next(layer for layer in out.details["layers"] if layer["kind"] == "LSTM")
+    print(f"\nhidden {hidden}: ours keeps the LSTM in {lstm['precision']}"
+          + (f" ({lstm['reason']})" if "reason" in lstm else "")
+          + f"; probe ms {out.details['recurrent_probe_ms']}")
     rows = []
     for batch in (1, 32):
         x = (tokens[:batch],)
-        latency = interleaved_latency_ms({"float": model, "ours": ours, "plain": plain}, x, iterations=40)
-        rows.append((batch, latency["float"], latency["ours"], latency["plain"],
-                     latency["float"] / latency["ours"], latency["float"] / latency["plain"]))
+        latency = latency_rounds({"float": model, "ours": ours, "plain": plain}, x)
+        rows.append((batch, spread(latency["float"]), spread(latency["ours"]), spread(latency["plain"]),
+                     latency["float"][0] / latency["ours"][0], latency["float"][0] / latency["plain"][0]))
     print_table(f"Scripted 2-layer LSTM classifier (vocab {vocab}, dim {dim}, hidden {hidden}, seq 32), "
-                "1 thread, median ms", ["batch", "float_ms", "ours_ms", "plain_ms", "ours_speedup", "plain_speedup"], rows)
+                "1 thread, median ms [range over 3 rounds]",
+                ["batch", "float_ms", "ours_ms", "plain_ms", "ours_speedup", "plain_speedup"], rows)
     with torch.no_grad():
         reference = model(tokens)
         table = []

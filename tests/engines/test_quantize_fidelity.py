@@ -56,10 +56,73 @@ def test_min_fidelity_keeps_the_most_sensitive_layer_in_float(model):
     rows = {layer["module"]: layer for layer in out.details["layers"]}
     assert rows["c"]["precision"] == "float32" and "min_fidelity" in rows["c"]["reason"]
     assert rows["a"]["precision"] == rows["b"]["precision"] == "int8"
-    assert rows["c"]["sensitivity"] == max(layer["sensitivity"] for layer in rows.values()) > 0.1
+    # ranked first by the proxy, and measured: converting c alone costs more than 0.1 of cosine
+    assert rows["c"]["sensitivity_proxy"] == max(layer["sensitivity_proxy"] for layer in rows.values())
+    assert rows["c"]["sensitivity"] > 0.1
+    assert rows["a"]["sensitivity"] is None and rows["b"]["sensitivity"] is None
     assert out.details["fidelity"]["score"] >= 0.99 and out.details["fidelity"]["metric"] == "cosine_min"
+    search = out.details["fidelity_search"]
+    assert search["tried"]["0"] < 0.99 <= search["tried"]["top 1"]
     x = torch.randn(16, 32)
     assert float(nn.functional.cosine_similarity(model(x), out.model(x)).min()) >= 0.98
+
+
+class DeepChain(nn.Module):
+    """Twelve residual linear layers; `layers.7` has the outlier trick of `ThreeLayers.c`, reading
+    the ReLU output of `layers.6` (whose channel 0 is always zero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(12))
+        with torch.no_grad():
+            self.layers[6].weight[0].zero_()
+            self.layers[6].bias[0] = -1.0
+            self.layers[7].weight[0, 0] = 50.0
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = torch.relu(layer(x)) if i == 6 else x + layer(x)
+        return x
+
+
+def test_min_fidelity_needs_few_conversions_on_a_deep_model():
+    torch.manual_seed(0)
+    model = trace(DeepChain(), torch.randn(2, 32))
+    out = _run(model, {"min_fidelity": 0.99})
+
+    kept = [layer["module"] for layer in out.details["layers"] if layer["precision"] == "float32"]
+    assert kept == ["layers.7"]
+    assert out.details["fidelity"]["score"] >= 0.99
+    # the full conversion, one with the top-ranked layer in float, that layer alone: not one per layer
+    assert out.details["fidelity_search"]["conversions"] <= 4
+
+
+class DecoyAndCulprit(ThreeLayers):
+    """ThreeLayers plus a decoy `d`: int8 rounds most of its weights to 0 (highest proxy), but its
+    output is scaled by 1e-4, so converting it changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.d = nn.Linear(32, 128)
+        with torch.no_grad():
+            self.d.weight.normal_(0.0, 1e-3)
+            self.d.weight[0, 0] = 1.0
+
+    def forward(self, x):
+        return super().forward(x) + 1e-4 * self.d(x)[:, :16]
+
+
+def test_min_fidelity_converts_back_a_kept_layer_that_does_not_matter():
+    torch.manual_seed(0)
+    model = trace(DecoyAndCulprit(), torch.randn(2, 32))
+    out = _run(model, {"min_fidelity": 0.99})
+
+    rows = {layer["module"]: layer for layer in out.details["layers"]}
+    assert rows["d"]["sensitivity_proxy"] > rows["c"]["sensitivity_proxy"]  # the proxy is fooled …
+    assert rows["c"]["precision"] == "float32" and rows["d"]["precision"] == "int8"  # … the measurement is not
+    assert rows["d"]["sensitivity"] < 0.01 < rows["c"]["sensitivity"]
+    assert "top 2 but d" in out.details["fidelity_search"]["tried"]
+    assert out.details["fidelity"]["score"] >= 0.99
 
 
 def test_min_fidelity_uses_top1_agreement_for_labelled_data(model):

@@ -4,7 +4,8 @@ Linear layers run `quantized::linear_dynamic`, LSTM/GRU layers the int8 recurren
 (`quantized_lstm` / `quantized_gru`, which `quantize_dynamic_jit` leaves alone), and embedding
 tables are stored as uint8 rows with a float scale and offset each (`quantized::embedding_byte`).
 A linear layer runs oneDNN's int8 kernel instead of the backend's when a timing probe of its weight
-shape finds it clearly faster on this CPU (`onednn.py`).
+shape finds it clearly faster on this CPU (`onednn.py`). A recurrent layer stays in float, with the
+probe's timings as the reason, when int8 is not faster for its layout on this CPU (`recurrent_speed.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from worker.engines.quantize.backend import quantized_engine
+from worker.engines.quantize.engine import KEPT_FLOAT
 from worker.engines.quantize.graph import ForwardGraph, Site
 from worker.engines.quantize.int8 import (
     Int8Scheme,
@@ -27,6 +29,12 @@ from worker.engines.quantize.onednn import (
     prefer_onednn,
     probe_linear_kernels,
 )
+from worker.engines.quantize.recurrent_speed import (
+    RecurrentLayout,
+    int8_slower,
+    pack_recurrent_cells,
+    probe_recurrent_speed,
+)
 from worker.engines.quantize.scheme import Conversion, Layer, register_scheme
 
 KINDS = ("Linear", "LSTM", "GRU", "Embedding")
@@ -38,16 +46,24 @@ class DynamicInt8(Int8Scheme):
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
-        # probe timings per linear weight shape (in, out), kept across the conversions of one step
+        # probe timings per linear weight shape (in, out) and per recurrent layout, kept across the
+        # conversions of one step (min_fidelity converts many times)
         self._kernel_probes: dict[tuple[int, int], dict[str, float]] = {}
+        self._recurrent_probes: dict[RecurrentLayout, dict[str, dict[str, float]]] = {}
 
     def convert(self, model: torch.jit.ScriptModule, modules: Collection[str] | None) -> Conversion:
         graph = ForwardGraph(self.fresh_copy(model))
         sites, skipped = graph.sites(KINDS)
         converter = _SiteConverter(graph, self.config.per_channel, self.reduce_range, self._onednn_shapes(graph, sites))
+        self._check_recurrent_speed(graph, sites, converter)
         converted: dict[str, Layer] = {}
+        kept_float: dict[str, dict] = {}
         with quantized_engine(self.backend), quiet_quantized_tensors():
             for site in sites:
+                if site.module in converter.keep_float:
+                    kept_float[site.module] = {"module": site.module, "kind": site.kind,
+                                               "reason": converter.keep_float[site.module]}
+                    continue
                 if modules is not None and site.module not in modules:
                     continue
                 reason = converter.convert(site)
@@ -60,7 +76,27 @@ class DynamicInt8(Int8Scheme):
         return Conversion(graph.model, list(converted.values()), skipped,
                           {"linear_kernels": {"onednn": onednn, self.backend: sorted(
                               layer.module for layer in converted.values()
-                              if layer.kind == "Linear" and layer.module not in converter.onednn_layers)}})
+                              if layer.kind == "Linear" and layer.module not in converter.onednn_layers)},
+                           KEPT_FLOAT: list(kept_float.values())})
+
+    def _check_recurrent_speed(self, graph: ForwardGraph, sites: list[Site], converter: _SiteConverter) -> None:
+        """Time each recurrent layout once (float against int8) and keep those int8 does not speed up in float."""
+        for site in sites:
+            if site.kind not in ("LSTM", "GRU"):
+                continue
+            weights = [graph.tensor(p) for p in site.weights]
+            if any(not w.is_floating_point() for w in weights):
+                continue
+            layout, _ = recurrent_layout(graph, site, weights)
+            if layout is None:
+                continue
+            if layout not in self._recurrent_probes:
+                self.ctx.progress(0.0, f"timing {layout.label} in float and int8")
+                self._recurrent_probes[layout] = probe_recurrent_speed(
+                    weights, layout, self.config.per_channel, self.backend, self.reduce_range)
+            reason = int8_slower(self._recurrent_probes[layout])
+            if reason is not None:
+                converter.keep_float[site.module] = reason
 
     def _onednn_shapes(self, graph: ForwardGraph, sites: list[Site]) -> set[tuple[int, int]]:
         """The linear weight shapes for which oneDNN's int8 kernel beat the backend's in the probe."""
@@ -81,6 +117,9 @@ class DynamicInt8(Int8Scheme):
             "compute": "cpu",
             "linear_kernel_probe_ms": {f"{n_in}x{n_out}": {k: round(v, 3) for k, v in timings.items()}
                                        for (n_in, n_out), timings in sorted(self._kernel_probes.items())},
+            "recurrent_probe_ms": {layout.label: {where: {k: round(v, 3) for k, v in t.items()}
+                                                  for where, t in timings.items()}
+                                   for layout, timings in self._recurrent_probes.items()},
         }
 
 
@@ -94,6 +133,8 @@ class _SiteConverter:
         self.reduce_range = reduce_range
         self.onednn_shapes = onednn_shapes
         self.onednn_layers: set[str] = set()
+        # recurrent modules the speed probe keeps in float, with its reason
+        self.keep_float: dict[str, str] = {}
         self._packed: dict[str, str] = {}
 
     def convert(self, site: Site) -> str | None:
@@ -150,34 +191,30 @@ class _SiteConverter:
         return self._recurrent(site, weights, "aten::quantized_gru")
 
     def _recurrent(self, site: Site, weights: list[torch.Tensor], kernel: str) -> str | None:
+        layout, reason = recurrent_layout(self.graph, site, weights)
+        if layout is None:
+            return reason
+        name = self._attribute(site, lambda: pack_recurrent_cells(weights, layout, self.per_channel, self.reduce_range))
         node = site.node
-        # inputs: input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first
-        has_biases, num_layers, bidirectional = (node.inputsAt(i).toIValue() for i in (3, 4, 7))
-        if has_biases is None or num_layers is None or bidirectional is None:
-            return "its configuration (layers, direction, bias) is not constant in the graph"
-        per_cell = 4 if has_biases else 2
-        cells = num_layers * (2 if bidirectional else 1)
-        if len(weights) != cells * per_cell:
-            return "projections (proj_size > 0) have no int8 recurrent kernel"
-
-        def pack_cells() -> list:
-            params = []
-            for c in range(cells):
-                w_ih, w_hh = weights[c * per_cell], weights[c * per_cell + 1]
-                if has_biases:
-                    b_ih, b_hh = weights[c * per_cell + 2].float(), weights[c * per_cell + 3].float()
-                else:
-                    b_ih, b_hh = torch.zeros(w_ih.shape[0]), torch.zeros(w_hh.shape[0])
-                packed_ih = torch.ops.quantized.linear_prepack(quantize_weight_int8(w_ih, self.per_channel), b_ih)
-                packed_hh = torch.ops.quantized.linear_prepack(quantize_weight_int8(w_hh, self.per_channel), b_hh)
-                params.append(torch.ops.quantized.make_quantized_cell_params_dynamic(
-                    packed_ih, packed_hh, b_ih, b_hh, self.reduce_range))
-            return params
-
-        name = self._attribute(site, pack_cells)
         inputs = list(node.inputs())
         inputs[2] = self.graph.read_attribute(name, node)
+        inputs[3] = self.graph.constant(True, node)  # the packed cells hold (zero) biases; the kernels require them
         if kernel == "aten::quantized_lstm":
             inputs += [self.graph.constant(torch.qint8, node), self.graph.constant(True, node)]
         self.graph.replace(node, kernel, inputs)
         return None
+
+
+def recurrent_layout(graph: ForwardGraph, site: Site,
+                     weights: list[torch.Tensor]) -> tuple[RecurrentLayout | None, str | None]:
+    """The layout of an `aten::lstm` / `aten::gru` site, or why the int8 kernels cannot run it."""
+    # inputs: input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first
+    has_biases, num_layers, bidirectional = (site.node.inputsAt(i).toIValue() for i in (3, 4, 7))
+    if has_biases is None or num_layers is None or bidirectional is None:
+        return None, "its configuration (layers, direction, bias) is not constant in the graph"
+    cells = num_layers * (2 if bidirectional else 1)
+    if len(weights) != cells * (4 if has_biases else 2):
+        return None, "projections (proj_size > 0) have no int8 recurrent kernel"
+    hidden = weights[1].shape[1]
+    return RecurrentLayout(site.kind, int(weights[0].shape[1]), int(hidden), int(num_layers), bool(bidirectional),
+                           bool(has_biases)), None

@@ -1,4 +1,4 @@
-"""The `quantize` step around any scheme: exclusions, per-layer sensitivity, `min_fidelity`, report."""
+"""The `quantize` step around any scheme: exclusions, `min_fidelity`'s search, per-layer sensitivity, report."""
 
 from __future__ import annotations
 
@@ -12,15 +12,24 @@ from worker.engines.pipeline import PipelineContext, StageOutput
 from worker.engines.quantize.config import QuantizeConfig
 from worker.engines.quantize.fidelity import Fidelity, FidelityProbe
 from worker.engines.quantize.scheme import Conversion, Layer, Scheme, make_scheme
+from worker.engines.quantize.sensitivity import weight_error
 
-# samples scored per layer when measuring sensitivity (one conversion and one pass per layer)
+# samples scored when measuring one layer's sensitivity (one conversion and one pass per layer)
 SENSITIVITY_SAMPLES = 32
+# layers kept in float for min_fidelity whose sensitivity alone is measured for the report
+MEASURED_LIMIT = 8
+# key of `Conversion.details` under which a scheme lists layers it chose to keep in float
+# (`[{"module", "kind", "reason"}]`, e.g. measured slower in int8); the step reports them as layers
+KEPT_FLOAT = "kept_float"
 
 
 def quantize_model(model: torch.jit.ScriptModule, config: QuantizeConfig, ctx: PipelineContext) -> StageOutput:
     """Quantize a TorchScript model with `config`, holding `config.min_fidelity` when set.
 
-    Fidelity is measured against `model` (this step's input) on `ctx.evaluation`.
+    Fidelity is measured against `model` (this step's input) on `ctx.evaluation`. When the
+    fully converted model misses `min_fidelity`, layers are ranked by a cheap proxy (int8 error of
+    their weights, `sensitivity.py`) and a binary search finds the fewest top-ranked layers to keep in
+    float, each candidate verified on the evaluation data (about log2(layers) conversions).
 
     Args:
         model: the step's input model (not modified).
@@ -29,7 +38,9 @@ def quantize_model(model: torch.jit.ScriptModule, config: QuantizeConfig, ctx: P
 
     Returns:
         StageOutput whose `details` hold `layers` (every candidate layer with `precision`,
-        `sensitivity` and, when kept in float, a `reason`), `skipped`, `fidelity` and the scheme's notes.
+        `sensitivity` — measured for layers kept in float by `min_fidelity`, else None —,
+        `sensitivity_proxy` when `min_fidelity` is set, and a `reason` when kept in float), `skipped`,
+        `fidelity`, `fidelity_search` (when `min_fidelity` is set) and the scheme's notes.
 
     Raises:
         EngineError: `calibration_required`, `nothing_quantized`, `fidelity_unreachable`.
@@ -43,41 +54,55 @@ def quantize_model(model: torch.jit.ScriptModule, config: QuantizeConfig, ctx: P
     ctx.progress(0.0, f"{config.scheme}: finding layers")
     everything = scheme.convert(model, None)
     candidates = everything.converted
+    kept_by_scheme = everything.details.get(KEPT_FLOAT, [])
     excluded = {layer.module for layer in candidates if is_excluded(layer.module, config.exclude)}
     eligible = [layer for layer in candidates if layer.module not in excluded]
     if not eligible:
         why = "every convertible layer is excluded" if candidates else "the model has no layer this scheme converts"
-        raise EngineError("nothing_quantized", f"{config.scheme}: {why}"
-                          + "".join(f"; {s['module']}: {s['reason']}" for s in everything.skipped[:5]))
+        raise EngineError("nothing_quantized", f"{config.scheme}: {why}" + "".join(
+            f"; {s['module']}: {s['reason']}" for s in (kept_by_scheme + everything.skipped)[:5]))
 
     probe = FidelityProbe.for_model(model, ctx.evaluation, ctx.device)
     ctx.progress(0.1, f"{config.scheme}: converting {len(eligible)} layers")
     conversion = everything if not excluded else scheme.convert(model, _names(eligible))
     fidelity = probe.measure(conversion.model, scheme.device)
-    sensitivity: dict[str, tuple[float, float]] = {}
-    kept_for_fidelity: set[str] = set()
+    proxies: dict[str, float | None] = {}
+    measured: dict[str, float] = {}
+    kept_for_fidelity: list[Layer] = []
+    search: dict = {}
     if config.min_fidelity is not None:
-        sensitivity = _sensitivities(scheme, model, eligible, probe, ctx)
+        proxies = {layer.module: weight_error(model, layer.module, layer.kind, config.per_channel) for layer in eligible}
+        search = {"proxy": "relative RMS error of the layer's weights rounded to int8", "conversions": 1,
+                  "tried": {"0": probe.score(fidelity)}}
         if probe.score(fidelity) < config.min_fidelity:
-            conversion, fidelity, kept_for_fidelity = _hold_fidelity(
-                scheme, model, eligible, sensitivity, probe, config.min_fidelity, ctx)
+            conversion, fidelity, kept_for_fidelity, measured = _hold_fidelity(
+                scheme, model, eligible, proxies, probe, config.min_fidelity, ctx, search)
+            search["measured"] = (f"drop of {probe.metric} on {probe.subset(SENSITIVITY_SAMPLES).data.num_samples} "
+                                  "samples with the layer alone converted")
 
     ctx.progress(1.0, f"{config.scheme}: done")
     converted = {layer.module for layer in conversion.converted}
     skipped = _unique(everything.skipped + conversion.skipped)
     failed = {row["module"]: row["reason"] for row in skipped}
+    kept = _names(kept_for_fidelity)
     layers = []
     for layer in candidates:
         row = {"module": layer.module, "kind": layer.kind,
                "precision": scheme.precision if layer.module in converted else "float32",
-               "sensitivity": sensitivity[layer.module][0] if layer.module in sensitivity else None}
+               "sensitivity": measured.get(layer.module)}
+        if proxies:
+            row["sensitivity_proxy"] = proxies.get(layer.module)
         if layer.module in excluded:
             row["reason"] = "excluded by the step's exclude patterns"
-        elif layer.module in kept_for_fidelity:
+        elif layer.module in kept:
             row["reason"] = f"kept in float to hold min_fidelity {config.min_fidelity}"
         elif layer.module not in converted:
             row["reason"] = failed.get(layer.module, "not converted")
         layers.append(row)
+    for row in kept_by_scheme:
+        reason = "excluded by the step's exclude patterns" if is_excluded(row["module"], config.exclude) else row["reason"]
+        layers.append({"module": row["module"], "kind": row["kind"], "precision": "float32", "sensitivity": None,
+                       "reason": reason})
     details = {
         "scheme": config.scheme,
         "layers": layers,
@@ -85,8 +110,9 @@ def quantize_model(model: torch.jit.ScriptModule, config: QuantizeConfig, ctx: P
         "quantized_layers": len(converted),
         "fidelity": {**fidelity.as_dict(), "metric": probe.metric, "score": probe.score(fidelity),
                      "reference": "this step's input model", "samples": probe.data.num_samples},
+        **({"fidelity_search": search} if search else {}),
         **scheme.notes(),
-        **conversion.details,
+        **{key: value for key, value in conversion.details.items() if key != KEPT_FLOAT},
     }
     return StageOutput(conversion.model, details)
 
@@ -103,38 +129,81 @@ def _unique(rows: list[dict]) -> list[dict]:
     return list(seen.values())
 
 
-def _sensitivities(scheme: Scheme, model: torch.jit.ScriptModule, layers: list[Layer], probe: FidelityProbe,
-                   ctx: PipelineContext) -> dict[str, tuple[float, float]]:
-    """Each layer's sensitivity: how much the fidelity score (then the mean cosine, to break
-    ties of top-1 agreement) drops when it alone is converted, on a smaller slice of the data."""
+def _measured_sensitivities(scheme: Scheme, model: torch.jit.ScriptModule, layers: list[Layer],
+                            probe: FidelityProbe, ctx: PipelineContext) -> dict[str, float]:
+    """Each layer's measured sensitivity: how much the fidelity score drops when it alone is
+    converted, on a smaller slice of the data (one conversion per layer)."""
     small = probe.subset(SENSITIVITY_SAMPLES)
     result = {}
     for i, layer in enumerate(layers):
-        ctx.progress(0.1 + 0.6 * i / len(layers), f"sensitivity of {layer.module or 'the model'}")
+        ctx.progress(0.9 + 0.1 * i / len(layers), f"sensitivity of {layer.module or 'the model'}")
         fidelity = small.measure(scheme.convert(model, {layer.module}).model, scheme.device)
-        result[layer.module] = (1.0 - small.score(fidelity), 1.0 - fidelity.cosine_mean)
+        result[layer.module] = 1.0 - small.score(fidelity)
     return result
 
 
 def _hold_fidelity(scheme: Scheme, model: torch.jit.ScriptModule, layers: list[Layer],
-                   sensitivity: dict[str, tuple[float, float]],
-                   probe: FidelityProbe, target: float, ctx: PipelineContext) -> tuple[Conversion, Fidelity, set[str]]:
-    """Keep the k most sensitive layers in float, for the smallest k (binary search) that holds `target`."""
-    order = sorted(layers, key=lambda layer: sensitivity[layer.module], reverse=True)
-    best: tuple[Conversion, Fidelity, set[str]] | None = None
-    low, high = 1, len(order) - 1
+                   proxies: dict[str, float | None], probe: FidelityProbe, target: float, ctx: PipelineContext,
+                   search: dict) -> tuple[Conversion, Fidelity, list[Layer], dict[str, float]]:
+    """Keep the k top-ranked layers in float, for the smallest k that holds `target`, then hand back
+    to int8 those of them that turn out not to matter.
+
+    Layers rank by `proxies` (highest first; those without a proxy last). Kept counts 1, 2, 4, …
+    are tried until one holds, then a binary search below it (2·log2(k) conversions; a few layers
+    usually suffice). The search assumes more layers in float never lowers fidelity; every result it
+    returns was measured on the probe. The proxy can rank a harmless layer high, so each kept layer's
+    own sensitivity is measured and, least sensitive first, layers are converted back while the
+    target still holds. `search` receives the conversions made (single-layer ones included) and
+    the score of each kept set tried.
+
+    Returns:
+        the conversion, its fidelity, the layers kept in float, and the measured sensitivities.
+    """
+    order = sorted(layers, key=lambda layer: -1.0 if proxies[layer.module] is None else proxies[layer.module],
+                   reverse=True)
+    if len(order) < 2:
+        _unreachable(probe, target, order[-1])
+
+    def trial(quantized: list[Layer], label: str) -> tuple[Conversion, Fidelity] | None:
+        ctx.progress(min(0.2 + 0.1 * search["conversions"], 0.8), f"trying {label} in float")
+        conversion = scheme.convert(model, _names(quantized))
+        fidelity = probe.measure(conversion.model, scheme.device)
+        search["conversions"] += 1
+        search["tried"][label] = probe.score(fidelity)
+        return (conversion, fidelity) if probe.score(fidelity) >= target else None
+
+    best: tuple[Conversion, Fidelity] | None = None
+    low, k = 1, 1
+    while best is None:
+        k = min(k, len(order) - 1)
+        best = trial(order[k:], f"top {k}")
+        if best is None:
+            if k == len(order) - 1:
+                _unreachable(probe, target, order[-1])
+            low, k = k + 1, 2 * k
+    high, kept = k - 1, order[:k]
     while low <= high:
         k = (low + high) // 2
-        ctx.progress(0.7 + 0.3 * (1 - (high - low) / max(len(order), 1)), f"keeping {k} layers in float")
-        kept = _names(order[:k])
-        conversion = scheme.convert(model, _names(order[k:]))
-        fidelity = probe.measure(conversion.model, scheme.device)
-        if probe.score(fidelity) >= target:
-            best, high = (conversion, fidelity, kept), k - 1
-        else:
+        result = trial(order[k:], f"top {k}")
+        if result is None:
             low = k + 1
-    if best is None:
-        raise EngineError("fidelity_unreachable",
-                          f"{probe.metric} {target} is not reached even with only the least sensitive layer "
-                          f"quantized ({order[-1].module or 'the model'}); lower min_fidelity or use another scheme")
-    return best
+        else:
+            best, high, kept = result, k - 1, order[:k]
+
+    measured = _measured_sensitivities(scheme, model, kept[:MEASURED_LIMIT], probe, ctx)
+    search["conversions"] += len(measured)
+    for layer in sorted(kept[:MEASURED_LIMIT], key=lambda layer: measured[layer.module]):
+        fewer = [other for other in kept if other != layer]
+        if not fewer:
+            break
+        result = trial([other for other in order if other not in fewer], f"top {len(kept)} but {layer.module}")
+        if result is None:
+            break  # the others are at least as sensitive on their own
+        best, kept = result, fewer
+    return best[0], best[1], kept, measured
+
+
+def _unreachable(probe: FidelityProbe, target: float, last: Layer) -> None:
+    raise EngineError("fidelity_unreachable",
+                      f"{probe.metric} {target} is not reached even with only the lowest-ranked layer "
+                      f"quantized ({last.module or 'the model'}); lower min_fidelity or use another scheme")

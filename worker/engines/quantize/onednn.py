@@ -11,7 +11,6 @@ fast kernel whoever loads it.
 # TorchScript must resolve `Optional`, `List` and `Union` in the scripted holder below
 # ruff: noqa: UP006, UP007, UP045
 
-import time
 from typing import List, Optional, Union  # noqa: UP035
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from worker.engines.quantize.backend import quantized_engine
 from worker.engines.quantize.int8 import quantize_weight_int8, quiet_quantized_tensors
+from worker.engines.quantize.timing import fastest_ms
 
 # rows of the activation the probe times with: a batch of a few sequences or a large image batch
 PROBE_ROWS = 512
@@ -109,19 +109,8 @@ def probe_linear_kernels(weight: Tensor, per_channel: bool, backend: str) -> dic
                 candidates["onednn"] = lambda: onednn(x)
             except RuntimeError:
                 pass
-        times: dict[str, list[float]] = {name: [] for name in candidates}
-        with torch.no_grad():
-            # the scripted holder's first calls profile and optimise its graph
-            for _ in range(3):
-                for run in candidates.values():
-                    run()
-            for _ in range(PROBE_REPEATS):
-                for name, run in candidates.items():
-                    start = time.perf_counter()
-                    run()
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    # the fastest call: other processes on a shared CPU only ever add time
-    return {name: min(values) for name, values in times.items()}
+        # the scripted holder's first calls profile and optimise its graph
+        return fastest_ms(candidates, warmup=3, repeats=PROBE_REPEATS)
 
 
 def prefer_onednn(timings: dict[str, float], backend: str) -> bool:
