@@ -28,14 +28,11 @@ class BlobWriter:
         self.temp_path = Path(name)
         self._hash = hashlib.sha256()
         self.size = 0
-        self.head = b""
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self._max_bytes:
             raise PayloadTooLarge(f"the upload exceeds the limit of {self._max_bytes} bytes")
-        if len(self.head) < 64:
-            self.head += chunk[: 64 - len(self.head)]
         self._hash.update(chunk)
         self._file.write(chunk)
 
