@@ -35,7 +35,7 @@ class PruneStep(_Strict):
     n: int = Field(2, ge=1)
     m: int = Field(4, ge=2)
     exclude: list[str] = Field(default_factory=list, description="Glob patterns of module names left untouched.")
-    recalibrate_bn: bool = Field(True, description="Re-estimate BatchNorm statistics on the calibration data after channel pruning.")
+    recalibrate_bn: bool = Field(True, description="Re-estimate stale BatchNorm statistics on the calibration dataset after pruning.")
 
 
 class QuantizeStep(_Strict):

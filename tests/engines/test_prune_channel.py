@@ -269,7 +269,8 @@ def test_channel_pruning_runs_on_the_gpu():
 
     out = run_step(model, {"op": "prune", "structure": "channel", "amount": 0.5, "criterion": "gradient"}, ctx)
 
-    assert next(out.model.parameters()).is_cuda
+    assert next(out.model.parameters()).is_cuda and next(out.model.buffers()).is_cuda
     with torch.no_grad():
         assert out.model(inputs[:4].to(device)).shape == (4, 10)
     assert params(out.model) < params(model)
+    assert out.details["bn_recalibration"]["updated"] > 0

@@ -11,6 +11,7 @@ import torch
 
 from worker.engines.modules import is_excluded, module_kind
 from worker.engines.pipeline import PipelineContext, StageOutput
+from worker.engines.prune.batchnorm import recalibrate_after_pruning
 from worker.engines.prune.calibration import accumulate_gradients, channel_entropy
 from worker.engines.prune.config import PruneConfig
 from worker.engines.prune.dependency import find_channel_groups
@@ -18,7 +19,7 @@ from worker.engines.prune.groups import ChannelGroup
 from worker.engines.prune.importance import (BNScaleImportance, EntropyImportance, Importance,
                                              MagnitudeImportance, TaylorImportance)
 from worker.engines.prune.selection import channels_to_remove
-from worker.engines.prune.shrink import remove_channels_checked
+from worker.engines.prune.shrink import planned_drops, remove_channels_checked
 
 EXAMPLE_BATCH = 2
 STALE_CONSTANTS_NOTE = ("TorchScript keeps compile-time constants such as out_channels or in_features at their "
@@ -47,12 +48,14 @@ def prune_channels(model: torch.jit.ScriptModule, config: PruneConfig, ctx: Pipe
 
     Args:
         model: the TorchScript model; it is not modified.
-        config: structure `channel`, with criterion, amount, scope and exclude.
-        ctx: supplies calibration data (an example batch, gradients, activations) and the device.
+        config: structure `channel`, with criterion, amount, scope, exclude and recalibrate_bn.
+        ctx: supplies calibration data (an example batch, gradients, activations, BatchNorm
+            statistics) and the device.
 
     Returns:
         the smaller model (same inputs and output structure) and details: `layers` (shapes
-        before/after), `groups` (channels kept), `skipped` (module, reason), parameter counts.
+        before/after), `groups` (channels kept), `skipped` (module, reason), parameter counts,
+        `bn_recalibration` (whether BatchNorm statistics were re-estimated, and which).
 
     Example:
         out = prune_channels(model, PruneConfig("channel", amount=0.5), ctx)
@@ -79,8 +82,17 @@ def prune_channels(model: torch.jit.ScriptModule, config: PruneConfig, ctx: Pipe
     pruned, reverted = remove_channels_checked(model, groups, plan, example)
     skipped.update(reverted)
     plan = {gid: channels for gid, channels in plan.items() if gid not in reverted and channels}
+    recalibration = recalibrate_after_pruning(model, pruned, config, ctx, _kept_rows(model, groups, plan))
     ctx.progress(1.0, "channel pruning done")
-    return StageOutput(pruned, _details(model, pruned, groups, plan, skipped, config))
+    return StageOutput(pruned, {**_details(model, pruned, groups, plan, skipped, config),
+                                "bn_recalibration": recalibration})
+
+
+def _kept_rows(model: torch.jit.ScriptModule, groups: list[ChannelGroup], plan: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+    """For each tensor that lost entries along dim 0, the original indices it kept."""
+    tensors = _tensors(model)
+    return {name: torch.tensor([i for i in range(tensors[name].shape[0]) if i not in dims[0]])
+            for name, dims in planned_drops(groups, plan).items() if 0 in dims}
 
 
 def _why_not_prunable(group: ChannelGroup, model: torch.jit.ScriptModule, config: PruneConfig) -> str:

@@ -26,6 +26,8 @@ class PruneConfig:
         scope: `global` ranks all layers together, `layer` prunes each alone.
         n, m: the n:m pattern.
         exclude: glob patterns of module names left untouched.
+        recalibrate_bn: after pruning, re-estimate the running statistics of the BatchNorms
+            whose input changed, on the calibration data (when the job has some).
 
     Example:
         config = PruneConfig.from_step({"op": "prune", "structure": "channel", "amount": 0.5})
@@ -38,6 +40,7 @@ class PruneConfig:
     n: int = 2
     m: int = 4
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    recalibrate_bn: bool = True
 
     @classmethod
     def from_step(cls, step: dict) -> "PruneConfig":
@@ -56,6 +59,7 @@ class PruneConfig:
             n=int(step.get("n", cls.n)),
             m=int(step.get("m", cls.m)),
             exclude=tuple(step.get("exclude") or ()),
+            recalibrate_bn=step.get("recalibrate_bn", cls.recalibrate_bn),
         )
         config._check("amount" in step)
         return config
@@ -72,6 +76,8 @@ class PruneConfig:
             raise invalid(f"scope must be global or layer, got {self.scope!r}")
         if self.structure != "n:m" and not amount_given:
             raise invalid(f"{self.structure} pruning needs 'amount', the fraction to remove in (0, 1)")
+        if not isinstance(self.recalibrate_bn, bool):
+            raise invalid(f"recalibrate_bn must be true or false, got {self.recalibrate_bn!r}")
         if not 0.0 < self.amount < 1.0:
             raise invalid(f"amount must lie strictly between 0 and 1, got {self.amount}")
         if self.structure == "n:m" and not 0 < self.n < self.m:

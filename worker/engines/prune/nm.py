@@ -7,6 +7,7 @@ import torch
 
 from worker.engines.modules import clone_model, module_kind, named_modules_of_kind
 from worker.engines.pipeline import PipelineContext, StageOutput
+from worker.engines.prune.batchnorm import recalibrate_after_pruning
 from worker.engines.prune.config import PruneConfig
 from worker.engines.prune.weights import WEIGHT_LAYER_KINDS, size_details, weight_layers, weight_scores
 
@@ -24,11 +25,12 @@ def prune_n_m(model: torch.jit.ScriptModule, config: PruneConfig, ctx: PipelineC
 
     Args:
         model: the TorchScript model; it is not modified.
-        config: structure `n:m` with n, m, criterion l1, l2 or gradient, exclude.
-        ctx: calibration data and teacher for the gradient criterion.
+        config: structure `n:m` with n, m, criterion l1, l2 or gradient, exclude, recalibrate_bn.
+        ctx: calibration data and teacher for the gradient criterion and BatchNorm statistics.
 
     Returns:
-        a copy with the pattern folded into the weights; details give the pattern coverage.
+        a copy with the pattern folded into the weights; details give the pattern coverage and
+        `bn_recalibration`.
 
     Example:
         out = prune_n_m(model, PruneConfig("n:m", n=2, m=4), ctx)
@@ -54,6 +56,7 @@ def prune_n_m(model: torch.jit.ScriptModule, config: PruneConfig, ctx: PipelineC
                             "sparsity": float((module.weight == 0).float().mean())})
     all_weights = sum(m.weight.numel() for _, m in named_modules_of_kind(pruned, WEIGHT_LAYER_KINDS))
     covered = sum(d["parameters"] for d in details)
+    recalibration = recalibrate_after_pruning(model, pruned, config, ctx)
     ctx.progress(1.0, "n:m pruning done")
     return StageOutput(pruned, {
         "layers": details,
@@ -62,6 +65,7 @@ def prune_n_m(model: torch.jit.ScriptModule, config: PruneConfig, ctx: PipelineC
         "pattern_coverage": covered / all_weights if all_weights else 0.0,
         "criterion": config.criterion,
         **size_details(model, pruned),
+        "bn_recalibration": recalibration,
         "notes": [SPEED_NOTE],
     })
 

@@ -28,6 +28,20 @@ def output_signature(output: Any) -> Any:
     return type(output).__name__
 
 
+def planned_drops(groups: Sequence[ChannelGroup], plan: Plan) -> dict[str, dict[int, set[int]]]:
+    """The entries a plan removes from each tensor: {parameter or buffer name: {dim: indices}}.
+
+    Example:
+        planned_drops(groups, {0: [1]})  # {"conv1.weight": {0: {1}}, "bn1.running_mean": {0: {1}}, …}
+    """
+    by_id = {group.id: group for group in groups}
+    drops: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for group_id, channels in plan.items():
+        for s in by_id[group_id].slices if channels else ():
+            drops[s.key][s.dim].update(s.entries(channels))
+    return drops
+
+
 def remove_channels(model: torch.jit.ScriptModule, groups: Sequence[ChannelGroup], plan: Plan) -> torch.jit.ScriptModule:
     """A copy of `model` without the planned channels; the original is left untouched.
 
@@ -44,19 +58,12 @@ def remove_channels(model: torch.jit.ScriptModule, groups: Sequence[ChannelGroup
     """
     pruned = clone_model(model)
     modules = dict(pruned.named_modules())
-    drops: dict[tuple[str, str], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
-    new_groups: dict[str, int] = {}
     by_id = {group.id: group for group in groups}
-    for group_id, channels in plan.items():
-        group = by_id[group_id]
-        if not channels:
-            continue
-        for s in group.slices:
-            drops[(s.module, s.attr)][s.dim].update(s.entries(channels))
-        for module in group.depthwise:
-            new_groups[module] = group.channels - len(set(channels))
+    new_groups = {module: by_id[group_id].channels - len(set(channels))
+                  for group_id, channels in plan.items() if channels for module in by_id[group_id].depthwise}
 
-    for (module_name, attr), dims in drops.items():
+    for key, dims in planned_drops(groups, plan).items():
+        module_name, _, attr = key.rpartition(".")
         module = modules[module_name]
         tensor = getattr(module, attr)
         smaller = tensor.detach()

@@ -94,3 +94,20 @@ def set_conv_groups(module: torch.jit.ScriptModule, groups: int) -> None:
     with graph.insert_point_guard(node):
         replacement = graph.insertConstant(int(groups))
     node.replaceInput(position, replacement)
+
+
+def attribute_path(value: torch._C.Value) -> str | None:
+    """The dotted name of the parameter, buffer or submodule a value reads through `prim::GetAttr`
+    from the graph's `self` (refinement casts are followed); None when it is computed otherwise.
+
+    Example:
+        attribute_path(batch_norm_node.inputsAt(3))  # "layer1.0.bn1.running_mean"
+    """
+    names = []
+    while value.node().kind() in ("prim::GetAttr", "prim::unchecked_cast"):
+        if value.node().kind() == "prim::GetAttr":
+            names.append(value.node().s("name"))
+        value = value.node().input()
+    node = value.node()
+    is_self = node.kind() == "prim::Param" and value.offset() == 0 and node.owningBlock().owningNode() is None
+    return ".".join(reversed(names)) if is_self and names else None

@@ -7,6 +7,7 @@ import torch
 
 from worker.engines.modules import clone_model, module_kind
 from worker.engines.pipeline import PipelineContext, StageOutput
+from worker.engines.prune.batchnorm import recalibrate_after_pruning
 from worker.engines.prune.config import PruneConfig
 from worker.engines.prune.weights import size_details, weight_layers, weight_scores
 
@@ -19,11 +20,13 @@ def prune_unstructured(model: torch.jit.ScriptModule, config: PruneConfig, ctx: 
 
     Args:
         model: the TorchScript model; it is not modified.
-        config: structure `unstructured` with criterion l1, l2 or gradient, amount, scope, exclude.
-        ctx: calibration data and teacher for the gradient criterion.
+        config: structure `unstructured` with criterion l1, l2 or gradient, amount, scope, exclude,
+            recalibrate_bn.
+        ctx: calibration data and teacher for the gradient criterion and BatchNorm statistics.
 
     Returns:
-        a copy with the zeros folded in; details give per-layer sparsity and saved/deflated sizes.
+        a copy with the zeros folded in; details give per-layer sparsity, saved/deflated sizes
+        and `bn_recalibration`.
 
     Example:
         out = prune_unstructured(model, PruneConfig("unstructured", amount=0.8), ctx)
@@ -43,6 +46,7 @@ def prune_unstructured(model: torch.jit.ScriptModule, config: PruneConfig, ctx: 
             details.append({"module": name, "kind": module_kind(module), "parameters": module.weight.numel(),
                             "sparsity": zeros / module.weight.numel()})
     total = sum(d["parameters"] for d in details)
+    recalibration = recalibrate_after_pruning(model, pruned, config, ctx)
     ctx.progress(1.0, "unstructured pruning done")
     return StageOutput(pruned, {
         "layers": details,
@@ -51,6 +55,7 @@ def prune_unstructured(model: torch.jit.ScriptModule, config: PruneConfig, ctx: 
         "criterion": config.criterion,
         "scope": config.scope,
         **size_details(model, pruned),
+        "bn_recalibration": recalibration,
         "notes": [DENSE_NOTE],
     })
 
