@@ -26,7 +26,7 @@ class Importance(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, group: ChannelGroup) -> torch.Tensor | None:
-        raise NotImplementedError
+        """One score per channel of `group` (higher = keep), or None when it cannot score it."""
 
 
 def _weight_slices(group: ChannelGroup):
