@@ -54,7 +54,7 @@ class DistillStep(_Strict):
 
     op: Literal["distill"]
     student_model_id: str | None = Field(None, description="An uploaded student; default: the pipeline's current model.")
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the soft targets (1.0 measured best on small-logit teachers; raise it for confident teachers).")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the soft-target loss against hard labels.")
     epochs: int = Field(3, ge=1, le=1000)
     lr: float = Field(1e-3, gt=0)

@@ -54,7 +54,8 @@ def test_uploaded_student_learns_far_beyond_untrained(teacher, data, traced):
     _, evaluation = data
     student = small_student(traced=traced)
     before = accuracy(student, evaluation.inputs[0], evaluation.labels)
-    step = {"op": "distill", "student_model_id": "small", "epochs": 3, "lr": 3e-3}
+    # from scratch, 3 epochs land anywhere in 0.65-0.85 with the seed (at τ=1 and τ=4 alike); 5 converge
+    step = {"op": "distill", "student_model_id": "small", "epochs": 5, "lr": 3e-3}
     out = run_step(teacher, step, context(teacher, data, {"small": student}))
     after = accuracy(out.model, evaluation.inputs[0], evaluation.labels)
     assert isinstance(out.model, torch.jit.ScriptModule)
@@ -63,7 +64,7 @@ def test_uploaded_student_learns_far_beyond_untrained(teacher, data, traced):
     assert details["student"] == "uploaded model small"
     assert details["losses"] == ["kl"] and details["hard_labels"] and details["validation_metric"] == "top1"
     assert details["best_val_score"] == pytest.approx(after, abs=1e-6)
-    assert [h["epoch"] for h in details["history"]] == [0, 1, 2, 3] and len(details["epoch_seconds"]) == 3
+    assert [h["epoch"] for h in details["history"]] == [0, 1, 2, 3, 4, 5] and len(details["epoch_seconds"]) == 5
     assert details["batchnorm"] == {"layers": 2, "edited_ops": 2 if traced else 0, "frozen_ops": 0}
 
 
@@ -254,7 +255,7 @@ def test_invalid_settings_are_refused(step, field):
 
 def test_defaults():
     config = DistillConfig.from_step({"op": "distill", "student_model_id": None})
-    assert config == DistillConfig(None, 4.0, 0.7, 3, 1e-3, 64, 2, 0.0, "auto", 0.0)
+    assert config == DistillConfig(None, 1.0, 0.7, 3, 1e-3, 64, 2, 0.0, "auto", 0.0)
 
 
 @pytest.mark.cuda

@@ -73,3 +73,18 @@ def test_quantized_student_trains_latents_and_stays_on_its_grid(ctx, scheme):
     original = {p.module: p.weight for p in weight_only_layers(quantized)}
     changed = any(not torch.equal(p.weight, original[p.module]) for p in packed)
     assert changed == (details["best_epoch"] > 0)
+
+
+@pytest.mark.cuda
+def test_quantized_student_distills_on_cuda(ctx):
+    quantized = run_step(ctx.teacher, {"op": "quantize", "scheme": "weight_int4", "group_size": 32}, ctx).model
+    cuda_ctx = PipelineContext(teacher=ctx.teacher, calibration=ctx.calibration, evaluation=ctx.evaluation,
+                               device=torch.device("cuda"))
+    out = run_step(quantized, {"op": "distill", "epochs": 1}, cuda_ctx)
+    packed = weight_only_layers(out.model)
+    assert packed and {p.weight.device.type for p in packed} == {"cuda"}
+    for p in packed:
+        on_grid = fake_quantize(p.weight, p.scheme, per_channel=p.per_channel, group_size=p.group_size)
+        torch.testing.assert_close(p.weight, on_grid, rtol=1e-5, atol=0)
+    x = ctx.evaluation.inputs[0]
+    torch.testing.assert_close(reloaded(out.model).cpu()(x), out.model(x.cuda()).cpu(), rtol=1e-4, atol=1e-4)

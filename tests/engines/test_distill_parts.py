@@ -13,6 +13,7 @@ from worker.engines.data import ModelData
 from worker.engines.distill import DistillConfig, batching, distill
 from worker.engines.distill.batching import BatchSize
 from worker.engines.distill.batchnorm import make_batchnorm_mode_aware
+from worker.engines.distill.outputs import DistillationLoss
 from worker.engines.modules import clone_model, named_modules_of_kind
 
 
@@ -82,3 +83,22 @@ def test_teacher_targets_recomputed_per_batch_when_too_big_to_cache(monkeypatch)
     assert recomputed.details["teacher_targets"] == "recomputed per batch"
     losses = [run.details["history"][1]["train_loss"] for run in (cached, recomputed)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_soft_target_loss_is_tau_squared_kl_of_the_teacher_to_the_student():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(8, 10), torch.randn(8, 10) * 3, torch.randint(0, 10, (8,))
+    tau = 2.0
+    p_teacher = (teacher / tau).softmax(dim=1)
+    by_hand = (p_teacher * (p_teacher.log() - (student / tau).log_softmax(dim=1))).sum(dim=1).mean() * tau ** 2
+    soft_only = DistillationLoss(("kl",), tau, 1.0, use_labels=True)
+    torch.testing.assert_close(soft_only([student], [teacher], labels), by_hand)
+    mixed = DistillationLoss(("kl",), tau, 0.7, use_labels=True)([student], [teacher], labels)
+    torch.testing.assert_close(mixed, 0.7 * by_hand + 0.3 * torch.nn.functional.cross_entropy(student, labels))
+    # a student that equals the teacher gets no soft-target gradient, and one that differs does
+    same = teacher.clone().requires_grad_(True)
+    soft_only([same], [teacher], labels).backward()
+    assert float(same.grad.abs().max()) < 1e-6
+    other = student.clone().requires_grad_(True)
+    soft_only([other], [teacher], labels).backward()
+    assert float(other.grad.norm()) > 0.1

@@ -144,3 +144,54 @@ def test_repack_installs_trained_weights_and_saves_them():
     assert torch.allclose(loaded(x), out.model(x), atol=1e-6)
     with pytest.raises(KeyError):
         repack(out.model, {"nope.weight": trained})
+
+
+def _unregistered_tensors(model: torch.jit.ScriptModule) -> list[str]:
+    """Tensor attributes that `.to()` would leave behind: neither parameters nor buffers."""
+    registered = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    attributes = torch._C._jit_debug_module_iterators(model._c)["named_attributes_r"]
+    return [name for name, value in attributes
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and name not in registered]
+
+
+@pytest.mark.parametrize("name", ["traced_cnn", "scripted_lstm"])
+@pytest.mark.parametrize("scheme", ["weight_int4", "binary"])
+def test_to_moves_packed_weights_and_repack_keeps_them_there(name, scheme):
+    make_model, make_inputs = MODELS[name]
+    torch.manual_seed(0)
+    model, (x,) = make_model(), make_inputs()
+    out = run_step(model, {"op": "quantize", "scheme": scheme},
+                   PipelineContext(teacher=model, calibration=None, evaluation=ModelData((x,)))).model
+    assert _unregistered_tensors(out) == []
+    expected = out(x)
+    # a dtype move goes through the same `Module._apply` as a device move, so this CPU check
+    # stands for `.to("cuda")`: every tensor the graph reads must follow
+    out.to(torch.float64)
+    assert {p.weight.dtype for p in weight_only_layers(out)} == {torch.float64}
+    result = out(x.double() if x.is_floating_point() else x)
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result.float(), expected, rtol=1e-4, atol=1e-5)
+    first = weight_only_layers(out)[0]
+    repack(out, {f"{first.module}.{first.parameter}": first.weight.float() * 2})
+    assert {p.weight.dtype for p in weight_only_layers(out)} == {torch.float64}
+    reloaded = torch.jit.load(io.BytesIO(_save(out)))
+    assert _unregistered_tensors(reloaded) == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["traced_cnn", "scripted_lstm"])
+def test_to_cuda_moves_packed_weights(name):
+    make_model, make_inputs = MODELS[name]
+    torch.manual_seed(0)
+    model, (x,) = make_model(), make_inputs()
+    out = run_step(model, {"op": "quantize", "scheme": "binary"},
+                   PipelineContext(teacher=model, calibration=None, evaluation=ModelData((x,)))).model
+    expected = out(x)
+    out.to("cuda")
+    assert {p.weight.device.type for p in weight_only_layers(out)} == {"cuda"}
+    torch.testing.assert_close(out(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
+    first = weight_only_layers(out)[0]
+    repack(out, {f"{first.module}.{first.parameter}": first.weight.cpu()})
+    assert {p.weight.device.type for p in weight_only_layers(out)} == {"cuda"}
+    reloaded = torch.jit.load(io.BytesIO(_save(out)), map_location="cuda")
+    torch.testing.assert_close(reloaded(x.cuda()), out(x.cuda()))

@@ -17,7 +17,10 @@ class DistillConfig:
 
     Attributes:
         student_model_id: an uploaded student; None trains the pipeline's current model.
-        temperature: softmax temperature τ of the soft targets.
+        temperature: softmax temperature τ of the soft targets. 1 (the teacher's own
+            probabilities) by default: a higher τ flattens them and, with the τ² factor, lets
+            matching every logit outweigh the decision, which costs top-1 in a short recovery
+            (measured in benchmarks/distill_recovery.py).
         alpha: weight α of the soft-target loss against cross-entropy on hard labels.
         epochs: passes over the training data (fewer when early stopping triggers).
         lr: peak learning rate of the cosine schedule (AdamW).
@@ -33,7 +36,7 @@ class DistillConfig:
     """
 
     student_model_id: str | None = None
-    temperature: float = 4.0
+    temperature: float = 1.0
     alpha: float = 0.7
     epochs: int = 3
     lr: float = 1e-3

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engines.quantize.weight_only import WeightOnlyParam, fake_quantize, repack, weight_only_layers
+from worker.engines.quantize.weight_only import (
+    WeightOnlyParam,
+    fake_quantize,
+    repack,
+    weight_only_layers,
+)
 
 
 @dataclass
@@ -48,6 +53,10 @@ class LatentWeights:
             packed.weight.requires_grad_(True)
             entries.append(_Latent(packed, torch.nn.Parameter(packed.weight.detach().clone())))
         return cls(model, entries) if entries else None
+
+    def tensor_names(self) -> list[str]:
+        """The quantized tensors' names in the model's `named_parameters()` (the latents replace them)."""
+        return [f"{entry.packed.holder}.weight" for entry in self.entries]
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The latent weights, to be optimised in place of the quantized tensors."""

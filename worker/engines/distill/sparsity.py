@@ -3,6 +3,8 @@ exact zeros, applied to gradients and re-applied after every optimizer step."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 # A weight with at least this fraction of exact zeros is treated as pruned. Trained or freshly
@@ -26,11 +28,12 @@ class SparsityMasks:
         self.masks = masks
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module) -> SparsityMasks:
-        """Find the pruned weights of `model` and record where their zeros are."""
+    def from_model(cls, model: torch.nn.Module, exclude: Collection[str] = ()) -> SparsityMasks:
+        """Find the pruned weights of `model` (except the parameters named in `exclude`) and record
+        where their zeros are."""
         masks = {}
         for name, param in model.named_parameters():
-            if param.dim() < 2 or not param.dtype.is_floating_point:
+            if param.dim() < 2 or not param.dtype.is_floating_point or name in exclude:
                 continue
             zeros = param.detach() == 0
             if float(zeros.float().mean()) >= MIN_ZERO_FRACTION:

@@ -22,7 +22,11 @@ from worker.engines.distill.batching import (
     gather_inputs,
     gather_labels,
 )
-from worker.engines.distill.batchnorm import batchnorm_l1, batchnorm_scales, make_batchnorm_mode_aware
+from worker.engines.distill.batchnorm import (
+    batchnorm_l1,
+    batchnorm_scales,
+    make_batchnorm_mode_aware,
+)
 from worker.engines.distill.config import DistillConfig
 from worker.engines.distill.outputs import (
     DistillationLoss,
@@ -105,8 +109,10 @@ class _DistillRun:
         self.train_data, self.eval_data = train_data, eval_data
         self.config, self.device, self.report = config, device, progress
         self.seed = seed
-        self.params = [p for p in student.parameters() if p.dtype.is_floating_point]
         self.latents = LatentWeights.from_model(student)
+        # the quantized tensors are written from their latents, never stepped themselves
+        quantized = set(self.latents.tensor_names()) if self.latents else set()
+        self.params = [p for name, p in student.named_parameters() if p.dtype.is_floating_point and name not in quantized]
         if not self.params and self.latents is None:
             raise EngineError("student_not_trainable", "the student has no floating-point parameters to train")
         for param in self.params:
@@ -123,7 +129,7 @@ class _DistillRun:
                                            _uses_labels(train_data, kinds, teacher_leaves))
         self.val_loss = dataclasses.replace(self.train_loss, use_labels=_uses_labels(eval_data, kinds, teacher_leaves))
         self.batch_size = BatchSize(min(config.batch_size, train_data.num_samples), device)
-        self.masks = SparsityMasks.from_model(student)
+        self.masks = SparsityMasks.from_model(student, exclude=quantized)
         self.bn_scales = batchnorm_scales(student) if config.sparsity_regularization > 0 else []
         trained = self.params + (self.latents.parameters() if self.latents else [])
         self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)

@@ -3,7 +3,9 @@
 Each quantized weight lives in a `PackedWeight` module attached to the model's root: the file holds
 its packed integers and scales (its `__getstate__` packs the current float weight), and loading
 (`__setstate__`) unpacks them into the float `weight` the forward graph reads. So the artifact is a
-plain TorchScript file: `torch.jit.load` restores float weights, nothing else is needed.
+plain TorchScript file: `torch.jit.load` restores float weights, nothing else is needed. Every
+tensor the rewritten graph reads is a registered parameter (frozen for the packed weights, as
+torchao keeps its quantized weights), so `model.to(device)` / `.to(dtype)` move them all.
 
 Helpers for other engines (distillation recovers accuracy with a straight-through estimator and
 re-packs at the end):
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.jit._recursive import wrap_cpp_module
 
 from worker.engines.quantize.graph import ForwardGraph, Site
 from worker.engines.quantize.scheme import Conversion, Layer, Scheme, register_scheme
@@ -97,7 +100,8 @@ class PackedWeight(torch.nn.Module):
     """One weight-only quantized tensor: float `weight` in memory, packed integers in the file.
 
     Attributes:
-        weight: the dequantized float32 weight the model computes with.
+        weight: the dequantized float32 weight the model computes with; a parameter with
+            `requires_grad=False` (a plain tensor attribute would be left behind by `.to()`).
         module, parameter: where the weight came from (`fc`, `weight`).
         scheme, group_size, per_channel: how it is packed.
     """
@@ -111,7 +115,8 @@ class PackedWeight(torch.nn.Module):
         self.module = module
         self.parameter = parameter
         self.shape = list(weight.shape)
-        self.weight = fake_quantize(weight, scheme, per_channel=per_channel, group_size=group_size)
+        self.weight = torch.nn.Parameter(
+            fake_quantize(weight, scheme, per_channel=per_channel, group_size=group_size), requires_grad=False)
 
     @torch.jit.export
     def __getstate__(self) -> tuple[Tensor, Tensor, list[int], str, int, bool, str, str, bool]:
@@ -133,6 +138,18 @@ class PackedWeight(torch.nn.Module):
 
     def forward(self) -> Tensor:
         return self.weight
+
+
+class KeptFloat(torch.nn.Module):
+    """A tensor kept in float next to packed weights (the biases of a quantized RNN), as a parameter
+    so that `.to()` moves it and training can update it."""
+
+    def __init__(self, value: Tensor):
+        super().__init__()
+        self.value = torch.nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+
+    def forward(self) -> Tensor:
+        return self.value
 
 
 def fake_quantize(weight: Tensor, scheme: str, *, per_channel: bool = True, group_size: int = 128,
@@ -228,7 +245,8 @@ def repack(model: torch.jit.ScriptModule, weights: dict[str, Tensor] | None = No
         if tuple(new.shape) != p.shape:
             raise ValueError(f"{key}: expected shape {p.shape}, got {tuple(new.shape)}")
         snapped = fake_quantize(new.detach(), p.scheme, per_channel=p.per_channel, group_size=p.group_size)
-        model._c.getattr(p.holder).setattr("weight", snapped.to(p.weight.device))
+        # where (and in which dtype) the model lives now, which `.to()` may have changed since conversion
+        model._c.getattr(p.holder).setattr("weight", snapped.to(device=p.weight.device, dtype=p.weight.dtype))
     if weights:
         raise KeyError(f"not weight-only quantized tensors of this model: {sorted(weights)}")
     return len(params)
@@ -247,6 +265,15 @@ def _storage(model: torch.jit.ScriptModule) -> dict[str, Any]:
         packed_bytes += packed.numel() * packed.element_size() + scales.numel() * scales.element_size()
     return {"count": len(weight_only_layers(model)), "float32_bytes": float_bytes, "stored_bytes": packed_bytes,
             "ratio": float_bytes / packed_bytes if packed_bytes else None}
+
+
+def _read_tensor(graph: ForwardGraph, holder: str, name: str, before: torch._C.Node) -> torch._C.Value:
+    """`self.<holder>.<name>` read just before `before`."""
+    node = graph.graph.create("prim::GetAttr", [graph.read_attribute(holder, before)])
+    node.s_("name", name)
+    node.output().setType(torch._C.TensorType.get())
+    node.insertBefore(before)
+    return node.output()
 
 
 @register_scheme("weight_int8", "weight_int4", "binary")
@@ -271,8 +298,9 @@ class WeightOnly(Scheme):
             else:
                 skipped.append({"module": site.module, "reason": reason})
         graph.finish(converted)
-        storage = _storage(graph.model)
-        return Conversion(graph.model, list(converted.values()), skipped, {"quantized_tensors": storage})
+        # a fresh Python wrapper lists the holders added to the C++ module, so `.to()` reaches them
+        model = wrap_cpp_module(graph.model._c)
+        return Conversion(model, list(converted.values()), skipped, {"quantized_tensors": _storage(model)})
 
     def _holder(self, graph: ForwardGraph, path: str, holders: dict[str, str]) -> str:
         if path not in holders:
@@ -287,12 +315,11 @@ class WeightOnly(Scheme):
         return holders[path]
 
     def _weight_value(self, graph: ForwardGraph, path: str, before: torch._C.Node, holders: dict[str, str]):
-        holder = graph.read_attribute(self._holder(graph, path, holders), before)
-        node = graph.graph.create("prim::GetAttr", [holder])
-        node.s_("name", "weight")
-        node.output().setType(torch._C.TensorType.get())
-        node.insertBefore(before)
-        return node.output()
+        return _read_tensor(graph, self._holder(graph, path, holders), "weight", before)
+
+    def _float_value(self, graph: ForwardGraph, path: str, tensor: Tensor, before: torch._C.Node):
+        holder = torch.jit.script(KeptFloat(tensor))
+        return _read_tensor(graph, graph.add_attribute(path, holder._c), "value", before)
 
     def _rewrite(self, graph: ForwardGraph, site: Site, holders: dict[str, str]) -> str | None:
         tensors = [graph.tensor(p) for p in site.weights]
@@ -305,7 +332,7 @@ class WeightOnly(Scheme):
                 if tensor.dim() >= 2:
                     values.append(self._weight_value(graph, path, node, holders))
                 else:  # biases stay float; a root copy lets the RNN's own parameters be released
-                    values.append(graph.read_attribute(graph.add_attribute(path, tensor), node))
+                    values.append(self._float_value(graph, path, tensor, node))
             listed = graph.insert("prim::ListConstruct", values, node, [torch._C.ListType.ofTensors()])
             node.replaceInput(2, listed.output())
             return None
