@@ -9,38 +9,15 @@ Run: .venv/bin/python benchmarks/quantize_lstm.py   (one thread; about a minute)
 
 from __future__ import annotations
 
-import statistics
 import warnings
-from collections.abc import Callable, Sequence
 
 import torch
-from quantize_timing import (
-    cosine_min,
-    file_size,
-    interleaved_latency_ms,
-    print_table,
-    reload,
-)
+from quantize_timing import cosine_min, file_size, latency_rounds, print_table, reload, spread
 from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic_jit
 
 from tests.zoo import LSTMClassifier, script
 from worker.engines.data import ModelData
 from worker.engines.pipeline import PipelineContext, run_step
-
-
-def latency_rounds(models: dict[str, Callable], inputs: Sequence[torch.Tensor], rounds: int = 3,
-                   iterations: int = 15) -> dict[str, tuple[float, float, float]]:
-    """(median, min, max) over `rounds` of each model's interleaved median ms per call."""
-    medians: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, ms in interleaved_latency_ms(models, inputs, iterations=iterations).items():
-            medians[name].append(ms)
-    return {name: (statistics.median(v), min(v), max(v)) for name, v in medians.items()}
-
-
-def spread(values: tuple[float, float, float]) -> str:
-    """`12.3 [11.9–13.0]`: a median with its range."""
-    return f"{values[0]:.3f} [{values[1]:.3f}–{values[2]:.3f}]"
 
 
 def measure(vocab: int, dim: int, hidden: int) -> None:

@@ -22,8 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
-from quantize_lstm import latency_rounds, spread
-from quantize_timing import cosine_min, file_size, print_table, reload
+from quantize_timing import cosine_min, file_size, latency_rounds, print_table, reload, spread
 
 from worker.engines.data import ModelData
 from worker.engines.pipeline import PipelineContext, run_step

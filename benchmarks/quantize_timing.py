@@ -66,3 +66,18 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def latency_rounds(models: dict[str, Callable], inputs: Sequence[torch.Tensor], rounds: int = 3,
+                   iterations: int = 15) -> dict[str, tuple[float, float, float]]:
+    """(median, min, max) over `rounds` of each model's interleaved median ms per call."""
+    medians: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, ms in interleaved_latency_ms(models, inputs, iterations=iterations).items():
+            medians[name].append(ms)
+    return {name: (statistics.median(v), min(v), max(v)) for name, v in medians.items()}
+
+
+def spread(values: tuple[float, float, float]) -> str:
+    """`12.3 [11.9–13.0]`: a median with its range."""
+    return f"{values[0]:.3f} [{values[1]:.3f}–{values[2]:.3f}]"
