@@ -35,8 +35,12 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 @lru_cache
-def _session_factory(url: str | None = None) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+def _session_factory(url: str | None = None, read_only: bool = False) -> sessionmaker[Session]:
+    engine = get_engine(url)
+    if read_only:
+        # Autocommit reads skip BEGIN and COMMIT: one round trip per query instead of three.
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return sessionmaker(bind=engine, expire_on_commit=False)
 
 
 def after_commit(session: Session, callback: Callable[[], None]) -> None:
@@ -57,6 +61,16 @@ def _run_after_commit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _drop_after_commit(session: Session) -> None:
     session.info.pop("after_commit", None)
+
+
+@contextmanager
+def read_only_session(url: str | None = None) -> Iterator[Session]:
+    """A session for requests that only read: each query runs on its own, nothing to commit."""
+    session = _session_factory(url, read_only=True)()
+    try:
+        yield session
+    finally:
+        session.close()
 
 
 @contextmanager

@@ -92,7 +92,7 @@ def _run_claimed(job_id: str) -> str:
 
         try:
             outcome = run_isolated("worker.runner:execute_job",
-                                   {"job_id": job_id, "spec": spec, "files": files, "device": settings.worker_device},
+                                   {"spec": spec, "files": files, "device": settings.worker_device},
                                    Limits(settings.job_time_limit_s, settings.job_memory_limit_bytes), on_progress)
         except IsolatedFailure as failure:
             with unit_of_work() as session:

@@ -36,7 +36,7 @@ class JobFiles:
     output_dir: str
 
 
-def execute_job(emit: Emit, job_id: str, spec: dict, files: dict, device: str = "auto") -> dict:
+def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> dict:
     """Run a job's steps in order, measure baseline, every stage and the result side by side.
 
     Returns {"artifact_path": str, "report": dict} (the report without the job's storage ids).
@@ -108,7 +108,7 @@ def execute_job(emit: Emit, job_id: str, spec: dict, files: dict, device: str = 
         "stages": stages,
         "summary": summarize(measurement.metrics["baseline"], measurement.metrics[result_name],
                              measurement.speedup.get(result_name, {}), spec.get("target")),
-        "notes": _notes(stages),
+        "notes": _notes(stages) + measurement.notes,
     }
     report["summary"]["headline"] = headline(report)
     return {"artifact_path": str(paths[result_name]), "report": report}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Iterator
+from typing import Annotated, AsyncIterator, Iterator
 
 from fastapi import Depends, Header, Query
 from sqlalchemy.orm import Session
 
-from app.db import unit_of_work
+from app.db import read_only_session, unit_of_work
 from app.errors import Unauthorized
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore, get_blob_store
@@ -17,6 +17,16 @@ from app.storage import LocalBlobStore, get_blob_store
 def get_session() -> Iterator[Session]:
     """One transaction per request: commit when the handler returns, roll back if it raises."""
     with unit_of_work() as session:
+        yield session
+
+
+async def get_read_session() -> AsyncIterator[Session]:
+    """For handlers that only read: no transaction to open or commit.
+
+    async on purpose: opening and closing an autocommit session does no I/O (queries run in the
+    handler's thread), so it need not cost two thread-pool hops per request.
+    """
+    with read_only_session() as session:
         yield session
 
 
@@ -46,6 +56,7 @@ async def get_tenant(authorization: Annotated[str | None, Header(include_in_sche
 # scope="function": the session commits when the handler returns, before the response is sent,
 # so a client that reads right after a 201/202 always finds what it created.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 TenantDep = Annotated[str, Depends(get_tenant)]
 StoreDep = Annotated[LocalBlobStore, Depends(store_dependency)]
 SettingsDep = Annotated[Settings, Depends(settings_dependency)]

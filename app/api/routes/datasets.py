@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.deps import CursorQuery, LimitQuery, SessionDep, SettingsDep, StoreDep, TenantDep
+from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.routes.openapi import ERRORS, upload_body
 from app.schemas.common import Page
 from app.schemas.resources import DatasetRead
@@ -24,14 +24,14 @@ async def upload_dataset(request: Request, session: SessionDep, tenant: TenantDe
 
 
 @router.get("", operation_id="list_datasets", response_model=Page[DatasetRead])
-def list_datasets(session: SessionDep, tenant: TenantDep, limit: LimitQuery = 50, cursor: CursorQuery = None):
+def list_datasets(session: ReadSessionDep, tenant: TenantDep, limit: LimitQuery = 50, cursor: CursorQuery = None):
     """List datasets, newest first."""
     rows, next_cursor = service.list_datasets(session, tenant, limit, cursor)
     return Page[DatasetRead](items=[DatasetRead.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{dataset_id}", operation_id="get_dataset", response_model=DatasetRead)
-def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep):
+def get_dataset(dataset_id: str, session: ReadSessionDep, tenant: TenantDep):
     """Get one dataset with its arrays' shapes and dtypes."""
     return DatasetRead.model_validate(service.get_dataset(session, tenant, dataset_id))
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse
 
-from app.api.deps import CursorQuery, LimitQuery, SessionDep, StoreDep, TenantDep
+from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, StoreDep, TenantDep
 from app.api.files import blob_response
 from app.api.routes.openapi import ERRORS
 from app.models import CompressionJob
@@ -40,7 +40,7 @@ def create_job(spec: JobSpec, response: Response, session: SessionDep, tenant: T
 
 
 @router.get("", operation_id="list_jobs", response_model=Page[JobRead])
-def list_jobs(session: SessionDep, tenant: TenantDep, limit: LimitQuery = 50, cursor: CursorQuery = None,
+def list_jobs(session: ReadSessionDep, tenant: TenantDep, limit: LimitQuery = 50, cursor: CursorQuery = None,
               status: Literal["queued", "running", "succeeded", "failed", "canceled"] | None = None,
               model_id: str | None = None):
     """List jobs, newest first, optionally by status or model."""
@@ -49,7 +49,7 @@ def list_jobs(session: SessionDep, tenant: TenantDep, limit: LimitQuery = 50, cu
 
 
 @router.get("/compare", operation_id="compare_jobs", response_model=list[JobComparison])
-def compare_jobs(session: SessionDep, tenant: TenantDep,
+def compare_jobs(session: ReadSessionDep, tenant: TenantDep,
                  ids: Annotated[str, Query(description="Comma-separated job ids.")]):
     """Compare jobs' summaries side by side, to choose between recipes."""
     job_ids = [i.strip() for i in ids.split(",") if i.strip()]
@@ -57,9 +57,10 @@ def compare_jobs(session: SessionDep, tenant: TenantDep,
 
 
 @router.get("/{job_id}", operation_id="get_job", response_model=JobRead)
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep):
+def get_job(job_id: str, session: ReadSessionDep, tenant: TenantDep):
     """Get a job: status, progress, error and artifact."""
-    return to_read(service.get_job(session, tenant, job_id))
+    # The hottest route (clients poll it): serialised once here instead of validated twice.
+    return Response(to_read(service.get_job(session, tenant, job_id)).model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", operation_id="cancel_job", response_model=JobRead)
@@ -69,13 +70,13 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep):
 
 
 @router.get("/{job_id}/report", operation_id="get_report", response_model=Report)
-def get_report(job_id: str, session: SessionDep, tenant: TenantDep):
+def get_report(job_id: str, session: ReadSessionDep, tenant: TenantDep):
     """The benchmark report of a succeeded job (409 before)."""
     return service.get_report(session, tenant, job_id)
 
 
 @router.get("/{job_id}/report.html", operation_id="get_report_html", response_class=HTMLResponse)
-def get_report_html(job_id: str, session: SessionDep, tenant: TenantDep):
+def get_report_html(job_id: str, session: ReadSessionDep, tenant: TenantDep):
     """The report as one self-contained HTML page with tables and charts (409 before success)."""
     return HTMLResponse(render_report_html(service.get_report(session, tenant, job_id)))
 
@@ -83,7 +84,7 @@ def get_report_html(job_id: str, session: SessionDep, tenant: TenantDep):
 @router.get("/{job_id}/artifact", operation_id="download_artifact",
             responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
                              "description": "The compressed TorchScript file"}})
-def download_artifact(job_id: str, request: Request, session: SessionDep, tenant: TenantDep, store: StoreDep):
+def download_artifact(job_id: str, request: Request, session: ReadSessionDep, tenant: TenantDep, store: StoreDep):
     """Download the compressed TorchScript artifact (ETag = sha256, Range supported)."""
     job = service.get_artifact(session, tenant, job_id)
     return blob_response(request, store, job.artifact_sha256, job.artifact_size_bytes, f"{job.id}.pt")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.deps import CursorQuery, LimitQuery, SessionDep, SettingsDep, StoreDep, TenantDep
+from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.files import blob_response
 from app.api.routes.openapi import ERRORS, upload_body
 from app.schemas.common import Page
@@ -26,14 +26,14 @@ async def upload_model(request: Request, session: SessionDep, tenant: TenantDep,
 
 
 @router.get("", operation_id="list_models", response_model=Page[ModelRead])
-def list_models(session: SessionDep, tenant: TenantDep, limit: LimitQuery = 50, cursor: CursorQuery = None):
+def list_models(session: ReadSessionDep, tenant: TenantDep, limit: LimitQuery = 50, cursor: CursorQuery = None):
     """List uploaded models, newest first."""
     rows, next_cursor = service.list_models(session, tenant, limit, cursor)
     return Page[ModelRead](items=[ModelRead.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{model_id}", operation_id="get_model", response_model=ModelRead)
-def get_model(model_id: str, session: SessionDep, tenant: TenantDep):
+def get_model(model_id: str, session: ReadSessionDep, tenant: TenantDep):
     """Get one model, with its validation status and summary."""
     return ModelRead.model_validate(service.get_model(session, tenant, model_id))
 
@@ -48,7 +48,7 @@ def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, store: S
 @router.get("/{model_id}/content", operation_id="download_model",
             responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
                              "description": "The original bytes"}})
-def download_model(model_id: str, request: Request, session: SessionDep, tenant: TenantDep, store: StoreDep):
+def download_model(model_id: str, request: Request, session: ReadSessionDep, tenant: TenantDep, store: StoreDep):
     """Download the original bytes of a model (ETag = sha256, Range supported)."""
     model = service.get_model(session, tenant, model_id)
     return blob_response(request, store, model.sha256, model.size_bytes, f"{model.id}.pt")
