@@ -3,6 +3,7 @@ engines must handle, and scikit-learn's bundled digits (upsampled to 32×32) as 
 
 from __future__ import annotations
 
+import io
 from functools import lru_cache
 
 import numpy as np
@@ -176,6 +177,15 @@ class TinyEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.embed(tokens)).mean(dim=1)
+
+
+def round_trip(model: torch.jit.ScriptModule) -> tuple[torch.jit.ScriptModule, int]:
+    """Save and reload a TorchScript module as a user would; returns (reloaded, file size)."""
+    buffer = io.BytesIO()
+    torch.jit.save(model, buffer)
+    size = buffer.tell()
+    buffer.seek(0)
+    return torch.jit.load(buffer), size
 
 
 def trace(model: nn.Module, *example: torch.Tensor) -> torch.jit.ScriptModule:

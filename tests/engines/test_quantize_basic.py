@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
 from torch import nn
 
 from tests.zoo import (
+    round_trip,
     LSTMClassifier,
     SequentialCNN,
     TinyEncoder,
@@ -53,16 +53,9 @@ def _context(model: torch.jit.ScriptModule, *inputs: torch.Tensor) -> PipelineCo
     return PipelineContext(teacher=model, calibration=None, evaluation=ModelData(inputs))
 
 
-def _round_trip(model: torch.jit.ScriptModule) -> tuple[torch.jit.ScriptModule, int]:
-    buffer = io.BytesIO()
-    torch.jit.save(model, buffer)
-    size = buffer.tell()
-    buffer.seek(0)
-    return torch.jit.load(buffer), size
-
 
 def _size(model: torch.jit.ScriptModule) -> int:
-    return _round_trip(model)[1]
+    return round_trip(model)[1]
 
 
 def _cosine_min(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,7 +82,7 @@ def test_dynamic_int8_keeps_interface_and_fidelity(name):
     model, inputs = make_model(), make_inputs()
     out = _quantize(model, {"scheme": "dynamic_int8"}, *inputs)
 
-    loaded, _ = _round_trip(out.model)
+    loaded, _ = round_trip(out.model)
     with torch.inference_mode():
         expected, got = model(*inputs), loaded(*inputs)
     assert got.shape == expected.shape and got.dtype == expected.dtype
@@ -173,7 +166,7 @@ def test_half_precision_takes_and_returns_original_dtypes(name, scheme, dtype, t
     model, inputs = make_model(), make_inputs()
     out = _quantize(model, {"scheme": scheme}, *inputs)
 
-    loaded, size = _round_trip(out.model)
+    loaded, size = round_trip(out.model)
     assert any(p.dtype == dtype for p in loaded.parameters())
     assert not any(p.dtype == torch.float32 for p in loaded.parameters())
     assert size < 0.6 * _size(model)
@@ -192,7 +185,7 @@ def test_half_precision_tuple_outputs_and_integer_inputs(scheme, make):
     x, mask = torch.randn(8, 16), torch.tensor([1, 0] * 4)
     out = _quantize(model, {"scheme": scheme}, x, mask)
 
-    loaded, _ = _round_trip(out.model)
+    loaded, _ = round_trip(out.model)
     logits, features = loaded(x, mask)
     assert logits.dtype == features.dtype == torch.float32
     assert logits.shape == (8, 4) and features.shape == (8, 32)
@@ -218,7 +211,7 @@ def test_half_precision_on_cuda(scheme):
     ctx = PipelineContext(teacher=model, calibration=None, evaluation=ModelData((x,)), device=device)
     out = run_step(model, {"op": "quantize", "scheme": scheme}, ctx)
 
-    loaded, _ = _round_trip(out.model)
+    loaded, _ = round_trip(out.model)
     got = loaded.to(device)(x)
     assert got.dtype == torch.float32 and got.is_cuda
     assert _cosine_min(model(x), got) >= 0.999

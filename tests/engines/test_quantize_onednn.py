@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
 from torch import nn
 
-from tests.zoo import TransformerMLP, trace
+from tests.zoo import TransformerMLP, round_trip, trace
 from worker.engines.data import ModelData
 from worker.engines.pipeline import PipelineContext, run_step
 from worker.engines.quantize import dynamic
@@ -21,13 +20,6 @@ from worker.engines.quantize.onednn import (
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN int8 ops")
 
-
-def _round_trip(model: torch.jit.ScriptModule) -> tuple[torch.jit.ScriptModule, int]:
-    buffer = io.BytesIO()
-    torch.jit.save(model, buffer)
-    size = buffer.tell()
-    buffer.seek(0)
-    return torch.jit.load(buffer), size
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -42,7 +34,7 @@ def test_holder_matches_float_linear_and_survives_save_load(with_bias, per_chann
     assert got.shape == (4, 7, 128) and got.dtype == torch.float32
     cos = nn.functional.cosine_similarity(linear(x).detach().flatten(1), got.flatten(1), dim=1)
     assert float(cos.min()) >= 0.999
-    loaded, size = _round_trip(holder)
+    loaded, size = round_trip(holder)
     assert torch.equal(loaded(x), got)
     assert size < 0.35 * 256 * 128 * 4  # int8 weights in the file, not float32 nor a packed copy
 
@@ -67,12 +59,12 @@ def test_dynamic_int8_uses_onednn_where_the_probe_prefers_it(monkeypatch):
     assert sorted(out.details["linear_kernels"]["onednn"]) == sorted(linears)
     assert out.details["linear_kernel_probe_ms"]
     assert "linear_dynamic" not in out.model.code
-    loaded, size = _round_trip(out.model)
+    loaded, size = round_trip(out.model)
     with torch.inference_mode():
         expected, got = model(x), loaded(x)
     assert got.shape == expected.shape
     assert float(nn.functional.cosine_similarity(expected, got).min()) >= 0.99
-    assert size < 0.4 * _round_trip(model)[1]
+    assert size < 0.4 * round_trip(model)[1]
 
 
 def test_dynamic_int8_keeps_fbgemm_where_the_probe_prefers_it(monkeypatch):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
 
 from tests.zoo import (
+    round_trip,
     LoopIfNet,
     SequentialCNN,
     TinyResNet,
@@ -20,13 +20,6 @@ from tests.zoo import (
 from worker.engines.data import ModelData
 from worker.engines.errors import EngineError
 from worker.engines.pipeline import PipelineContext, run_step
-
-
-def _round_trip(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    buffer = io.BytesIO()
-    torch.jit.save(model, buffer)
-    buffer.seek(0)
-    return torch.jit.load(buffer)
 
 
 def _static(model, calibration: ModelData | None, evaluation: ModelData, **step):
@@ -45,7 +38,7 @@ def test_static_int8_on_trained_cnn_keeps_accuracy(trained_cnn):
     model, (x_train, y_train, x_test, y_test) = trained_cnn
     out = _static(model, ModelData((x_train[:256],), y_train[:256]), ModelData((x_test,), y_test))
 
-    loaded = _round_trip(out.model)
+    loaded = round_trip(out.model)[0]
     graph = loaded.graph.str()
     # conv-BN folded, ReLU fused into the int8 kernel, weights frozen into packed params
     assert "quantized::conv2d_relu" in graph and "batch_norm" not in graph
@@ -70,7 +63,7 @@ def test_static_int8_exclude_keeps_layers_float(trained_cnn):
 
     rows = {layer["module"]: layer["precision"] for layer in out.details["layers"]}
     assert rows == {"features.0": "int8", "features.4": "int8", "fc1": "float32", "fc2": "float32"}
-    graph = _round_trip(out.model).graph.str()
+    graph = round_trip(out.model)[0].graph.str()
     assert "quantized::conv2d" in graph and "aten::linear" in graph and "quantized::linear" not in graph
 
 
@@ -84,7 +77,7 @@ def test_static_int8_resnet_and_control_flow(make, name):
     x = torch.rand(96, 1, 32, 32)
     out = _static(model, ModelData((x[:64],)), ModelData((x[64:],)), per_channel=False)
 
-    loaded = _round_trip(out.model)
+    loaded = round_trip(out.model)[0]
     expected, got = model(x[64:]), loaded(x[64:])
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert float(torch.nn.functional.cosine_similarity(expected, got).min()) >= 0.98
