@@ -3,6 +3,7 @@ engines must handle, and scikit-learn's bundled digits (upsampled to 32×32) as 
 
 from __future__ import annotations
 
+import copy
 import io
 from functools import lru_cache
 
@@ -195,7 +196,16 @@ def trace(model: nn.Module, *example: torch.Tensor) -> torch.jit.ScriptModule:
 
 def script(model: nn.Module) -> torch.jit.ScriptModule:
     """Script an eager model in eval mode (keeps control flow)."""
-    return torch.jit.script(model.eval())
+    try:
+        return torch.jit.script(model.eval())
+    except RuntimeError as exc:
+        # torch.jit._builtins keys builtins by id(); when torch refreshes an op packet the old op
+        # can be freed while its id stays registered, and a module attribute later allocated at
+        # that address "is" a builtin ("builtin cannot be used as a value"). Seen about once in
+        # ten full runs; a deep copy gives the attributes new addresses.
+        if "builtin cannot be used as a value" not in str(exc):
+            raise
+        return torch.jit.script(copy.deepcopy(model).eval())
 
 
 @lru_cache(maxsize=1)
