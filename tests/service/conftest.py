@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -39,6 +40,17 @@ def service(tmp_path_factory, pg_url, redis_broker):
     svc.start_worker()
     yield svc
     svc.stop()
+
+
+@contextmanager
+def second_api(service, log_dir, **settings: str):
+    """Another API process on the same database and queue, with some settings changed; its URL."""
+    other = Service({**service.env, **settings}, log_dir)
+    other.start_api()
+    try:
+        yield other.url
+    finally:
+        other.stop()
 
 
 @pytest.fixture

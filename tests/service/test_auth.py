@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import httpx
 
-from tests.service.conftest import torchscript_bytes, traced_cnn
-from tests.service.servers import Service
+from tests.service.conftest import second_api, torchscript_bytes, traced_cnn
 
 
 def test_tenants_are_isolated(service, tmp_path):
-    env = {**service.env, "COMPACTOR_API_KEYS": '["acme:key-a", "globex:key-b"]'}
-    guarded = Service(env, tmp_path)
-    guarded.start_api()
-    try:
-        with httpx.Client(base_url=guarded.url, timeout=60) as anonymous:
+    with second_api(service, tmp_path, COMPACTOR_API_KEYS='["acme:key-a", "globex:key-b"]') as url:
+        with httpx.Client(base_url=url, timeout=60) as anonymous:
             response = anonymous.get("/v1/models")
             assert response.status_code == 401 and response.json()["code"] == "unauthorized"
             assert anonymous.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
             assert anonymous.get("/healthz").status_code == 200
-        a = httpx.Client(base_url=guarded.url, timeout=60, headers={"Authorization": "Bearer key-a"})
-        b = httpx.Client(base_url=guarded.url, timeout=60, headers={"Authorization": "Bearer key-b"})
+        a = httpx.Client(base_url=url, timeout=60, headers={"Authorization": "Bearer key-a"})
+        b = httpx.Client(base_url=url, timeout=60, headers={"Authorization": "Bearer key-b"})
         with a, b:
             model = a.post("/v1/models", files={"file": ("m.pt", torchscript_bytes(traced_cnn()))}).json()
             assert a.get(f"/v1/models/{model['id']}").status_code == 200
@@ -29,5 +25,3 @@ def test_tenants_are_isolated(service, tmp_path):
             assert model["id"] not in [m["id"] for m in b.get("/v1/models", params={"limit": 500}).json()["items"]]
             job = b.post("/v1/jobs", json={"model_id": model["id"], "input_spec": [{"shape": [1, 1, 32, 32]}]})
             assert job.status_code == 422 and job.json()["errors"][0]["loc"] == ["body", "model_id"]
-    finally:
-        guarded.stop()

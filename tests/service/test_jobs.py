@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests import zoo
-from tests.service.conftest import (digits_arrays, scripted_loop_if, torchscript_bytes, traced_cnn, upload_dataset,
+from tests.service.conftest import (digits_arrays, scripted_loop_if, second_api, torchscript_bytes, traced_cnn, upload_dataset,
                                     upload_model, wait_for, wait_job)
 
 CNN_INPUT = [{"shape": [1, 1, 32, 32], "dtype": "float32", "low": 0, "high": 1}]
@@ -180,17 +180,10 @@ def test_job_accepted_while_broker_is_down_is_sent_later(service, tmp_path):
     """The API commits the job even when it cannot reach the broker; the worker's sweeper sends it."""
     import httpx
 
-    from tests.service.servers import Service
-
-    env = {**service.env, "COMPACTOR_BROKER_URL": "redis://127.0.0.1:1/0"}
-    cut_off = Service(env, tmp_path)
-    cut_off.start_api()
-    try:
-        with httpx.Client(base_url=cut_off.url, timeout=60) as client:
+    with second_api(service, tmp_path, COMPACTOR_BROKER_URL="redis://127.0.0.1:1/0") as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
             model = upload_model(client, traced_cnn())
             job = _job(client, model_id=model["id"], input_spec=CNN_INPUT, steps=[], benchmark=QUICK_BENCH)
             assert client.get("/readyz").status_code == 503
             done = wait_job(client, job["id"], 120)
-        assert done["status"] == "succeeded", done
-    finally:
-        cut_off.stop()
+    assert done["status"] == "succeeded", done

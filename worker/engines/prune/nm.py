@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from worker.engines.modules import clone_model, module_kind, named_modules_of_kind
+from worker.engines.modules import clone_model, named_modules_of_kind
 from worker.engines.pipeline import PipelineContext, StageOutput
 from worker.engines.prune.batchnorm import recalibrate_after_pruning
 from worker.engines.prune.config import PruneConfig
-from worker.engines.prune.weights import WEIGHT_LAYER_KINDS, size_details, weight_layers, weight_scores
+from worker.engines.prune.weights import WEIGHT_LAYER_KINDS, apply_masks, size_details, weight_layers, weight_scores
 
 SPEED_NOTE = ("N:M sparsity only speeds a model up on sparse kernels (CUDA semi-structured 2:4 sparsity on "
               "Ampere or newer GPUs); TorchScript runs these weights as dense tensors, so expect no speed-up "
@@ -47,13 +47,8 @@ def prune_n_m(model: torch.jit.ScriptModule, config: PruneConfig, ctx: PipelineC
     ctx.progress(0.1, f"applying {config.n}:{config.m} to {len(fitting)} layers")
     scores = weight_scores(pruned, fitting, config.criterion, ctx)
 
-    details = []
-    with torch.no_grad():
-        for name, module in fitting:
-            module.weight.mul_(n_m_mask(scores[name], config.n, config.m).to(module.weight.dtype))
-            details.append({"module": name, "kind": module_kind(module), "parameters": module.weight.numel(),
-                            "pattern": f"{config.n}:{config.m}",
-                            "sparsity": float((module.weight == 0).float().mean())})
+    masks = {name: n_m_mask(scores[name], config.n, config.m) for name, _ in fitting}
+    details = [{**row, "pattern": f"{config.n}:{config.m}"} for row in apply_masks(fitting, masks)]
     all_weights = sum(m.weight.numel() for _, m in named_modules_of_kind(pruned, WEIGHT_LAYER_KINDS))
     covered = sum(d["parameters"] for d in details)
     recalibration = recalibrate_after_pruning(model, pruned, config, ctx)

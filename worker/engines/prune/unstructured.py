@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from worker.engines.modules import clone_model, module_kind
+from worker.engines.modules import clone_model
 from worker.engines.pipeline import PipelineContext, StageOutput
 from worker.engines.prune.batchnorm import recalibrate_after_pruning
 from worker.engines.prune.config import PruneConfig
-from worker.engines.prune.weights import size_details, weight_layers, weight_scores
+from worker.engines.prune.weights import apply_masks, size_details, weight_layers, weight_scores
 
 DENSE_NOTE = ("Zeros are stored densely in TorchScript, so the saved file keeps its size and the model its "
               "speed; the deflate-compressed size shows what the sparsity saves in storage or transfer.")
@@ -38,13 +38,7 @@ def prune_unstructured(model: torch.jit.ScriptModule, config: PruneConfig, ctx: 
     masks = _global_masks(scores, config.amount) if config.scope == "global" else {
         name: _keep_mask(score, round(config.amount * score.numel())) for name, score in scores.items()}
 
-    details = []
-    with torch.no_grad():
-        for name, module in layers:
-            module.weight.mul_(masks[name].to(module.weight.dtype))
-            zeros = int((module.weight == 0).sum())
-            details.append({"module": name, "kind": module_kind(module), "parameters": module.weight.numel(),
-                            "sparsity": zeros / module.weight.numel()})
+    details = apply_masks(layers, masks)
     total = sum(d["parameters"] for d in details)
     recalibration = recalibrate_after_pruning(model, pruned, config, ctx)
     ctx.progress(1.0, "unstructured pruning done")

@@ -8,7 +8,7 @@ import zlib
 
 import torch
 
-from worker.engines.modules import is_excluded, named_modules_of_kind
+from worker.engines.modules import is_excluded, module_kind, named_modules_of_kind
 from worker.engines.pipeline import PipelineContext
 from worker.engines.prune.calibration import accumulate_gradients
 
@@ -46,6 +46,17 @@ def weight_scores(model: torch.jit.ScriptModule, layers: list[tuple[str, torch.n
                 for name, m in layers}
     power = 1 if criterion == "l1" else 2
     return {name: m.weight.detach().abs().pow(power) for name, m in layers}
+
+
+def apply_masks(layers: list[tuple[str, torch.nn.Module]], masks: dict[str, torch.Tensor]) -> list[dict]:
+    """Fold each layer's 0/1 mask into its weight (no hooks left behind); one report row per layer."""
+    rows = []
+    with torch.no_grad():
+        for name, module in layers:
+            module.weight.mul_(masks[name].to(module.weight.dtype))
+            rows.append({"module": name, "kind": module_kind(module), "parameters": module.weight.numel(),
+                         "sparsity": float((module.weight == 0).float().mean())})
+    return rows
 
 
 def artifact_sizes(model: torch.jit.ScriptModule) -> tuple[int, int]:
