@@ -53,6 +53,12 @@ class Unauthorized(CompactorError):
     status, code, title = 401, "unauthorized", "Unauthorized"
 
 
+class BlobCorrupted(CompactorError):
+    """A stored file no longer matches the sha256 it was stored under: never served or used."""
+
+    status, code, title = 500, "blob_corrupted", "Stored file corrupted"
+
+
 class ServiceUnavailable(CompactorError):
     status, code, title = 503, "unavailable", "Service unavailable"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,8 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
     broker_url: str | None = Field(None, description="Celery broker URL; default: SQLite (kombu sqlalchemy transport) in data_dir.")
     storage_dir: Path | None = Field(None, description="Blob store directory; default: data_dir/blobs.")
+    work_dir: Path | None = Field(None, description="Where a worker makes each job's private directory (copies of "
+                                  "its inputs, its outputs); default: data_dir/work.")
     max_upload_bytes: int = Field(2 * GIB, description="Largest accepted upload, enforced while streaming.")
     api_keys: list[str] = Field(default_factory=list, description="Bearer API keys; empty = auth off. 'key' or 'tenant:key'.")
     auto_migrate: bool = Field(True, description="Upgrade the database schema when the API starts.")
@@ -36,6 +39,12 @@ class Settings(BaseSettings):
     requeue_after_s: float = Field(60.0, description="A queued job older than this with no worker is re-sent.")
     queue_name: str = Field("compactor", description="Celery queue the API sends to and workers consume.")
     worker_device: str = Field("auto", description="Device the worker computes on: auto, cpu or cuda.")
+    sandbox: Literal["on", "off"] = Field("on", description="Run uploaded models only inside the bubblewrap sandbox; "
+                                          "'off' runs them as the worker's own user (shown in /readyz and every report).")
+    sandbox_max_output_bytes: int = Field(16 * GIB, description="Bytes a sandboxed job may write in all (artifact, "
+                                          "stages, temp files); the job fails past it.")
+    sandbox_max_processes: int = Field(4096, description="RLIMIT_NPROC of a sandboxed job: processes and threads "
+                                       "of the worker's user (Linux does not apply it to uid 0).")
     environment: str = Field("development", description="'production' refuses insecure defaults.")
 
     @model_validator(mode="after")
@@ -47,6 +56,8 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
         if self.storage_dir is None:
             self.storage_dir = self.data_dir / "blobs"
+        if self.work_dir is None:
+            self.work_dir = self.data_dir / "work"
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("production needs COMPACTOR_DATABASE_URL pointing at Postgres")
         return self

@@ -2,7 +2,9 @@
 
 `BlobStore` is the small interface an object store can implement later; `LocalBlobStore` keeps
 blobs on local disk as `<root>/<aa>/<bb>/<sha256>`, written to a temp file and renamed into place,
-so a reader never sees a half-written blob and a failed upload leaves nothing behind.
+so a reader never sees a half-written blob and a failed upload leaves nothing behind. A blob read
+for a job or a download is first checked against its size and sha256 (once per process while the
+file is unchanged), so a corrupted file fails loudly instead of becoming a silently wrong model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterator
 
-from app.errors import PayloadTooLarge
+from app.errors import BlobCorrupted, PayloadTooLarge
 
 
 class BlobWriter:
@@ -72,6 +74,14 @@ class BlobStore(ABC):
         """A local file path to read the blob from (an object store would download it)."""
 
     @abstractmethod
+    def verified_path(self, sha256: str, size: int) -> Path:
+        """`local_path`, after checking the blob still has this size and sha256.
+
+        Raises:
+            BlobCorrupted: the blob is missing or its bytes no longer match.
+        """
+
+    @abstractmethod
     def exists(self, sha256: str) -> bool: ...
 
     @abstractmethod
@@ -87,6 +97,7 @@ class LocalBlobStore(BlobStore):
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._verified: dict[str, tuple[int, int, int, int]] = {}
 
     def writer(self, max_bytes: int) -> BlobWriter:
         return BlobWriter(self, max_bytes)
@@ -115,6 +126,26 @@ class LocalBlobStore(BlobStore):
         except BaseException:
             writer.discard()
             raise
+
+    def verified_path(self, sha256: str, size: int) -> Path:
+        path = self.local_path(sha256)
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            raise BlobCorrupted(f"the stored file {sha256} is missing") from None
+        # Any write changes ctime, and nothing can set ctime back: an unchanged stamp is an unchanged file.
+        stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        if self._verified.get(sha256) == stamp:
+            return path
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        if info.st_size != size or digest.hexdigest() != sha256:
+            raise BlobCorrupted(f"the stored file {sha256} no longer matches its sha256 (or its size of {size} "
+                                "bytes): it was changed after it was stored and is not used; upload it again")
+        self._verified[sha256] = stamp
+        return path
 
     def exists(self, sha256: str) -> bool:
         return self.local_path(sha256).exists()

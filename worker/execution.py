@@ -1,24 +1,26 @@
 """Carrying a job through its life on a worker: claim, run isolated, store artifact and report.
 
 This is the parent side (database, storage, lifecycle); the torch work happens in
-`worker.runner`, inside a spawned child process, through `worker.isolation`.
+`worker.runner`, inside a sandboxed child process, through `worker.isolation`. The child sees
+copies of its inputs only; its artifact is checked before it enters the store.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
 from app.db import unit_of_work
+from app.errors import CompactorError
+from app.inspection import check_torchscript_archive
 from app.models import CompressionJob, Dataset, UploadedModel
 from app.services import lifecycle
 from app.settings import get_settings
-from app.storage import get_blob_store
-from worker.isolation import IsolatedFailure, Limits, run_isolated
+from app.storage import BlobCorrupted, get_blob_store
+from worker.isolation import IsolatedFailure, current_sandbox, job_limits, run_isolated
+from worker.sandbox import JobDir, OutputRejected
 
 log = logging.getLogger(__name__)
 WORKER_NAME = socket.gethostname()
@@ -26,20 +28,27 @@ PROGRESS_EVERY_S = 0.5
 
 
 def validate_model(model_id: str) -> str:
-    """Load an uploaded model in isolation and mark it ready (with its summary) or invalid (why)."""
+    """Load an uploaded model in the sandbox and mark it ready (with its summary) or invalid (why)."""
     settings = get_settings()
+    store = get_blob_store()
     with unit_of_work() as session:
         model = session.get(UploadedModel, model_id)
         if model is None or model.status != "validating":
             return model.status if model else "missing"
-        path = str(get_blob_store().local_path(model.sha256))
+        sha256, size = model.sha256, model.size_bytes
+    job = JobDir.create(settings.work_dir, f"validate-{model_id}-", current_sandbox().enabled)
     summary, error = None, None
     try:
+        path = job.add_input("model.pt", store.verified_path(sha256, size))
         summary = run_isolated("worker.validation:validate_model", {"path": path},
-                               Limits(settings.validate_time_limit_s, settings.job_memory_limit_bytes))
+                               job_limits(settings.validate_time_limit_s), job=job)
     except IsolatedFailure as failure:
         code = "model_invalid" if failure.code == "model_error" else failure.code
         error = {"code": code, "message": failure.message}
+    except BlobCorrupted as exc:
+        error = {"code": exc.code, "message": exc.detail}
+    finally:
+        job.remove()
     with unit_of_work() as session:
         lifecycle.set_model_validation(session, model_id, summary, error)
     return "ready" if error is None else "invalid"
@@ -78,9 +87,15 @@ def _run_claimed(job_id: str) -> str:
             lifecycle.fail(session, job_id, "model_invalid", f"the model {model_id} is invalid: {reason}")
         return "failed"
 
-    work_dir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=store.tmp_dir))
+    sandbox = current_sandbox()
+    job = JobDir.create(settings.work_dir, f"job-{job_id}-", sandbox.enabled)
     try:
-        files = _job_files(spec, model_id, work_dir)
+        try:
+            files = _job_files(spec, model_id, job)
+        except BlobCorrupted as exc:
+            with unit_of_work() as session:
+                lifecycle.fail(session, job_id, exc.code, exc.detail)
+            return "failed"
         last = {"at": 0.0}
 
         def on_progress(message: dict) -> bool:
@@ -93,22 +108,40 @@ def _run_claimed(job_id: str) -> str:
         try:
             outcome = run_isolated("worker.runner:execute_job",
                                    {"spec": spec, "files": files, "device": settings.worker_device},
-                                   Limits(settings.job_time_limit_s, settings.job_memory_limit_bytes), on_progress)
+                                   job_limits(settings.job_time_limit_s), on_progress, job=job)
+            artifact = _checked_artifact(job, outcome)
         except IsolatedFailure as failure:
             with unit_of_work() as session:
                 if failure.code == "canceled" or lifecycle.status_of(session, job_id) == "canceled":
                     return "canceled"
                 lifecycle.fail(session, job_id, failure.code, failure.message)
             return "failed"
-        sha256, size = store.put_file(Path(outcome["artifact_path"]))
+        sha256, size = store.put_file(artifact)
         report = {"job_id": job_id, **outcome["report"]}
         report["result"]["size_bytes"] = size
+        report["environment"]["sandbox"] = sandbox.describe()
+        if not sandbox.enabled:
+            report["notes"] = [*report.get("notes", []), "the uploaded model ran unsandboxed (COMPACTOR_SANDBOX=off)"]
         with unit_of_work() as session:
             if lifecycle.succeed(session, job_id, sha256, size, report):
                 return "succeeded"
             return lifecycle.status_of(session, job_id) or "missing"
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        job.remove()
+
+
+def _checked_artifact(job: JobDir, outcome) -> Path:
+    """The artifact the child names, taken only if it is a TorchScript archive in its output dir."""
+    if not isinstance(outcome, dict) or not isinstance(outcome.get("report"), dict):
+        raise IsolatedFailure("model_crashed", "the model's process returned no report")
+    try:
+        path = job.output_file(outcome.get("artifact_path"))
+        check_torchscript_archive(path, path.stat().st_size)
+    except (OutputRejected, OSError) as exc:
+        raise IsolatedFailure("artifact_invalid", f"the job's artifact was refused: {exc}") from None
+    except CompactorError as exc:
+        raise IsolatedFailure("artifact_invalid", f"the job's artifact is not a TorchScript archive: {exc.detail}") from None
+    return path
 
 
 def _progress(job_id: str, message: dict) -> bool:
@@ -116,17 +149,23 @@ def _progress(job_id: str, message: dict) -> bool:
         return lifecycle.record_progress(session, job_id, message)
 
 
-def _job_files(spec: dict, model_id: str, work_dir: Path) -> dict:
+def _job_files(spec: dict, model_id: str, job: JobDir) -> dict:
+    """Copies of the job's model, datasets and students in its directory, verified against their
+    sha256 on the way; the paths as the sandboxed child sees them."""
     store = get_blob_store()
     with unit_of_work() as session:
-        def blob(table, row_id):
-            return str(store.local_path(session.get(table, row_id).sha256)) if row_id else None
+        def blob(table, row_id, name):
+            if not row_id:
+                return None
+            row = session.get(table, row_id)
+            return job.add_input(name, store.verified_path(row.sha256, row.size_bytes))
 
-        students = {s["student_model_id"]: blob(UploadedModel, s["student_model_id"])
-                    for s in spec.get("steps", []) if s.get("student_model_id")}
-        return {"model": blob(UploadedModel, model_id), "calibration": blob(Dataset, spec.get("calibration_dataset_id")),
-                "evaluation": blob(Dataset, spec.get("eval_dataset_id")), "students": students,
-                "output_dir": str(work_dir)}
+        students = {s["student_model_id"]: blob(UploadedModel, s["student_model_id"], f"student-{i}.pt")
+                    for i, s in enumerate(spec.get("steps", [])) if s.get("student_model_id")}
+        return {"model": blob(UploadedModel, model_id, "model.pt"),
+                "calibration": blob(Dataset, spec.get("calibration_dataset_id"), "calibration"),
+                "evaluation": blob(Dataset, spec.get("eval_dataset_id"), "evaluation"), "students": students,
+                "output_dir": job.inside("out")}
 
 
 def resend_lost_work() -> list[str]:

@@ -1,30 +1,44 @@
-"""Running torch work in a spawned child process, so a crash, hang or memory blow-up fails the
-job with a code and the worker lives on.
+"""Running torch work in a sandboxed child process: a hostile model touches nothing but its own job,
+and a crash, hang or memory blow-up fails the job with a code while the worker lives on.
 
-Spawned, not forked: CUDA does not survive a fork, and a fresh interpreter holds no state of the
-worker's. The child talks back over a pipe: progress messages, then one result or one error.
+The child (`worker.sandbox_child`) starts under `worker.sandbox`'s walls as a fresh interpreter
+(CUDA does not survive a fork, and it holds no state of the worker's). It talks back in JSON lines
+over a socket: progress messages, then one result or one error. Everything it sends is untrusted:
+decoded as JSON only, its strings bounded, and the files it names checked before they are taken.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import logging
-import multiprocessing
+import os
+import select
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
-import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
+
+from app.settings import get_settings
+from worker.sandbox import JobDir, Sandbox, SandboxUnavailable, package_dir
 
 log = logging.getLogger(__name__)
 
+MAX_LINE_BYTES = 64 * 1024 * 1024  # one message; a report of a large model is a few MB
+MAX_STRING = 4000                  # any one string the child sends
+MAX_ERROR_MESSAGE = 1500
+USAGE_EVERY_S = 1.0
 _CRASH_SIGNALS = {signal.SIGSEGV: "segmentation fault", signal.SIGBUS: "bus error", signal.SIGILL: "illegal instruction",
-                  signal.SIGABRT: "abort", signal.SIGFPE: "floating-point exception"}
+                  signal.SIGABRT: "abort", signal.SIGFPE: "floating-point exception", signal.SIGSYS: "bad system call"}
 
 
 class IsolatedFailure(Exception):
     """The child did not return a result: `code` is one of model_crashed, timeout, out_of_memory,
-    canceled, or an engine's own error code."""
+    output_too_large, canceled, sandbox_unavailable, or an engine's own error code."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -35,99 +49,221 @@ class IsolatedFailure(Exception):
 class Limits:
     time_s: float
     memory_bytes: int | None = None
+    output_bytes: int | None = None
+    processes: int | None = None
+    open_files: int = 4096
+
+    def rlimits(self, sandboxed: bool) -> dict[str, int | None]:
+        cpu_s = int(self.time_s * (os.cpu_count() or 1)) + 60  # a backstop: the wall clock stops it first
+        limits = {"RLIMIT_AS": self.memory_bytes, "RLIMIT_FSIZE": self.output_bytes, "RLIMIT_CORE": 0,
+                  "RLIMIT_NOFILE": self.open_files, "RLIMIT_CPU": cpu_s}
+        if sandboxed:
+            # Outside a user namespace of its own the count would include the worker's own threads.
+            limits["RLIMIT_NPROC"] = self.processes
+        return limits
+
+
+def job_limits(time_s: float) -> Limits:
+    """The configured limits of one job or validation."""
+    settings = get_settings()
+    return Limits(time_s, settings.job_memory_limit_bytes, settings.sandbox_max_output_bytes,
+                  settings.sandbox_max_processes)
+
+
+def current_sandbox() -> Sandbox:
+    """The sandbox the settings ask for, refusing to expose any of the service's data paths."""
+    settings = get_settings()
+    forbidden = [settings.data_dir, settings.storage_dir]
+    if settings.is_sqlite:
+        forbidden.append(Path(settings.database_url.split("///", 1)[-1]).parent)
+    return Sandbox(settings.sandbox == "on", settings.worker_device, forbidden)
 
 
 def run_isolated(target: str, kwargs: dict, limits: Limits,
-                 on_progress: Callable[[dict], bool] = lambda message: True) -> Any:
-    """Call `target` ("package.module:function") in a spawned child and return its result.
+                 on_progress: Callable[[dict], bool] = lambda message: True, job: JobDir | None = None) -> Any:
+    """Call `target` ("package.module:function") in a sandboxed child and return its result.
 
     The target is called as `function(emit=..., **kwargs)`; `emit(dict)` sends a progress message,
     handed to `on_progress` here. When `on_progress` returns False (the job was canceled) the child
-    is killed and IsolatedFailure("canceled") raised.
+    is killed and IsolatedFailure("canceled") raised. Paths in `kwargs` must be the child's view of
+    `job` (`job.inside(...)`); without a `job`, a throwaway one is used.
 
     Raises:
-        IsolatedFailure: with a code a user can act on, when the child crashed, ran past its time
-            limit, ran out of memory, raised an error, or was canceled.
+        IsolatedFailure: with a code a user can act on, when the child crashed, ran past a limit,
+            raised an error, was canceled, or the sandbox could not start.
     """
-    ctx = multiprocessing.get_context("spawn")
-    receiver, sender = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child_main, args=(target, kwargs, sender, limits.memory_bytes), daemon=True)
-    process.start()
-    sender.close()
-    deadline = time.monotonic() + limits.time_s
+    sandbox = current_sandbox()
+    owned = job is None
+    if job is None:
+        job = JobDir.create(Path(tempfile.gettempdir()), "compactor-run-", sandbox.enabled)
+    parent_end, child_end = socket.socketpair()
     try:
-        while True:
-            if receiver.poll(0.2):
-                try:
-                    kind, payload = receiver.recv()
-                except EOFError:
-                    break
+        package = target.split(".", 1)[0]
+        argv = [sys.executable, "-I", "-m", "worker.sandbox_child", str(child_end.fileno())]
+        try:
+            command = sandbox.command(job, argv, packages=[package])
+            code_root = str(package_dir(package).parent)
+        except SandboxUnavailable as exc:
+            raise IsolatedFailure("sandbox_unavailable", exc.reason) from None
+        request = {"target": target, "kwargs": kwargs, "limits": limits.rlimits(sandbox.enabled),
+                   "landlock": sandbox.enabled, "writable": sandbox.writable(job), "sys_path": [code_root]}
+        with open(job.log_path, "wb") as child_log:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=child_log, stderr=child_log,
+                                       pass_fds=(child_end.fileno(),), env=sandbox.environment(job),
+                                       start_new_session=True)
+        child_end.close()
+        try:
+            parent_end.sendall(json.dumps(request).encode() + b"\n")
+            return _serve(process, parent_end, job, limits, on_progress)
+        finally:
+            if process.poll() is None:
+                _kill(process)
+    finally:
+        parent_end.close()
+        child_end.close()
+        if owned:
+            job.remove()
+
+
+def _serve(process: subprocess.Popen, channel: socket.socket, job: JobDir, limits: Limits,
+           on_progress: Callable[[dict], bool]) -> Any:
+    deadline = time.monotonic() + limits.time_s
+    next_usage = time.monotonic() + USAGE_EVERY_S
+    buffer, heard = b"", False
+    while True:
+        readable, _, _ = select.select([channel], [], [], 0.2)
+        if readable:
+            chunk = channel.recv(1 << 16)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                heard = True
+                kind, payload = _decode(line)
                 if kind == "progress":
-                    if not on_progress(payload):
+                    if isinstance(payload, dict) and not on_progress(payload):
                         raise IsolatedFailure("canceled", "the job was canceled")
                 elif kind == "result":
+                    _finish(process)
                     return payload
                 elif kind == "error":
-                    raise IsolatedFailure(payload["code"], payload["message"])
-            elif not process.is_alive():
-                if receiver.poll(0):
-                    continue
-                break
-            if time.monotonic() > deadline:
-                raise IsolatedFailure("timeout", f"the model's work ran past its time limit of {limits.time_s:.0f} s "
-                                                 "and was stopped; try fewer iterations, a smaller dataset, or raise "
-                                                 "COMPACTOR_JOB_TIME_LIMIT_S")
-        process.join(5)
-        raise _exit_failure(process.exitcode)
-    finally:
-        if process.is_alive():
-            process.kill()
-            process.join(5)
-        receiver.close()
+                    raise _reported_failure(payload)
+            if len(buffer) > MAX_LINE_BYTES:
+                raise IsolatedFailure("model_crashed", "the model's process sent a message past the size limit "
+                                                       f"of {MAX_LINE_BYTES} bytes and was stopped")
+        elif process.poll() is not None:
+            break
+        now = time.monotonic()
+        if now > deadline:
+            raise IsolatedFailure("timeout", f"the model's work ran past its time limit of {limits.time_s:.0f} s "
+                                             "and was stopped; try fewer iterations, a smaller dataset, or raise "
+                                             "COMPACTOR_JOB_TIME_LIMIT_S")
+        if limits.output_bytes and now > next_usage:
+            next_usage = now + USAGE_EVERY_S
+            written, entries = job.usage()
+            if written > limits.output_bytes or entries > 10_000:
+                raise IsolatedFailure("output_too_large", f"the job wrote more than {limits.output_bytes} bytes or "
+                                                          "10,000 files and was stopped; raise "
+                                                          "COMPACTOR_SANDBOX_MAX_OUTPUT_BYTES if the model needs it")
+    process.wait(10)
+    raise _exit_failure(process.returncode, heard, job)
 
 
-def _exit_failure(exitcode: int | None) -> IsolatedFailure:
+def _finish(process: subprocess.Popen) -> None:
+    """Wait for the child to exit (it may still be tearing torch down) before its files are read, so
+    nothing in the sandbox can change them after they are checked."""
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        _kill(process)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    # bubblewrap's own process: with it gone, --die-with-parent and the PID namespace end the rest.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(10)
+
+
+def _decode(line: bytes) -> tuple[str, Any]:
+    try:
+        message = json.loads(line)
+        return str(message["kind"]), bounded(message.get("payload"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IsolatedFailure("model_crashed", "the model's process sent a message that is not valid JSON and was "
+                                               "stopped") from exc
+
+
+def bounded(value: Any, depth: int = 0) -> Any:
+    """A JSON value from the child with every string cut to MAX_STRING characters and nesting capped."""
+    if depth > 64:
+        return None
+    if isinstance(value, str):
+        return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "…"
+    if isinstance(value, list):
+        return [bounded(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {bounded(str(k), depth + 1): bounded(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _reported_failure(payload: Any) -> IsolatedFailure:
+    payload = payload if isinstance(payload, dict) else {}
+    code = payload.get("code")
+    if not isinstance(code, str) or not code.replace("_", "").isalnum() or len(code) > 40:
+        code = "model_error"
+    message = str(payload.get("message") or "the model's process reported an error without a message")
+    return IsolatedFailure(code, message[:MAX_ERROR_MESSAGE])
+
+
+def _exit_failure(exitcode: int | None, heard: bool, job: JobDir) -> IsolatedFailure:
+    _log_child_output(job)
+    if exitcode is not None and exitcode > 128:  # bubblewrap exits 128 + N for a child killed by signal N
+        exitcode = -(exitcode - 128)
     if exitcode is not None and exitcode < 0:
         sig = -exitcode
         if sig == signal.SIGKILL:
             return IsolatedFailure("out_of_memory", "the process running the model was killed by the system, most "
                                                     "likely for running out of memory; try smaller batch sizes")
+        if sig == signal.SIGXFSZ:
+            return IsolatedFailure("output_too_large", "the model's process wrote a file past the size limit; raise "
+                                                       "COMPACTOR_SANDBOX_MAX_OUTPUT_BYTES if the model needs it")
+        if sig == signal.SIGXCPU:
+            return IsolatedFailure("timeout", "the model's process used up its CPU time limit and was stopped")
         name = _CRASH_SIGNALS.get(sig, signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig))
         return IsolatedFailure("model_crashed", f"the model crashed the process running it ({name}); the worker is unharmed")
+    if not heard and exitcode == 1 and _sandbox_error(job):
+        return IsolatedFailure("sandbox_unavailable", f"the sandbox could not start: {_sandbox_error(job)}")
     return IsolatedFailure("model_crashed", f"the process running the model exited unexpectedly (exit code {exitcode})")
 
 
-def _child_main(target: str, kwargs: dict, sender, memory_bytes: int | None) -> None:
-    if memory_bytes:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+def _sandbox_error(job: JobDir) -> str | None:
     try:
-        module_name, function_name = target.split(":")
-        function = getattr(importlib.import_module(module_name), function_name)
-        result = function(emit=lambda message: sender.send(("progress", message)), **kwargs)
-        sender.send(("result", result))
-    except BaseException as exc:
-        sender.send(("error", describe_error(exc)))
-    finally:
-        sender.close()
+        text = job.log_path.read_bytes()[:2000].decode(errors="replace")
+    except OSError:
+        return None
+    lines = [line for line in text.splitlines() if line.startswith("bwrap:")]
+    return lines[0][:300] if lines else None
 
 
-def describe_error(exc: BaseException) -> dict:
-    """{code, message} for an exception raised by torch work."""
-    code = getattr(exc, "code", None)
-    message = getattr(exc, "message", None) or str(exc)
-    if code:
-        return {"code": code, "message": message}
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
-        return {"code": "out_of_memory", "message": "the model ran out of memory: " + _first_line(text)}
-    log.error("torch work failed:\n%s", "".join(traceback.format_exception(exc)))
-    return {"code": "model_error", "message": "running the model failed: " + _first_line(text)}
+def _log_child_output(job: JobDir) -> None:
+    try:
+        with open(job.log_path, "rb") as fh:
+            fh.seek(max(os.fstat(fh.fileno()).st_size - 2000, 0))
+            tail = fh.read().decode(errors="replace")
+    except OSError:
+        return
+    if tail.strip():
+        log.warning("the model's process ended early; the end of its output (untrusted): %r", tail)
 
 
-def _first_line(text: str, limit: int = 600) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    # TorchScript errors put the useful sentence last, after the traceback of the scripted code.
-    useful = lines[-1] if len(lines) > 1 and "Traceback" in text else (lines[0] if lines else text)
-    return useful[:limit]
+def check_sandbox() -> dict:
+    """Start one sandboxed child and return what it sees; raises IsolatedFailure when it cannot start.
+
+    The worker calls this at start-up so a host without user namespaces or bubblewrap is refused
+    with the reason, rather than failing (or, worse, running unsandboxed) at its first job.
+    """
+    return run_isolated("worker.sandbox_child:probe", {}, Limits(60))

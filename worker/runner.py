@@ -17,11 +17,11 @@ import torch
 
 from app.reports.html import headline
 from worker.engines.data import ModelData, load_dataset, synthetic_data
-from worker.engines.errors import EngineError
+from worker.engines.errors import EngineError, model_text
 from worker.engines.measure import BenchmarkConfig, measure_models
 from worker.engines.modules import load_model, save_model
 from worker.engines.pipeline import PipelineContext, run_step
-from worker.isolation import describe_error
+from worker.errors import describe_error
 
 Emit = Callable[[dict], None]
 STEPS_SHARE = 80.0  # percent of the progress bar the steps take; measuring takes the rest
@@ -168,7 +168,7 @@ def _run(model: torch.jit.ScriptModule, data: ModelData, device: torch.device):
         except Exception as exc:
             if describe_error(exc)["code"] == "out_of_memory":
                 raise
-            raise EngineError("model_error", f"the model does not run on the job's inputs: {_one_line(exc)}") from exc
+            raise EngineError("model_error", f"the model does not run on the job's inputs: {model_text(exc)}") from exc
 
 
 def _structure(output) -> object:
@@ -187,8 +187,3 @@ def _check_interface(reference, output, op: str) -> None:
         raise EngineError("interface_changed", f"the {op} step changed the model's outputs from "
                                                f"{_structure(reference)} to {_structure(output)}; it was stopped "
                                                "rather than return a model callers cannot use")
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:500]

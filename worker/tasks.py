@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from app.settings import get_settings
 from worker import execution
 from worker.celery_app import celery_app
+from worker.isolation import IsolatedFailure, check_sandbox
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
@@ -23,6 +24,25 @@ def run_job(job_id: str) -> str:
 @celery_app.task(name="compactor.validate_model")
 def validate_model(model_id: str) -> str:
     return execution.validate_model(model_id)
+
+
+@worker_init.connect
+def _require_sandbox(**_) -> None:
+    """Refuse to start, saying why, when uploaded models could not be sandboxed here.
+
+    SystemExit, not an Exception: Celery logs and swallows exceptions from signal handlers.
+    """
+    if get_settings().sandbox == "off":
+        log.warning("COMPACTOR_SANDBOX=off: uploaded models run unsandboxed, as this worker's own user")
+        return
+    try:
+        seen = check_sandbox()
+    except IsolatedFailure as failure:
+        log.critical("the model sandbox cannot start, so this worker will not run uploaded models: %s. Fix it "
+                     "(README, 'The model sandbox'), or set COMPACTOR_SANDBOX=off to run them unsandboxed.",
+                     failure.message)
+        raise SystemExit(3) from None
+    log.info("model sandbox ready (bubblewrap, Landlock ABI %s)", seen.get("landlock_abi"))
 
 
 @worker_ready.connect

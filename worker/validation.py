@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from worker.engines.errors import EngineError
+from worker.engines.errors import EngineError, model_text
 from worker.engines.modules import load_model
 
 
@@ -13,7 +13,7 @@ def validate_model(emit: Callable[[dict], None], path: str) -> dict:
     try:
         model = load_model(path)
     except Exception as exc:  # torch raises many types for a bad archive
-        raise EngineError("model_invalid", f"torch.jit.load cannot load this file: {_last_line(exc)}") from exc
+        raise EngineError("model_invalid", f"torch.jit.load cannot load this file: {model_text(exc)}") from exc
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     inputs = []
     try:
@@ -23,8 +23,3 @@ def validate_model(emit: Callable[[dict], None], path: str) -> dict:
         inputs = None
     return {"parameters": sum(p.numel() for p in model.parameters()), "buffers_bytes": buffers,
             "submodules": sum(1 for _ in model.named_modules()) - 1, "inputs": inputs}
-
-
-def _last_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:500]

@@ -13,11 +13,16 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 def blob_response(request: Request, store: LocalBlobStore, sha256: str, size: int, filename: str) -> Response:
-    """A download of a blob: 304 on a matching If-None-Match, 206 for a satisfiable Range, else 200."""
+    """A download of a blob: 304 on a matching If-None-Match, 206 for a satisfiable Range, else 200.
+
+    The blob is checked against its sha256 first (raises BlobCorrupted, a 500 with code
+    `blob_corrupted`), so the bytes sent are always the ones the ETag names.
+    """
     etag = f'"{sha256}"'
     headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{filename}"'}
     if request.headers.get("if-none-match") in (etag, sha256):
         return Response(status_code=304, headers=headers)
+    store.verified_path(sha256, size)
     start, end, status = 0, size - 1, 200
     range_header = request.headers.get("range")
     if range_header and request.headers.get("if-range", etag) == etag:

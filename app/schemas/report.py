@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Open(BaseModel):
@@ -47,6 +47,11 @@ class Metrics(_Open):
     fidelity: Fidelity | None = None
 
 
+class SandboxInfo(_Open):
+    mode: Literal["bubblewrap", "off"] = Field(description="How the uploaded model was run: inside the "
+                                               "bubblewrap sandbox, or unsandboxed (COMPACTOR_SANDBOX=off).")
+
+
 class Environment(_Open):
     device: str
     device_name: str | None = None
@@ -54,6 +59,7 @@ class Environment(_Open):
     threads: int | None = None
     worker: str | None = None
     measured_at: str
+    sandbox: SandboxInfo | None = None
 
 
 class SkippedModule(_Open):

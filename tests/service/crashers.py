@@ -1,4 +1,5 @@
-"""Targets for isolation tests: child work that crashes, hangs, exhausts memory, or succeeds."""
+"""Targets for isolation and sandbox tests: child work that crashes, hangs, exhausts memory, succeeds,
+or tries to reach past the sandbox."""
 
 import ctypes
 import time
@@ -24,3 +25,74 @@ def allocate(emit, gib: int):
 def add(emit, a, b):
     emit({"stage": "adding"})
     return a + b
+
+
+def read_bytes(emit, path: str) -> str:
+    with open(path, "rb") as fh:
+        return fh.read(64).decode(errors="replace")
+
+
+def write_file(emit, path: str) -> str:
+    with open(path, "w") as fh:
+        fh.write("escaped")
+    return "written"
+
+
+def connect(emit, host: str, port: int) -> str:
+    import socket
+
+    with socket.create_connection((host, port), timeout=2):
+        return "connected"
+
+
+def limits(emit) -> str:
+    with open("/proc/self/limits") as fh:
+        return fh.read()
+
+
+def start_threads(emit, cap: int) -> int:
+    """Start sleeping threads until the system refuses one or `cap` run; returns how many started."""
+    import threading
+
+    stop = threading.Event()
+    started = 0
+    try:
+        while started < cap:
+            threading.Thread(target=stop.wait, daemon=True).start()
+            started += 1
+    except RuntimeError:
+        pass
+    stop.set()
+    return started
+
+
+def fork_children(emit, cap: int) -> int:
+    """Fork sleeping children until the system refuses one or `cap` run; returns how many started."""
+    import os
+    import signal
+
+    children = []
+    try:
+        while len(children) < cap:
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(30)
+                os._exit(0)
+            children.append(pid)
+    except OSError:
+        pass
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return len(children)
+
+
+def fill_disk(emit, mib: int) -> str:
+    """Write `mib` MiB in 1 MiB files to the job's temp directory."""
+    import tempfile
+
+    for index in range(mib):
+        with open(f"{tempfile.gettempdir()}/fill-{index}", "wb") as fh:
+            fh.write(b"\0" * (1 << 20))
+        time.sleep(0.02)
+    return "filled"

@@ -104,7 +104,8 @@ def test_cancel_running_job_stops_it(api):
     assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
     # The worker kills the job's process and is free for the next job at once.
     follow = _job(api, model_id=model["id"], input_spec=CNN_INPUT, steps=[], benchmark=QUICK_BENCH)
-    assert wait_job(api, follow["id"], 120)["status"] == "succeeded"
+    final = wait_job(api, follow["id"], 120)
+    assert final["status"] == "succeeded", final["error"]
     assert api.get(f"/v1/jobs/{job['id']}").json()["status"] == "canceled"
 
 

@@ -8,6 +8,7 @@ from sqlalchemy import text
 
 from app import queue
 from app.db import get_engine
+from app.settings import get_settings
 from app.storage import get_blob_store
 
 router = APIRouter(tags=["service"])
@@ -21,7 +22,8 @@ def healthz() -> dict:
 
 @router.get("/readyz", operation_id="readyz")
 def readyz():
-    """Database, broker and storage are reachable (503 otherwise, naming what is not)."""
+    """Database, broker and storage are reachable (503 otherwise, naming what is not); whether the
+    deployment sandboxes uploaded models (`sandbox: off` means they run as the worker's user)."""
     checks = {}
     for name, check in (("database", _check_database), ("broker", queue.check_broker),
                         ("storage", lambda: get_blob_store().check())):
@@ -31,7 +33,8 @@ def readyz():
         except Exception as exc:
             checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks},
+    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks,
+                         "sandbox": get_settings().sandbox},
                         status_code=200 if ready else 503)
 
 

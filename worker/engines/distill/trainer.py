@@ -38,7 +38,7 @@ from worker.engines.distill.outputs import (
 )
 from worker.engines.distill.quantization_aware import LatentWeights
 from worker.engines.distill.sparsity import SparsityMasks
-from worker.engines.errors import EngineError
+from worker.engines.errors import EngineError, model_text
 from worker.engines.modules import clone_model, module_kind
 
 ProgressFn = Callable[[float, str], None]
@@ -188,8 +188,7 @@ class _DistillRun:
             try:
                 student_output = self.student(*inputs)
             except RuntimeError as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                message = f"the student cannot run on the teacher's inputs: {reason}"
+                message = f"the student cannot run on the teacher's inputs: {model_text(exc)}"
                 raise EngineError("student_mismatch", message) from None
         check_student_output(teacher_output, student_output, len(indices))
         return flatten_output(teacher_output, len(indices))[1]

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from worker.engines.errors import model_text
 from worker.engines.modules import clone_model
 from worker.engines.prune.groups import ChannelGroup
 from worker.engines.prune.torchscript import set_conv_groups
@@ -87,8 +88,7 @@ def run_check(model: torch.jit.ScriptModule, example_inputs: Sequence[torch.Tens
         with torch.no_grad():
             signature = output_signature(model(*example_inputs))
     except Exception as exc:  # any TorchScript runtime failure means the group must be reverted
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        return f"the shrunk model failed to run ({lines[-1].strip() if lines else type(exc).__name__})"
+        return f"the shrunk model failed to run ({model_text(exc, limit=200)})"
     if signature != expected:
         return f"the shrunk model's output changed from {expected} to {signature}"
     return None

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from worker.engines.errors import EngineError
+from worker.engines.errors import EngineError, model_text
 from worker.engines.quantize.backend import native_bf16
 from worker.engines.quantize.graph import ForwardGraph
 from worker.engines.quantize.scheme import Conversion, Layer, Scheme, register_scheme
@@ -139,7 +139,7 @@ def cast_boundary(inner: torch.jit.ScriptModule, dtype: torch.dtype) -> torch.ji
         wrapper.define(source)
     except RuntimeError as exc:
         raise EngineError("unsupported_signature",
-                          f"cannot re-create the model's forward signature for the half-precision boundary: {exc}") from exc
+                          f"cannot re-create the model's forward signature for the half-precision boundary: {model_text(exc)}") from exc
     return wrapper
 
 

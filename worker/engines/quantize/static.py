@@ -21,7 +21,7 @@ from torch.ao.quantization.observer import (
 from torch.ao.quantization.quantize_jit import script_qconfig
 from torch.jit._recursive import wrap_cpp_module
 
-from worker.engines.errors import EngineError
+from worker.engines.errors import EngineError, model_text
 from worker.engines.quantize.backend import quantized_engine
 from worker.engines.quantize.graph import ForwardGraph
 from worker.engines.quantize.int8 import Int8Scheme, quiet_quantized_tensors
@@ -163,5 +163,4 @@ def _deepest_prefix(name: str, candidates: set[str]) -> str | None:
 
 
 def _reason(exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"graph-mode quantization failed: {first[:200]}"
+    return f"graph-mode quantization failed: {model_text(exc, limit=200)}"
