@@ -28,6 +28,8 @@ HEALTHCHECK --interval=15s --timeout=3s CMD python -c "import urllib.request; ur
 CMD ["compactor", "serve", "--no-worker", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
 
 FROM base AS worker
+# bubblewrap is the sandbox every uploaded model runs in (README, "The model sandbox").
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
 COPY --from=worker-deps /venv /venv
 COPY migrations ./migrations
 COPY app ./app

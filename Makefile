@@ -18,6 +18,10 @@ install: $(STAMP)
 
 ## The service on its embedded default: SQLite, local files, an embedded Celery worker.
 run: $(STAMP)
+	@command -v bwrap >/dev/null 2>&1 || [ "$${COMPACTOR_SANDBOX:-on}" = off ] || { \
+	  echo "make run: bubblewrap (bwrap) is missing. The worker runs uploaded models only inside its sandbox."; \
+	  echo "  Install it: sudo apt-get install bubblewrap   (Fedora: dnf install bubblewrap; Arch: pacman -S bubblewrap)"; \
+	  echo "  or run models unsandboxed, as your own user:  COMPACTOR_SANDBOX=off make run"; exit 1; }
 	$(BIN)/compactor serve --host $${HOST:-127.0.0.1} --port $${PORT:-8000}
 
 worker: $(STAMP)

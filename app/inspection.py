@@ -33,9 +33,13 @@ def check_torchscript_archive(path: Path, size: int) -> None:
         raise InvalidInput("the file is not a TorchScript archive (not a zip file, or truncated)", code="not_torchscript")
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            entries = archive.infolist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise InvalidInput(f"the archive is damaged: {exc}", code="not_torchscript") from exc
+    names = [entry.filename for entry in entries]
+    if any(_points_outside(entry) for entry in entries):
+        raise InvalidInput("the archive has entries that point outside it (absolute paths, '..' or links); "
+                           "torch.jit.save never writes such entries", code="not_torchscript")
     has_data = any(n.endswith("/data.pkl") for n in names)
     has_code = any("/code/" in n for n in names)
     has_constants = any(n.endswith("/constants.pkl") for n in names)
@@ -45,6 +49,12 @@ def check_torchscript_archive(path: Path, size: int) -> None:
                            code="not_torchscript")
     if not (has_data and has_code):
         raise InvalidInput("the zip file is not a TorchScript archive (no data.pkl and code/ entries)", code="not_torchscript")
+
+
+def _points_outside(entry: zipfile.ZipInfo) -> bool:
+    name = entry.filename.replace("\\", "/")
+    is_link = (entry.external_attr >> 16) & 0o170000 == 0o120000
+    return is_link or name.startswith("/") or ".." in name.split("/") or ":" in name.split("/", 1)[0]
 
 
 def inspect_dataset(path: Path, filename: str | None) -> tuple[str, dict[str, dict], int]:

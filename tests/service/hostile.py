@@ -75,3 +75,18 @@ class Chatty(nn.Module):
 
 def script(module: nn.Module) -> torch.jit.ScriptModule:
     return torch.jit.script(module)
+
+
+class Hoarder(nn.Module):
+    """forward allocates without bound: one tensor of `elements`, or ever more in a loop."""
+
+    def __init__(self, elements: int, loop: bool):
+        super().__init__()
+        self.elements, self.loop = elements, loop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        held: List[torch.Tensor] = [torch.ones(self.elements)]
+        while self.loop:
+            held.append(torch.ones(self.elements))
+        return x + held[0].sum()
+

@@ -140,3 +140,21 @@ def test_honest_jobs_report_the_sandbox(api):
     loaded = torch.jit.load(__import__("io").BytesIO(artifact.content))
     assert loaded(torch.rand(1, 1, 32, 32)).shape == (1, 10)
     json.dumps(report)
+
+
+def test_models_that_hoard_memory_or_never_return_fail_and_the_service_stays_ready(api, service):
+    """7.7 TB in one allocation, allocation without end (the service fixture caps a job's address space
+    at 8 GiB): each a failed job with a code, and the service takes the next job. A model that never
+    returns is test_isolation's hang (a job of it would sit out the fixture's 120 s limit)."""
+    cases = ((hostile.Hoarder(1_920_000_000_000, loop=False), ("out_of_memory",)),
+             (hostile.Hoarder(64 * 1024**2, loop=True), ("out_of_memory",)))
+    for module, codes in cases:
+        model = _validated(api, module)
+        assert model["status"] == "ready"
+        job = _failed_job(api, model["id"])
+        assert job["error"]["code"] in codes, job["error"]
+        assert api.get("/readyz").status_code == 200
+    honest = upload_model(api, traced_cnn())
+    response = api.post("/v1/jobs", json={"model_id": honest["id"], "input_spec": CNN_INPUT, "steps": [],
+                                          "benchmark": QUICK_BENCH})
+    assert wait_job(api, response.json()["id"])["status"] == "succeeded"

@@ -178,3 +178,19 @@ def test_health_and_readiness(api):
     assert api.get("/healthz").json() == {"status": "ok"}
     ready = api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+
+def test_archives_with_entries_pointing_outside_are_refused(api, service):
+    before = _blob_files(service)
+    original = torchscript_bytes(traced_cnn())
+    for name, link in (("../../../tmp/evil.py", False), ("/etc/evil", False), ("model/code/escape", True)):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(original)) as source, zipfile.ZipFile(buffer, "w") as archive:
+            for entry in source.infolist():
+                archive.writestr(entry, source.read(entry))
+            extra = zipfile.ZipInfo(name)
+            if link:
+                extra.external_attr = (0o120777 << 16)
+            archive.writestr(extra, "/etc/passwd" if link else "print('escaped')")
+        assert "outside" in _refused(api, buffer.getvalue(), "not_torchscript")["detail"]
+    assert _blob_files(service) == before
