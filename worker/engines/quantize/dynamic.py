@@ -26,6 +26,7 @@ from worker.engines.quantize.int8 import (
 )
 from worker.engines.quantize.onednn import (
     OnednnDynamicLinear,
+    has_int8_dot_product,
     prefer_onednn,
     probe_linear_kernels,
 )
@@ -99,7 +100,10 @@ class DynamicInt8(Int8Scheme):
                 converter.keep_float[site.module] = reason
 
     def _onednn_shapes(self, graph: ForwardGraph, sites: list[Site]) -> set[tuple[int, int]]:
-        """The linear weight shapes for which oneDNN's int8 kernel beat the backend's in the probe."""
+        """The linear weight shapes for which oneDNN's int8 kernel beat the backend's in the probe
+        (none on CPUs without int8 dot-product instructions, where it loses accuracy)."""
+        if not has_int8_dot_product():
+            return set()
         for site in sites:
             weight = graph.tensor(site.weights[0])
             if site.kind == "Linear" and weight.dim() == 2 and weight.is_floating_point():
