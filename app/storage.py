@@ -137,10 +137,8 @@ class LocalBlobStore(BlobStore):
         stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
         if self._verified.get(sha256) == stamp:
             return path
-        digest = hashlib.sha256()
         with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+            digest = hashlib.file_digest(fh, "sha256")
         if info.st_size != size or digest.hexdigest() != sha256:
             raise BlobCorrupted(f"the stored file {sha256} no longer matches its sha256 (or its size of {size} "
                                 "bytes): it was changed after it was stored and is not used; upload it again")

@@ -36,7 +36,7 @@ def validate_model(model_id: str) -> str:
         if model is None or model.status != "validating":
             return model.status if model else "missing"
         sha256, size = model.sha256, model.size_bytes
-    job = JobDir.create(settings.work_dir, f"validate-{model_id}-", current_sandbox().enabled)
+    job = JobDir.create(settings.work_dir, f"validate-{model_id}-", current_sandbox())
     summary, error = None, None
     try:
         path = job.add_input("model.pt", store.verified_path(sha256, size))
@@ -87,8 +87,7 @@ def _run_claimed(job_id: str) -> str:
             lifecycle.fail(session, job_id, "model_invalid", f"the model {model_id} is invalid: {reason}")
         return "failed"
 
-    sandbox = current_sandbox()
-    job = JobDir.create(settings.work_dir, f"job-{job_id}-", sandbox.enabled)
+    job = JobDir.create(settings.work_dir, f"job-{job_id}-", current_sandbox())
     try:
         try:
             files = _job_files(spec, model_id, job)
@@ -119,8 +118,8 @@ def _run_claimed(job_id: str) -> str:
         sha256, size = store.put_file(artifact)
         report = {"job_id": job_id, **outcome["report"]}
         report["result"]["size_bytes"] = size
-        report["environment"]["sandbox"] = sandbox.describe()
-        if not sandbox.enabled:
+        report["environment"]["sandbox"] = job.sandbox.describe()
+        if not job.sandboxed:
             report["notes"] = [*report.get("notes", []), "the uploaded model ran unsandboxed (COMPACTOR_SANDBOX=off)"]
         with unit_of_work() as session:
             if lifecycle.succeed(session, job_id, sha256, size, report):

@@ -19,12 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from app.settings import get_settings
-from worker.sandbox import JobDir, Sandbox, SandboxUnavailable, package_dir
+from worker.sandbox import MAX_ENTRIES, JobDir, Sandbox, SandboxUnavailable, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,17 @@ def run_isolated(target: str, kwargs: dict, limits: Limits,
     The target is called as `function(emit=..., **kwargs)`; `emit(dict)` sends a progress message,
     handed to `on_progress` here. When `on_progress` returns False (the job was canceled) the child
     is killed and IsolatedFailure("canceled") raised. Paths in `kwargs` must be the child's view of
-    `job` (`job.inside(...)`); without a `job`, a throwaway one is used.
+    `job` (`job.inside(...)`), which runs under its own sandbox; without a `job`, a throwaway one
+    under the configured sandbox is used.
 
     Raises:
         IsolatedFailure: with a code a user can act on, when the child crashed, ran past a limit,
             raised an error, was canceled, or the sandbox could not start.
     """
-    sandbox = current_sandbox()
     owned = job is None
     if job is None:
-        job = JobDir.create(Path(tempfile.gettempdir()), "compactor-run-", sandbox.enabled)
+        job = JobDir.create(Path(tempfile.gettempdir()), "compactor-run-", current_sandbox())
+    sandbox = job.sandbox
     parent_end, child_end = socket.socketpair()
     try:
         package = target.split(".", 1)[0]
@@ -162,9 +164,9 @@ def _serve(process: subprocess.Popen, channel: socket.socket, job: JobDir, limit
         if limits.output_bytes and now > next_usage:
             next_usage = now + USAGE_EVERY_S
             written, entries = job.usage()
-            if written > limits.output_bytes or entries > 10_000:
+            if written > limits.output_bytes or entries > MAX_ENTRIES:
                 raise IsolatedFailure("output_too_large", f"the job wrote more than {limits.output_bytes} bytes or "
-                                                          "10,000 files and was stopped; raise "
+                                                          f"{MAX_ENTRIES} files and was stopped; raise "
                                                           "COMPACTOR_SANDBOX_MAX_OUTPUT_BYTES if the model needs it")
     process.wait(10)
     raise _exit_failure(process.returncode, heard, job)
@@ -235,8 +237,9 @@ def _exit_failure(exitcode: int | None, heard: bool, job: JobDir) -> IsolatedFai
             return IsolatedFailure("timeout", "the model's process used up its CPU time limit and was stopped")
         name = _CRASH_SIGNALS.get(sig, signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig))
         return IsolatedFailure("model_crashed", f"the model crashed the process running it ({name}); the worker is unharmed")
-    if not heard and exitcode == 1 and _sandbox_error(job):
-        return IsolatedFailure("sandbox_unavailable", f"the sandbox could not start: {_sandbox_error(job)}")
+    reason = _sandbox_error(job) if not heard and exitcode == 1 else None
+    if reason:
+        return IsolatedFailure("sandbox_unavailable", f"the sandbox could not start: {reason}")
     return IsolatedFailure("model_crashed", f"the process running the model exited unexpectedly (exit code {exitcode})")
 
 

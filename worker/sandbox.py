@@ -36,7 +36,7 @@ CHILD_PACKAGES = ("worker", "app")
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin")
 # What libc and the dynamic loader read from /etc; nothing else of it (no passwd, no hosts, no ssl).
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
-_MAX_ENTRIES = 10_000
+MAX_ENTRIES = 10_000  # files and directories a job may write
 
 
 class SandboxUnavailable(Exception):
@@ -60,15 +60,19 @@ class JobDir:
     """
 
     root: Path
-    sandboxed: bool
+    sandbox: Sandbox
 
     @classmethod
-    def create(cls, parent: Path, prefix: str, sandboxed: bool) -> "JobDir":
+    def create(cls, parent: Path, prefix: str, sandbox: Sandbox) -> JobDir:
         Path(parent).mkdir(parents=True, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         for name in ("in", "out", "tmp"):
             (root / name).mkdir()
-        return cls(root, sandboxed)
+        return cls(root, sandbox)
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.sandbox.enabled
 
     @property
     def log_path(self) -> Path:
@@ -102,7 +106,8 @@ class JobDir:
         else:
             raise OutputRejected("the output is not in the job's directory")
         host = base / relative
-        if ".." in Path(relative).parts or host.resolve() != host or not host.is_relative_to(base):
+        # resolve() catches a '..' or a link on the way; is_relative_to an absolute `relative`.
+        if host.resolve() != host or not host.is_relative_to(base):
             raise OutputRejected("the output path leaves the job's directory")
         if not stat.S_ISREG(os.lstat(host).st_mode):
             raise OutputRejected("the output is not a regular file")
@@ -116,7 +121,7 @@ class JobDir:
             total += os.lstat(self.log_path).st_size
         except FileNotFoundError:
             pass
-        while stack and entries <= _MAX_ENTRIES:
+        while stack and entries <= MAX_ENTRIES:
             try:
                 with os.scandir(stack.pop()) as listing:
                     for entry in listing:
@@ -142,7 +147,7 @@ class Sandbox:
         self.forbidden = [Path(p).resolve() for p in forbidden]
 
     def describe(self) -> dict:
-        """What a report and /readyz show about how models ran."""
+        """What a report shows about how the model ran."""
         if not self.enabled:
             return {"mode": "off", "note": "COMPACTOR_SANDBOX=off: uploaded models ran as the worker's own user"}
         return {"mode": "bubblewrap", "namespaces": ["user", "mount", "pid", "network", "ipc", "uts", "cgroup"]}

@@ -19,6 +19,8 @@ import threading
 from worker import landlock
 from worker.errors import describe_error
 
+_landlock_abi = 0  # what main() applied, for probe() to report
+
 
 class Channel:
     """JSON lines over the socket the parent passed (thread-safe: engines may emit from threads)."""
@@ -46,18 +48,18 @@ def apply_limits(limits: dict) -> None:
 
 def probe(emit) -> dict:
     """What the walls look like from inside (the worker's start-up check and the tests read it)."""
-    return {"uid": os.getuid(), "landlock_abi": int(os.environ.get("COMPACTOR_LANDLOCK_ABI", "0")),
-            "environment": sorted(os.environ), "root": sorted(os.listdir("/"))}
+    return {"uid": os.getuid(), "landlock_abi": _landlock_abi, "environment": sorted(os.environ),
+            "root": sorted(os.listdir("/"))}
 
 
 def main(argv: list[str]) -> int:
+    global _landlock_abi
     channel = Channel(int(argv[1]))
     request = channel.receive()
     try:
         apply_limits(request["limits"])
         if request.get("landlock"):
-            # Only the ABI number is kept in the environment, for `probe` to report it.
-            os.environ["COMPACTOR_LANDLOCK_ABI"] = str(landlock.restrict_self(request["writable"]))
+            _landlock_abi = landlock.restrict_self(request["writable"])
         sys.path[:0] = request.get("sys_path", [])
         module_name, function_name = request["target"].split(":")
         function = getattr(importlib.import_module(module_name), function_name)
@@ -82,4 +84,7 @@ def _plain(value):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    # Run as the imported module, not as __main__, so `probe` (imported by name) sees main's state.
+    from worker import sandbox_child
+
+    sys.exit(sandbox_child.main(sys.argv))

@@ -137,12 +137,13 @@ print('abi', abi)
 
 
 def test_outputs_are_checked_before_they_are_taken(tmp_path):
-    job = JobDir.create(tmp_path, "job-", sandboxed=True)
+    job = JobDir.create(tmp_path, "job-", Sandbox(True))
     (job.root / "out" / "model.pt").write_bytes(b"x")
     assert job.output_file("/job/out/model.pt") == (job.root / "out" / "model.pt").resolve()
     (job.root / "out" / "link.pt").symlink_to("/etc/passwd")
     (job.root / "out" / "dir.pt").mkdir()
-    for bad in ("/job/out/link.pt", "/job/out/dir.pt", "/job/out/../../etc/passwd", "/etc/passwd", "/job/tmp/x",
+    for bad in ("/job/out/link.pt", "/job/out/dir.pt", "/job/out/../../etc/passwd", "/job/out//etc/passwd",
+                "/etc/passwd", "/job/tmp/x",
                 None):
         with pytest.raises(OutputRejected):
             job.output_file(bad)
@@ -151,7 +152,7 @@ def test_outputs_are_checked_before_they_are_taken(tmp_path):
 def test_the_sandbox_refuses_to_expose_the_data_dir(tmp_path):
     from worker.sandbox import package_dir
 
-    job = JobDir.create(tmp_path, "job-", sandboxed=True)
+    job = JobDir.create(tmp_path, "job-", Sandbox(True))
     inside_code = package_dir("worker") / "var"
     with pytest.raises(SandboxUnavailable, match="would expose"):
         Sandbox(True, forbidden=[inside_code]).command(job, ["true"])

@@ -11,6 +11,7 @@ fast kernel whoever loads it.
 # TorchScript must resolve `Optional`, `List` and `Union` in the scripted holder below
 # ruff: noqa: UP006, UP007, UP045
 
+import functools
 from typing import List, Optional, Union  # noqa: UP035
 
 import torch
@@ -113,6 +114,7 @@ def probe_linear_kernels(weight: Tensor, per_channel: bool, backend: str) -> dic
         return fastest_ms(candidates, warmup=3, repeats=PROBE_REPEATS)
 
 
+@functools.cache
 def has_int8_dot_product() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX).
 
