@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from tests import zoo
@@ -35,8 +36,13 @@ def test_readme_walkthrough_against_compactor_serve(tmp_path):
         torch.jit.save(original, str(tmp_path / "model.pt"))
         x, y, _, _ = zoo.digits()
         np.savez(tmp_path / "digits.npz", input=x[:32].numpy(), label=y[:32].numpy())
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", _walkthrough()], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=300, env={**env, "BASE": f"http://127.0.0.1:{port}"})
+        try:
+            result = subprocess.run(["bash", "-euo", "pipefail", "-c", _walkthrough()], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=300,
+                                    env={**env, "BASE": f"http://127.0.0.1:{port}"})
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"the walkthrough did not finish: {exc.stderr!r}\n"
+                        + (tmp_path / "serve.log").read_text(errors="replace")[-3000:])
         assert result.returncode == 0, result.stderr + (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
         assert re.search(r"job [0-9a-f-]+: succeeded", result.stdout), result.stdout
         assert re.search(r"[\d.]+× (faster|slower) at batch 8, [\d.]+× smaller", result.stdout), result.stdout
