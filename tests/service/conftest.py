@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import time
 from contextlib import contextmanager
 
@@ -25,7 +26,8 @@ def pg_url():
 @pytest.fixture(scope="session")
 def redis_broker():
     check_redis()  # fails (never skips) when Redis is down
-    return f"{REDIS_URL}/5"
+    # Its own Redis database, so two checkouts testing at once never take each other's jobs.
+    return f"{REDIS_URL}/{os.environ.get('COMPACTOR_TEST_REDIS_DB', '5')}"
 
 
 @pytest.fixture(scope="session")
