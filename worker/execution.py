@@ -16,6 +16,7 @@ from app.db import unit_of_work
 from app.errors import CompactorError
 from app.inspection import check_torchscript_archive
 from app.models import CompressionJob, Dataset, UploadedModel
+from app.reports.html import headline
 from app.services import lifecycle
 from app.settings import get_settings
 from app.storage import BlobCorrupted, get_blob_store
@@ -121,6 +122,7 @@ def _run_claimed(job_id: str) -> str:
         report["environment"]["sandbox"] = job.sandbox.describe()
         if not job.sandboxed:
             report["notes"] = [*report.get("notes", []), "the uploaded model ran unsandboxed (COMPACTOR_SANDBOX=off)"]
+        report["summary"]["headline"] = headline(report)  # worded here: the child imports only the engines
         with unit_of_work() as session:
             if lifecycle.succeed(session, job_id, sha256, size, report):
                 return "succeeded"

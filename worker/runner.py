@@ -15,12 +15,11 @@ from typing import Callable
 
 import torch
 
-from app.reports.html import headline
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError, model_text
 from worker.engines.measure import BenchmarkConfig, measure_models
 from worker.engines.modules import load_model, save_model
-from worker.engines.pipeline import PipelineContext, run_step
+from worker.engines.pipeline import PipelineContext, parse_step, run_step
 from worker.errors import describe_error
 
 Emit = Callable[[dict], None]
@@ -39,24 +38,31 @@ class JobFiles:
 def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> dict:
     """Run a job's steps in order, measure baseline, every stage and the result side by side.
 
-    Returns {"artifact_path": str, "report": dict} (the report without the job's storage ids).
+    The spec (as the API stored it, defaults filled) is parsed into typed configs first, so a
+    step no engine can run fails before any model is loaded.
+
+    Returns {"artifact_path": str, "report": dict} (the report without the job's storage ids and
+    without the headline, which the service words).
     """
     job_files = JobFiles(**files)
-    compute = _pick_device(spec.get("benchmark", {}).get("device", "cpu"), device)
-    torch.manual_seed(spec.get("seed", 0))
+    steps = [parse_step(step) for step in spec.get("steps", [])]
+    benchmark_spec = spec.get("benchmark", {})
+    compute = _pick_device(benchmark_spec.get("device", "cpu"), device)
+    benchmark = BenchmarkConfig.from_spec({**benchmark_spec, "device": str(compute)})
+    seed = spec.get("seed", 0)
+    torch.manual_seed(seed)
     out = Path(job_files.output_dir)
     emit({"stage": "loading", "step_index": None, "percent": 1.0, "message": "loading model and data"})
 
     teacher = load_model(job_files.model, compute)
     calibration = load_dataset(job_files.calibration) if job_files.calibration else None
-    evaluation = _evaluation_data(spec, job_files, calibration)
+    evaluation = _evaluation_data(spec, benchmark, job_files, calibration)
     ctx = PipelineContext(teacher=teacher, calibration=calibration, evaluation=evaluation, device=compute,
                           load_model=lambda model_id: load_model(job_files.students[model_id], compute),
-                          seed=spec.get("seed", 0))
+                          seed=seed, batch_sizes=tuple(benchmark.batch_sizes))
     example = evaluation.take(2)
     reference_outputs = _run(teacher, example, compute)
 
-    steps = spec.get("steps", [])
     models = {"baseline": teacher}
     paths = {"baseline": Path(job_files.model)}
     stages = []
@@ -65,28 +71,25 @@ def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> di
         share = STEPS_SHARE / max(len(steps), 1)
         base = 2.0 + index * share
 
-        def progress(fraction: float, message: str, _i=index, _base=base, _share=share, _op=step["op"]) -> None:
+        def progress(fraction: float, message: str, _i=index, _base=base, _share=share, _op=step.op) -> None:
             emit({"stage": _op, "step_index": _i, "percent": round(_base + _share * min(max(fraction, 0.0), 1.0), 1),
                   "message": message})
 
         ctx.progress = progress
-        progress(0.0, f"step {index + 1}/{len(steps)}: {step['op']}")
+        progress(0.0, f"step {index + 1}/{len(steps)}: {step.op}")
         started = time.perf_counter()
         output = run_step(current, step, ctx)
         current = output.model.eval()
-        _check_interface(reference_outputs, _run(current, example, compute), step["op"])
+        _check_interface(reference_outputs, _run(current, example, compute), step.op)
         name = f"stage{index + 1}"
         paths[name] = out / f"{name}.pt"
         save_model(current, paths[name])
         models[name] = current
         details = {**output.details, "seconds": round(time.perf_counter() - started, 3)}
-        stages.append({"op": step["op"], "params": {k: v for k, v in step.items() if k != "op"}, "details": details})
+        params = {k: v for k, v in step.as_step().items() if k != "op"}
+        stages.append({"op": step.op, "params": params, "details": details})
 
     result_name = f"stage{len(steps)}" if steps else "baseline"
-    benchmark = spec.get("benchmark", {})
-    config = BenchmarkConfig(device=str(compute), batch_sizes=benchmark.get("batch_sizes", [1]),
-                             warmup=benchmark.get("warmup", 10), iterations=benchmark.get("iterations", 100),
-                             threads=benchmark.get("threads"))
 
     def measure_progress(fraction: float, message: str) -> None:
         emit({"stage": "benchmark", "step_index": None, "percent": round(STEPS_SHARE + 2 + 17 * fraction, 1),
@@ -94,7 +97,7 @@ def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> di
 
     measure_progress(0.0, "measuring baseline and result side by side")
     measurement = measure_models(models=models, files=paths, reference="baseline", data=evaluation,
-                                 config=config, progress=measure_progress)
+                                 config=benchmark, progress=measure_progress)
     for index, stage in enumerate(stages):
         name = f"stage{index + 1}"
         stage["metrics"] = measurement.metrics[name]
@@ -110,7 +113,6 @@ def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> di
                              measurement.speedup.get(result_name, {}), spec.get("target")),
         "notes": _notes(stages) + measurement.notes,
     }
-    report["summary"]["headline"] = headline(report)
     return {"artifact_path": str(paths[result_name]), "report": report}
 
 
@@ -152,13 +154,13 @@ def _pick_device(requested: str, worker_device: str) -> torch.device:
     return torch.device(wanted)
 
 
-def _evaluation_data(spec: dict, files: JobFiles, calibration: ModelData | None) -> ModelData:
+def _evaluation_data(spec: dict, benchmark: BenchmarkConfig, files: JobFiles,
+                     calibration: ModelData | None) -> ModelData:
     if files.evaluation:
         return load_dataset(files.evaluation)
     if calibration is not None:
         return calibration
-    batches = spec.get("benchmark", {}).get("batch_sizes", [1])
-    return synthetic_data(spec["input_spec"], num_samples=max(64, max(batches)), seed=spec.get("seed", 0))
+    return synthetic_data(spec["input_spec"], num_samples=max(64, *benchmark.batch_sizes), seed=spec.get("seed", 0))
 
 
 def _run(model: torch.jit.ScriptModule, data: ModelData, device: torch.device):

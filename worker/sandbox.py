@@ -32,7 +32,7 @@ PASSED_ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREAD
                       "OPENBLAS_L2_SIZE", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
                       "CUDA_DEVICE_ORDER", "PYTORCH_CUDA_ALLOC_CONF")
 # Packages whose code the child imports (besides the call's own target package).
-CHILD_PACKAGES = ("worker", "app")
+CHILD_PACKAGES = ("worker",)  # the child imports only worker modules and the engines
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin")
 # What libc and the dynamic loader read from /etc; nothing else of it (no passwd, no hosts, no ssl).
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")

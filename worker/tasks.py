@@ -7,6 +7,7 @@ import threading
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
+from app import queue
 from app.settings import get_settings
 from worker import execution
 from worker.celery_app import celery_app
@@ -16,12 +17,12 @@ log = logging.getLogger(__name__)
 _stop = threading.Event()
 
 
-@celery_app.task(name="compactor.run_job")
+@celery_app.task(name=queue.RUN_JOB)
 def run_job(job_id: str) -> str:
     return execution.run_job(job_id)
 
 
-@celery_app.task(name="compactor.validate_model")
+@celery_app.task(name=queue.VALIDATE_MODEL)
 def validate_model(model_id: str) -> str:
     return execution.validate_model(model_id)
 

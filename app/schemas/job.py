@@ -1,11 +1,17 @@
-"""The JobSpec a user submits and the Job they read back."""
+"""The JobSpec a user submits and the Job they read back.
+
+This is the job spec's one definition on the service side: its fields, defaults, choices and the
+rules between fields. The engines' step configs (`worker/engines/*/config.py`) mirror it, and
+tests/test_spec_parity.py fails when the two drift apart.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.schemas.common import ErrorInfo
 
@@ -13,6 +19,20 @@ from app.schemas.common import ErrorInfo
 class _Strict(BaseModel):
     # A misspelt field must be a 422 naming it, never silently ignored.
     model_config = ConfigDict(extra="forbid")
+
+
+def _refuse(title: str, broken: list[tuple[tuple, str]]) -> None:
+    """Raise one validation error per broken rule, each at the field it names (pydantic prefixes
+    the enclosing location, so a step's error reads `body.steps.0.prune.criterion`)."""
+    if broken:
+        raise ValidationError.from_exception_data(title, [
+            InitErrorDetails(type=PydanticCustomError("invalid_combination", message), loc=loc, input=None)
+            for loc, message in broken])
+
+
+# Criteria that rank whole channels, and schemes that convert the whole model at once.
+CHANNEL_CRITERIA = ("entropy", "bn_scale")
+WHOLE_MODEL_SCHEMES = ("fp16", "bf16")
 
 
 class InputSpec(_Strict):
@@ -37,6 +57,17 @@ class PruneStep(_Strict):
     exclude: list[str] = Field(default_factory=list, description="Glob patterns of module names left untouched.")
     recalibrate_bn: bool = Field(True, description="Re-estimate stale BatchNorm statistics on the calibration dataset after pruning.")
 
+    @model_validator(mode="after")
+    def _rules(self) -> PruneStep:
+        broken = []
+        if self.criterion in CHANNEL_CRITERIA and self.structure != "channel":
+            broken.append((("criterion",), f"criterion '{self.criterion}' ranks whole channels: use it with "
+                                           "structure 'channel'"))
+        if self.structure == "n:m" and self.n >= self.m:
+            broken.append((("n",), f"n:m needs n < m, got {self.n}:{self.m}"))
+        _refuse("PruneStep", broken)
+        return self
+
 
 class QuantizeStep(_Strict):
     """Lower the precision of weights (and activations)."""
@@ -47,6 +78,13 @@ class QuantizeStep(_Strict):
     exclude: list[str] = Field(default_factory=list, description="Module-name globs kept in float.")
     min_fidelity: float | None = Field(None, gt=0, le=1, description="Keep the most sensitive layers in float until output fidelity holds.")
     group_size: int = Field(128, ge=8, description="Group size of weight_int4 scales.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> QuantizeStep:
+        if self.exclude and self.scheme in WHOLE_MODEL_SCHEMES:
+            _refuse("QuantizeStep", [(("exclude",), f"{self.scheme} converts the whole model: 'exclude' works only "
+                                                    "with the int8, weight-only and binary schemes")])
+        return self
 
 
 class DistillStep(_Strict):
@@ -96,6 +134,18 @@ class JobSpec(_Strict):
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     target: TargetSpec | None = None
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _rules(self) -> JobSpec:
+        broken = []
+        if not (self.calibration_dataset_id or self.eval_dataset_id or self.input_spec):
+            broken.append((("input_spec",), "give input_spec (synthetic inputs) or a dataset: the benchmark needs inputs"))
+        for index, step in enumerate(self.steps):
+            if isinstance(step, QuantizeStep) and step.scheme == "static_int8" and not self.calibration_dataset_id:
+                broken.append((("calibration_dataset_id",), f"steps.{index}: static_int8 needs a calibration dataset "
+                                                            "(synthetic calibration would silently ruin accuracy)"))
+        _refuse("JobSpec", broken)
+        return self
 
 
 class JobProgress(BaseModel):

@@ -18,7 +18,7 @@ from worker.engines.prune.importance import BNScaleImportance, MagnitudeImportan
 
 
 def test_the_prune_op_is_registered():
-    assert step_handler("prune") is prune
+    assert step_handler(PruneConfig) is prune
 
 
 def test_defaults_fill_the_optional_fields():
@@ -26,12 +26,16 @@ def test_defaults_fill_the_optional_fields():
 
     assert config == PruneConfig(structure="channel", amount=0.3, criterion="l1", scope="global", n=2, m=4, exclude=())
     assert PruneConfig.from_step({"op": "prune", "structure": "n:m"}).n == 2
+    assert PruneConfig.from_step(config.as_step()) == config
 
 
 @pytest.mark.parametrize("step,message", [
     ({"amount": 0.5}, "structure"),
-    ({"structure": "channel"}, "needs 'amount'"),
-    ({"structure": "channel", "amount": 1.0}, "between 0 and 1"),
+    ({"structure": "channel", "amount": "half"}, "amount"),
+    ({"structure": "channel", "amount": 1.0}, "amount must be < 1"),
+    ({"structure": "channel", "amount": 0.5, "amonut": 0.4}, "unknown field(s) amonut"),
+    ({"structure": "n:m", "n": 4, "m": 4}, "n < m"),
+    ({"structure": "unstructured", "criterion": "entropy"}, "use it with structure 'channel'"),
     ({"structure": "channel", "amount": 0.5, "criterion": "random"}, "criterion"),
     ({"structure": "channel", "amount": 0.5, "scope": "model"}, "scope"),
     ({"structure": "blocks", "amount": 0.5}, "structure"),

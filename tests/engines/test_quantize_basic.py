@@ -195,6 +195,45 @@ def test_half_precision_tuple_outputs_and_integer_inputs(scheme, make):
     assert float((logits - expected_logits).abs().max()) < 0.05
 
 
+class WithEncode(nn.Module):
+    """forward plus an exported method that reads one of the layers' weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    @torch.jit.export
+    def encode(self, x):
+        return self.fc1(x)
+
+
+def test_scripted_sequential_comes_back_smaller_without_its_float_weights():
+    """A scripted nn.Sequential always has `__len__` besides `forward`: it reads no weight, so the
+    float copies go and the artifact holds only the int8 ones."""
+    model = script(nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)))
+    assert set(model._c._method_names()) - {"forward"}
+    x = torch.randn(16, 256)
+
+    out = _quantize(model, {"scheme": "dynamic_int8"}, x)
+
+    assert _size(out.model) < 0.35 * _size(model)  # int8 weights: a quarter, plus the archive's own bytes
+    assert sum(p.numel() for p in out.model.parameters()) < 0.1 * sum(p.numel() for p in model.parameters())
+    assert out.model._c._get_method("__len__")() == 3 and _cosine_min(out.model(x), model(x)) > 0.99
+
+
+def test_a_weight_another_method_reads_stays():
+    model = script(WithEncode())
+    x = torch.randn(16, 32)
+
+    out = _quantize(model, {"scheme": "dynamic_int8"}, x)
+
+    assert out.model.fc1.weight.numel() == 32 * 64 and out.model.fc2.weight.numel() == 0
+    assert torch.equal(out.model.encode(x), model.encode(x)) and _cosine_min(out.model(x), model(x)) > 0.99
+
+
 def test_half_precision_refuses_exclude():
     model = trace(TransformerMLP(), torch.randn(2, 64))
     with pytest.raises(EngineError) as info:

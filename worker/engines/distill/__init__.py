@@ -14,8 +14,8 @@ from worker.engines.pipeline import PipelineContext, StageOutput, register_step
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_step"]
 
 
-@register_step("distill")
-def distill_step(model: torch.jit.ScriptModule, step: dict, ctx: PipelineContext) -> StageOutput:
+@register_step(DistillConfig)
+def distill_step(model: torch.jit.ScriptModule, config: DistillConfig, ctx: PipelineContext) -> StageOutput:
     """The `distill` step: the teacher is `ctx.teacher`, the student `model` or `student_model_id`.
 
     Trains on `ctx.training_data()` and validates on `ctx.evaluation`; the pipeline's model is
@@ -23,16 +23,15 @@ def distill_step(model: torch.jit.ScriptModule, step: dict, ctx: PipelineContext
 
     Args:
         model: the pipeline's current model (the default student).
-        step: the JobSpec step (`{"op": "distill", "epochs": 3, ...}`, see DistillConfig).
+        config: the step's settings (see DistillConfig).
         ctx: teacher, data, device, progress, model loader and seed.
 
     Returns:
         StageOutput with the trained TorchScript student and the training details.
 
     Example:
-        out = distill_step(pruned, {"op": "distill", "epochs": 3}, ctx)
+        out = distill_step(pruned, DistillConfig(epochs=3), ctx)
     """
-    config = DistillConfig.from_step(step)
     if config.student_model_id is None:
         student, source = clone_model(model), "pipeline model"
     else:

@@ -1,18 +1,17 @@
-"""The `distill` step's settings: one frozen dataclass parsed from the job spec's step dict."""
+"""The `distill` step's settings: a frozen config parsed once from the job spec's step dict."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
-from worker.engines.errors import EngineError
+from worker.engines.step_config import StepConfig, setting
 
 LOSS_CHOICES = ("auto", "kl", "cosine", "mse")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(StepConfig):
     """How to distill the teacher into the student.
 
     Attributes:
@@ -32,59 +31,18 @@ class DistillConfig:
         weight_decay: AdamW's decoupled weight decay.
 
     Example:
-        config = DistillConfig.from_step({"op": "distill", "epochs": 5, "temperature": 2.0})
+        config = DistillConfig(epochs=5, temperature=2.0)
     """
 
+    op: ClassVar[str] = "distill"
+
     student_model_id: str | None = None
-    temperature: float = 1.0
-    alpha: float = 0.7
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 64
-    patience: int = 2
-    sparsity_regularization: float = 0.0
-    loss: str = "auto"
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.temperature > 0 and math.isfinite(self.temperature), "temperature must be > 0"),
-            (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "lr must be > 0"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.patience >= 1, "patience must be >= 1"),
-            (self.sparsity_regularization >= 0, "sparsity_regularization must be >= 0"),
-            (self.loss in LOSS_CHOICES, f"loss must be one of {', '.join(LOSS_CHOICES)}"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise EngineError("invalid_step", f"distill: {message}")
-
-    @classmethod
-    def from_step(cls, step: dict) -> DistillConfig:
-        """Parse a JobSpec step; absent or null fields take the defaults above.
-
-        Args:
-            step: the step dict (`{"op": "distill", ...}`); unknown keys are ignored.
-
-        Returns:
-            The validated config. Raises EngineError("invalid_step") on out-of-range values.
-        """
-        values = {}
-        for field in dataclasses.fields(cls):
-            if step.get(field.name) is None:
-                continue
-            value = step[field.name]
-            try:
-                values[field.name] = _COERCE[field.name](value)
-            except (TypeError, ValueError):
-                raise EngineError("invalid_step", f"distill: {field.name}={value!r} is not valid") from None
-        return cls(**values)
-
-
-_COERCE = {
-    "student_model_id": str, "temperature": float, "alpha": float, "epochs": int, "lr": float,
-    "batch_size": int, "patience": int, "sparsity_regularization": float, "loss": str, "weight_decay": float,
-}
+    temperature: float = setting(1.0, gt=0)
+    alpha: float = setting(0.7, ge=0, le=1)
+    epochs: int = setting(3, ge=1, le=1000)
+    lr: float = setting(1e-3, gt=0)
+    batch_size: int = setting(64, ge=1)
+    patience: int = setting(2, ge=1)
+    sparsity_regularization: float = setting(0.0, ge=0)
+    loss: str = setting("auto", choices=LOSS_CHOICES)
+    weight_decay: float = setting(0.0, ge=0)

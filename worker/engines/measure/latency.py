@@ -43,7 +43,7 @@ class BenchmarkConfig:
     """
 
     device: str = "cpu"
-    batch_sizes: Sequence[int] = (1, 32)
+    batch_sizes: Sequence[int] = (1,)
     warmup: int = 10
     iterations: int = 100
     threads: int | None = None

@@ -4,7 +4,7 @@ registers the step and picks the function.
 
 Example:
     from worker.engines.pipeline import run_step
-    out = run_step(model, {"op": "prune", "structure": "channel", "amount": 0.5}, ctx)
+    out = run_step(model, PruneConfig(structure="channel", amount=0.5), ctx)
 """
 
 from __future__ import annotations
@@ -29,20 +29,16 @@ STRUCTURES: dict[str, Callable[[torch.jit.ScriptModule, PruneConfig, PipelineCon
 }
 
 
-@register_step("prune")
-def prune(model: torch.jit.ScriptModule, step: dict, ctx: PipelineContext) -> StageOutput:
+@register_step(PruneConfig)
+def prune(model: torch.jit.ScriptModule, config: PruneConfig, ctx: PipelineContext) -> StageOutput:
     """Run one `prune` step of a job spec on `model` (which is left unmodified).
 
     Args:
         model: a traced or scripted TorchScript model.
-        step: `{"op": "prune", "structure", "criterion", "amount", "scope", "n", "m", "exclude"}`.
+        config: the step's settings (see PruneConfig).
         ctx: the pipeline context (calibration data, teacher, device, progress).
 
     Returns:
         the pruned TorchScript model and JSON-safe details for the report.
-
-    Raises:
-        EngineError("invalid_step"): the step's fields are missing or inconsistent.
     """
-    config = PruneConfig.from_step(step)
     return STRUCTURES[config.structure](model, config, ctx)

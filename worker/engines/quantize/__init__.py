@@ -14,14 +14,13 @@ from worker.engines.quantize.config import QuantizeConfig
 from worker.engines.quantize.engine import quantize_model
 
 
-@register_step("quantize")
-def quantize_step(model: torch.jit.ScriptModule, step: dict, ctx: PipelineContext) -> StageOutput:
-    """The `quantize` step of a job: parse the step dict and run `quantize_model`.
+@register_step(QuantizeConfig)
+def quantize_step(model: torch.jit.ScriptModule, config: QuantizeConfig, ctx: PipelineContext) -> StageOutput:
+    """The `quantize` step of a job: `quantize_model` with the step's config.
 
     Args:
         model: the pipeline's current model (not modified).
-        step: `{"op": "quantize", "scheme": ..., "per_channel": True, "exclude": [], "min_fidelity": None,
-            "group_size": 128}`; `scheme` is required, the rest default as shown.
+        config: the step's settings (see QuantizeConfig).
         ctx: calibration data (required by `static_int8`), evaluation data for fidelity, device.
 
     Returns:
@@ -29,6 +28,6 @@ def quantize_step(model: torch.jit.ScriptModule, step: dict, ctx: PipelineContex
         details: `layers`, `skipped`, `fidelity`, `quantized_layers` and the scheme's notes.
 
     Example:
-        out = quantize_step(model, {"op": "quantize", "scheme": "dynamic_int8"}, ctx)
+        out = quantize_step(model, QuantizeConfig(scheme="dynamic_int8"), ctx)
     """
-    return quantize_model(model, QuantizeConfig.from_step(step), ctx)
+    return quantize_model(model, config, ctx)

@@ -94,7 +94,7 @@ class DynamicInt8(Int8Scheme):
             if layout not in self._recurrent_probes:
                 self.ctx.progress(0.0, f"timing {layout.label} in float and int8")
                 self._recurrent_probes[layout] = probe_recurrent_speed(
-                    weights, layout, self.config.per_channel, self.backend, self.reduce_range)
+                    weights, layout, self.config.per_channel, self.backend, self.reduce_range, self.ctx.batch_sizes)
             reason = int8_slower(self._recurrent_probes[layout])
             if reason is not None:
                 converter.keep_float[site.module] = reason

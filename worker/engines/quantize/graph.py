@@ -64,13 +64,7 @@ class ForwardGraph:
     # -- reading ---------------------------------------------------------------------------
     def attribute_path(self, value: torch._C.Value) -> str | None:
         """The dotted attribute path `value` reads from `self`, or None if it is computed."""
-        names = []
-        while value.node().kind() == "prim::GetAttr":
-            names.append(value.node().s("name"))
-            value = value.node().input()
-        if names and value.debugName() == self._self_name:
-            return ".".join(reversed(names))
-        return None
+        return _attribute_path(value, self._self_name)
 
     def resolve(self, path: str) -> Any:
         """The Python value at a dotted attribute path of the model (a tensor, module, list…)."""
@@ -205,15 +199,14 @@ class ForwardGraph:
     def finish(self, modules: Iterable[str] = ()) -> list[str]:
         """Drop dead nodes and empty the float weights of `modules` the graph no longer reads.
 
-        The file then holds only the new (packed) copies. Weights stay when the model has other
-        methods than `forward`, which might still read them.
+        The file then holds only the new (packed) copies. A weight another method of the model
+        still reads (an `encode` beside `forward`) stays; one no method reads goes (a scripted
+        `nn.Sequential`'s `__len__` reads none).
 
         Returns:
             the modules whose float weights were released.
         """
         torch._C._jit_pass_dce(self.graph)
-        if set(self.model._c._method_names()) - {"forward"}:
-            return []
         in_use = self._paths_in_use()
 
         def unread(path: str) -> bool:
@@ -235,17 +228,39 @@ class ForwardGraph:
         return released
 
     def _paths_in_use(self) -> set[str]:
-        """Attribute paths the graph reads for anything but a further attribute read."""
-        used = set()
-        for node in self.nodes(["prim::GetAttr"]):
-            if any(use.user.kind() != "prim::GetAttr" for use in node.output().uses()):
-                path = self.attribute_path(node.output())
-                if path is not None:
-                    used.add(path)
-        for use in next(iter(self.graph.inputs())).uses():
-            if use.user.kind() != "prim::GetAttr":
-                used.add("")
-        return used
+        """Attribute paths any method reads for anything but a further attribute read: the edited
+        forward graph, and every other method of the model as it stands."""
+        graphs = [self.graph]
+        for name in self.model._c._method_names():
+            if name != "forward":
+                graph = self.model._c._get_method(name).graph.copy()
+                torch._C._jit_pass_inline(graph)
+                graphs.append(graph)
+        return set().union(*(_paths_read(graph) for graph in graphs))
+
+
+def _attribute_path(value: torch._C.Value, self_name: str) -> str | None:
+    names = []
+    while value.node().kind() == "prim::GetAttr":
+        names.append(value.node().s("name"))
+        value = value.node().input()
+    if names and value.debugName() == self_name:
+        return ".".join(reversed(names))
+    return None
+
+
+def _paths_read(graph: torch._C.Graph) -> set[str]:
+    """What `graph` reads of its `self`; "" when it uses `self` itself (then everything may be read)."""
+    self_value = next(iter(graph.inputs()))
+    used = set()
+    for node in graph.findAllNodes("prim::GetAttr", True):
+        if any(use.user.kind() != "prim::GetAttr" for use in node.output().uses()):
+            path = _attribute_path(node.output(), self_value.debugName())
+            if path is not None:
+                used.add(path)
+    if any(use.user.kind() != "prim::GetAttr" for use in self_value.uses()):
+        used.add("")
+    return used
 
 
 def _owner(path: str) -> str:

@@ -30,11 +30,6 @@ class HalfPrecision(Scheme):
     def precision(self) -> str:
         return self.config.scheme
 
-    def check(self, model: torch.jit.ScriptModule) -> None:
-        if self.config.exclude:
-            raise EngineError("invalid_step", f"{self.config.scheme} converts the whole model behind float32 boundary "
-                                              "casts; 'exclude' is not supported for half precision")
-
     def convert(self, model: torch.jit.ScriptModule, modules: Collection[str] | None) -> Conversion:
         if modules is not None and WHOLE_MODEL.module not in modules:
             return Conversion(self.fresh_copy(model, self.ctx.device), [])

@@ -21,8 +21,6 @@ from worker.engines.quantize.backend import quantized_engine
 from worker.engines.quantize.int8 import quantize_weight_int8, quiet_quantized_tensors
 from worker.engines.quantize.timing import fastest_ms
 
-# batch sizes the probe times: one request at a time, and a served batch
-PROBE_BATCHES = (1, 32)
 # time steps per probe call: the cost per step is what differs, a short sequence measures it
 PROBE_STEPS = 16
 PROBE_REPEATS = 5
@@ -79,8 +77,9 @@ def pack_recurrent_cells(weights: list[torch.Tensor], layout: RecurrentLayout, p
 
 
 def probe_recurrent_speed(weights: list[torch.Tensor], layout: RecurrentLayout, per_channel: bool, backend: str,
-                          reduce_range: bool) -> dict[str, dict[str, float]]:
-    """Milliseconds per call of the layer in float and in int8, at each of `PROBE_BATCHES`.
+                          reduce_range: bool, batch_sizes: tuple[int, ...] = (1,)) -> dict[str, dict[str, float]]:
+    """Milliseconds per call of the layer in float and in int8, at each of `batch_sizes` (the
+    job's own: the decision is made for the batches the model will be served at).
 
     Both run the ops the converted graph runs (`aten::lstm` / `aten::gru` against
     `aten::quantized_lstm` / `aten::quantized_gru`) on the CPU, where the int8 kernels (and so the
@@ -88,18 +87,18 @@ def probe_recurrent_speed(weights: list[torch.Tensor], layout: RecurrentLayout, 
     int8 calls alternate, and the fastest of `PROBE_REPEATS` calls counts (`timing.fastest_ms`).
 
     Returns:
-        `{"batch 1": {"float": ms, "int8": ms}, "batch 32": {...}}`.
+        `{"batch 1": {"float": ms, "int8": ms}, "batch 32": {...}}`, one entry per batch size.
 
     Example:
         probe_recurrent_speed(list(lstm._flat_weights), RecurrentLayout("LSTM", 64, 128, 2, False, True),
-                              True, "x86", False)  # {"batch 1": {"float": 0.7, "int8": 1.3}, ...}
+                              True, "x86", False, (1, 32))  # {"batch 1": {"float": 0.7, "int8": 1.3}, ...}
     """
     weights = [w.detach().float().cpu() for w in weights]
     directions = 2 if layout.bidirectional else 1
     result = {}
     with quantized_engine(backend), quiet_quantized_tensors(), torch.no_grad():
         params = pack_recurrent_cells(weights, layout, per_channel, reduce_range)
-        for batch in PROBE_BATCHES:
+        for batch in sorted(set(batch_sizes)):
             x = torch.randn(PROBE_STEPS, batch, layout.input_size)
             h = torch.zeros(layout.num_layers * directions, batch, layout.hidden_size)
             result[f"batch {batch}"] = fastest_ms(_calls(layout, x, h, weights, params), warmup=1, repeats=PROBE_REPEATS)
@@ -120,12 +119,21 @@ def _calls(layout: RecurrentLayout, x: torch.Tensor, h: torch.Tensor, weights: l
 
 
 def int8_slower(timings: dict[str, dict[str, float]]) -> str | None:
-    """Why int8 does not pay off in the probe's `timings` (slower at any probed batch), or None.
+    """Why the layer stays in float (int8 not faster at some probed batch size), or None.
+
+    The reason names the batch sizes where int8 lost, and those where it won, as measured.
 
     Example:
-        int8_slower({"batch 1": {"float": 0.7, "int8": 1.3}})  # "int8 slower here: batch 1: 1.30 ms vs 0.70 ms float"
+        int8_slower({"batch 1": {"float": 1.38, "int8": 0.97}, "batch 32": {"float": 2.0, "int8": 3.1}})
+        # "int8 slower at batch 32 (3.10 ms vs 2.00 ms float), though faster at batch 1 (0.97 ms vs 1.38 ms)"
     """
-    if all(t["int8"] < t["float"] for t in timings.values()):
+    slower = {where: t for where, t in timings.items() if t["int8"] >= t["float"]}
+    if not slower:
         return None
-    return "int8 slower here: " + "; ".join(f"{where}: {t['int8']:.2f} ms vs {t['float']:.2f} ms float"
-                                            for where, t in timings.items())
+    faster = {where: t for where, t in timings.items() if where not in slower}
+
+    def listed(group: dict[str, dict[str, float]], unit: str) -> str:
+        return "; ".join(f"{where} ({t['int8']:.2f} ms vs {t['float']:.2f} ms{unit})" for where, t in group.items())
+
+    reason = f"int8 slower at {listed(slower, ' float')}"
+    return reason + (f", though faster at {listed(faster, '')}" if faster else "")
