@@ -14,7 +14,6 @@ import os
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterator
 
 from app.errors import BlobCorrupted, PayloadTooLarge
 
@@ -154,18 +153,6 @@ class LocalBlobStore(BlobStore):
     def check(self) -> None:
         probe = tempfile.NamedTemporaryFile(dir=self.tmp_dir, prefix="ready-")
         probe.close()
-
-    def iter_range(self, sha256: str, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
-        """Yield bytes [start, end] (inclusive) of a blob."""
-        with open(self.local_path(sha256), "rb") as fh:
-            fh.seek(start)
-            remaining = end - start + 1
-            while remaining > 0:
-                data = fh.read(min(chunk, remaining))
-                if not data:
-                    break
-                remaining -= len(data)
-                yield data
 
 
 _STORE: LocalBlobStore | None = None

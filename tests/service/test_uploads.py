@@ -49,6 +49,13 @@ def test_download_with_etag_and_range(api):
     assert part.headers["content-range"] == f"bytes 10-99/{len(content)}"
     assert api.get(f"/v1/models/{model['id']}/content", headers={"If-None-Match": full.headers["etag"]}).status_code == 304
     assert api.get(f"/v1/models/{model['id']}/content", headers={"Range": f"bytes={len(content) + 5}-"}).status_code == 416
+    tail = api.get(f"/v1/models/{model['id']}/content", headers={"Range": "bytes=-50"})
+    assert tail.status_code == 206 and tail.content == content[-50:]
+    # If-Range: the range only while the file is still the one the client saw, else all of it
+    same = api.get(f"/v1/models/{model['id']}/content", headers={"Range": "bytes=0-9", "If-Range": full.headers["etag"]})
+    assert same.status_code == 206 and same.content == content[:10]
+    changed = api.get(f"/v1/models/{model['id']}/content", headers={"Range": "bytes=0-9", "If-Range": '"0000"'})
+    assert changed.status_code == 200 and changed.content == content
 
 
 def test_name_field_list_paging_and_delete(api):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, SettingsDep, StoreDep, TenantDep
-from app.api.routes.openapi import ERRORS, upload_body
+from app.api.openapi import ERRORS, upload_body
 from app.schemas.common import Page
 from app.schemas.resources import DatasetRead
 from app.services import datasets as service

@@ -9,7 +9,7 @@ from fastapi.responses import HTMLResponse
 
 from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, StoreDep, TenantDep
 from app.api.files import blob_response
-from app.api.routes.openapi import ERRORS
+from app.api.openapi import ERRORS
 from app.models import CompressionJob
 from app.reports.html import render_report_html
 from app.schemas.common import Page

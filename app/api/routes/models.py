@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.files import blob_response
-from app.api.routes.openapi import ERRORS, upload_body
+from app.api.openapi import ERRORS, upload_body
 from app.schemas.common import Page
 from app.schemas.resources import ModelRead
 from app.services import models as service

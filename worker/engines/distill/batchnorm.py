@@ -1,5 +1,5 @@
-"""BatchNorm during distillation: making traced BatchNorm layers honour train/eval mode, and the
-β·Σ|γ| penalty on BatchNorm scales that prepares `bn_scale` channel pruning."""
+"""BatchNorm during distillation: making traced BatchNorm layers honour train/eval mode (the
+β·Σ|γ| penalty on their scales is pruning's `bn_scale_penalty`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from worker.engines.modules import clone_model, named_modules_of_kind
-
-BATCHNORM_KINDS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
+from worker.engines.prune.regularization import BATCH_NORM_KINDS
 
 # aten::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled)
 _RUNNING_MEAN_INPUT = 3
@@ -40,7 +39,7 @@ def make_batchnorm_mode_aware(model: torch.jit.ScriptModule) -> tuple[torch.jit.
         student, report = make_batchnorm_mode_aware(student)
         student.train()  # BatchNorm now normalises with batch statistics and updates its running ones
     """
-    layers = sum(1 for _ in named_modules_of_kind(model, BATCHNORM_KINDS))
+    layers = sum(1 for _ in named_modules_of_kind(model, BATCH_NORM_KINDS))
     ops = list(_constant_mode_batchnorms(model))
     frozen = sum(1 for _, _, owner in ops if owner is None)
     if frozen == len(ops):
@@ -81,20 +80,3 @@ def _read_training_flag(graph: torch._C.Graph, owner: torch._C.Value, node: torc
     read.output().setType(torch._C.BoolType.get())
     read.insertBefore(node)
     node.replaceInput(_TRAINING_INPUT, read.output())
-
-
-def batchnorm_scales(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The affine scales γ of every BatchNorm layer of `model` (traced or scripted)."""
-    scales = []
-    for _, module in named_modules_of_kind(model, BATCHNORM_KINDS):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.requires_grad:
-            scales.append(weight)
-    return scales
-
-
-def batchnorm_l1(scales: list[torch.Tensor]) -> torch.Tensor | None:
-    """Σ|γ| over the given BatchNorm scales, or None when there are none."""
-    if not scales:
-        return None
-    return torch.stack([scale.abs().sum() for scale in scales]).sum()

@@ -22,12 +22,9 @@ from worker.engines.distill.batching import (
     gather_inputs,
     gather_labels,
 )
-from worker.engines.distill.batchnorm import (
-    batchnorm_l1,
-    batchnorm_scales,
-    make_batchnorm_mode_aware,
-)
+from worker.engines.distill.batchnorm import make_batchnorm_mode_aware
 from worker.engines.distill.config import DistillConfig
+from worker.engines.prune.regularization import bn_scale_penalty
 from worker.engines.distill.outputs import (
     DistillationLoss,
     ValidationMeter,
@@ -130,7 +127,6 @@ class _DistillRun:
         self.val_loss = dataclasses.replace(self.train_loss, use_labels=_uses_labels(eval_data, kinds, teacher_leaves))
         self.batch_size = BatchSize(min(config.batch_size, train_data.num_samples), device)
         self.masks = SparsityMasks.from_model(student, exclude=quantized)
-        self.bn_scales = batchnorm_scales(student) if config.sparsity_regularization > 0 else []
         trained = self.params + (self.latents.parameters() if self.latents else [])
         self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
@@ -229,9 +225,8 @@ class _DistillRun:
         with autocast(self.device):
             _, student_leaves = flatten_output(self.student(*inputs), len(indices))
         loss = self.train_loss(student_leaves, teacher_leaves, labels)
-        penalty = batchnorm_l1(self.bn_scales)
-        if penalty is not None:
-            loss = loss + self.config.sparsity_regularization * penalty
+        if self.config.sparsity_regularization > 0:
+            loss = loss + self.config.sparsity_regularization * bn_scale_penalty(self.student)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise _Diverged(f"loss {value} at epoch {self.epoch}; try a lower lr")
