@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api.openapi import contract_openapi
 from app.api.routes import datasets, health, jobs, models
 from app.errors import install_error_handlers
 from app.settings import get_settings
@@ -40,6 +41,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     for module in (models, datasets, jobs, health):
         app.include_router(module.router)
+    app.openapi = lambda: contract_openapi(app)
     return app
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, AsyncIterator, Iterator
 
-from fastapi import Depends, Header, Query
+from fastapi import Depends, Query
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.db import read_only_session, unit_of_work
@@ -39,16 +40,18 @@ async def store_dependency() -> LocalBlobStore:
     return get_blob_store()
 
 
-async def get_tenant(authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> str:
+_bearer = HTTPBearer(auto_error=False, description="An API key (COMPACTOR_API_KEYS); needed only when keys are configured.")
+
+
+async def get_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
     """The caller's tenant from `Authorization: Bearer <key>`; 'default' when no keys are configured."""
     settings = get_settings()
     if not settings.api_keys:
         return "default"
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() == "bearer" and token:
+    if credentials is not None and credentials.credentials:
         for entry in settings.api_keys:
             tenant, sep, key = entry.rpartition(":")
-            if hmac.compare_digest(key, token):
+            if hmac.compare_digest(key, credentials.credentials):
                 return tenant if sep else "default"
     raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
 

@@ -148,6 +148,21 @@ class JobSpec(_Strict):
         return self
 
 
+_MODEL_ID = "3f6c2a0e-8d1b-4f57-9a7e-0c1d2b3a4f5e"
+_DATASET_ID = "9b1e4c7d-2a3f-4e6b-8c5d-7f0a1b2c3d4e"
+JOB_SPEC_EXAMPLES = {
+    "int8": {"summary": "dynamic int8 on synthetic inputs", "value": {
+        "model_id": _MODEL_ID, "input_spec": [{"shape": [1, 3, 224, 224]}],
+        "steps": [{"op": "quantize", "scheme": "dynamic_int8"}], "benchmark": {"batch_sizes": [1, 32]}}},
+    "prune-distill-quantize": {"summary": "prune, recover by distillation, then static int8", "value": {
+        "model_id": _MODEL_ID, "name": "resnet18 slim", "calibration_dataset_id": _DATASET_ID,
+        "steps": [{"op": "prune", "structure": "channel", "criterion": "l1", "amount": 0.5},
+                  {"op": "distill", "epochs": 3, "temperature": 1.0, "alpha": 0.7},
+                  {"op": "quantize", "scheme": "static_int8"}],
+        "benchmark": {"device": "cpu", "batch_sizes": [1, 32]}, "target": {"max_accuracy_drop": 0.01}}},
+}
+
+
 class JobProgress(BaseModel):
     stage: str
     step_index: int | None = None

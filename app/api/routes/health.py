@@ -8,6 +8,7 @@ from sqlalchemy import text
 
 from app import queue
 from app.db import get_engine
+from app.schemas.common import Readiness
 from app.settings import get_settings
 from app.storage import get_blob_store
 
@@ -20,7 +21,8 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", operation_id="readyz")
+@router.get("/readyz", operation_id="readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "A dependency is unreachable (named in `checks`)."}})
 def readyz():
     """Database, broker and storage are reachable (503 otherwise, naming what is not); whether the
     deployment sandboxes uploaded models (`sandbox: off` means they run as the worker's user)."""

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse
 
 from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, StoreDep, TenantDep
 from app.api.files import blob_response
-from app.api.openapi import ERRORS
+from app.api.openapi import COMMON_PROBLEMS, created_responses, download_responses, problems
 from app.models import CompressionJob
 from app.reports.html import render_report_html
 from app.schemas.common import Page
-from app.schemas.job import ArtifactInfo, JobRead, JobSpec
+from app.schemas.job import JOB_SPEC_EXAMPLES, ArtifactInfo, JobRead, JobSpec
 from app.schemas.report import JobComparison, Report
 from app.services import jobs as service
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems(*COMMON_PROBLEMS))
 
 
 def to_read(job: CompressionJob) -> JobRead:
@@ -29,11 +29,19 @@ def to_read(job: CompressionJob) -> JobRead:
                    started_at=job.started_at, finished_at=job.finished_at, artifact=artifact)
 
 
-@router.post("", status_code=202, operation_id="create_job", response_model=JobRead)
-def create_job(spec: JobSpec, response: Response, session: SessionDep, tenant: TenantDep,
+_CREATED_JOB = created_responses("job")
+_CREATED_JOB["headers"]["Idempotent-Replayed"] = {
+    "description": "`true` when an earlier request with this Idempotency-Key made the job.", "schema": {"type": "string"}}
+
+
+@router.post("", status_code=202, operation_id="create_job", response_model=JobRead,
+             responses={202: _CREATED_JOB, **problems(409)})
+def create_job(spec: Annotated[JobSpec, Body(openapi_examples=JOB_SPEC_EXAMPLES)], response: Response,
+               session: SessionDep, tenant: TenantDep,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None):
     """Submit a compression job; it is queued for a worker. Replays with the same Idempotency-Key return the same job."""
     job, created = service.create_job(session, tenant, spec, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return to_read(job)
@@ -48,7 +56,7 @@ def list_jobs(session: ReadSessionDep, tenant: TenantDep, limit: LimitQuery = 50
     return Page[JobRead](items=[to_read(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/compare", operation_id="compare_jobs", response_model=list[JobComparison])
+@router.get("/compare", operation_id="compare_jobs", response_model=list[JobComparison], responses=problems(404))
 def compare_jobs(session: ReadSessionDep, tenant: TenantDep,
                  ids: Annotated[str, Query(description="Comma-separated job ids.")]):
     """Compare jobs' summaries side by side, to choose between recipes."""
@@ -56,34 +64,34 @@ def compare_jobs(session: ReadSessionDep, tenant: TenantDep,
     return service.compare_jobs(session, tenant, job_ids)
 
 
-@router.get("/{job_id}", operation_id="get_job", response_model=JobRead)
+@router.get("/{job_id}", operation_id="get_job", response_model=JobRead, responses=problems(404))
 def get_job(job_id: str, session: ReadSessionDep, tenant: TenantDep):
     """Get a job: status, progress, error and artifact."""
     # The hottest route (clients poll it): serialised once here instead of validated twice.
     return Response(to_read(service.get_job(session, tenant, job_id)).model_dump_json(), media_type="application/json")
 
 
-@router.post("/{job_id}/cancel", operation_id="cancel_job", response_model=JobRead)
+@router.post("/{job_id}/cancel", operation_id="cancel_job", response_model=JobRead, responses=problems(404))
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep):
     """Cancel a queued or running job (a finished job is returned unchanged)."""
     return to_read(service.cancel_job(session, tenant, job_id))
 
 
-@router.get("/{job_id}/report", operation_id="get_report", response_model=Report)
+@router.get("/{job_id}/report", operation_id="get_report", response_model=Report, responses=problems(404, 409))
 def get_report(job_id: str, session: ReadSessionDep, tenant: TenantDep):
     """The benchmark report of a succeeded job (409 before)."""
     return service.get_report(session, tenant, job_id)
 
 
-@router.get("/{job_id}/report.html", operation_id="get_report_html", response_class=HTMLResponse)
+@router.get("/{job_id}/report.html", operation_id="get_report_html", response_class=HTMLResponse,
+            responses=problems(404, 409))
 def get_report_html(job_id: str, session: ReadSessionDep, tenant: TenantDep):
     """The report as one self-contained HTML page with tables and charts (409 before success)."""
     return HTMLResponse(render_report_html(service.get_report(session, tenant, job_id)))
 
 
 @router.get("/{job_id}/artifact", operation_id="download_artifact",
-            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-                             "description": "The compressed TorchScript file"}})
+            responses=download_responses("The compressed TorchScript file"))
 def download_artifact(job_id: str, request: Request, session: ReadSessionDep, tenant: TenantDep, store: StoreDep):
     """Download the compressed TorchScript artifact (ETag = sha256, Range supported)."""
     job = service.get_artifact(session, tenant, job_id)
