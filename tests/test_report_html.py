@@ -100,6 +100,16 @@ def test_headline_variants():
     assert headline(profile_report()) == "Profile: p50 0.912 ms at batch 1, 24.8 ms at batch 32; 2.15 MiB; 5.83 M MACs per sample"
 
 
+def test_headline_of_an_embedding_model_is_its_cosine():
+    # a sentence-embedding model: unlabelled data, outputs that are no class scores, so no top-1 agreement
+    report = realistic_report()
+    report["summary"]["accuracy_drop"] = None
+    report["result"]["fidelity"] = {"top1_agreement": None, "cosine_min": 0.98996, "cosine_mean": 0.9991,
+                                    "max_abs_error": 0.03}
+    assert headline(report) == "3.1× faster at batch 32, 3.9× smaller, cosine ≥ 0.9899"
+    assert "top-1" not in headline(report)
+
+
 def test_page_shows_charts_tables_and_environment():
     page = render_report_html(realistic_report())
     assert page.count("<svg") == 2 + 1 + 2  # two latency panels, the stage scatter, two layer charts

@@ -18,6 +18,7 @@ import torch
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError, model_text
 from worker.engines.measure import BenchmarkConfig, measure_models
+from worker.engines.measure.quality import output_leaves
 from worker.engines.modules import load_model, save_model
 from worker.engines.pipeline import PipelineContext, parse_step, run_step
 from worker.errors import describe_error
@@ -173,19 +174,17 @@ def _run(model: torch.jit.ScriptModule, data: ModelData, device: torch.device):
             raise EngineError("model_error", f"the model does not run on the job's inputs: {model_text(exc)}") from exc
 
 
-def _structure(output) -> object:
-    if isinstance(output, torch.Tensor):
-        return ("tensor", tuple(output.shape), output.dtype)
-    if isinstance(output, (tuple, list)):
-        return (type(output).__name__, tuple(_structure(o) for o in output))
-    if isinstance(output, dict):
-        return ("dict", tuple((k, _structure(v)) for k, v in sorted(output.items())))
-    return (type(output).__name__,)
+def _structure(output) -> list[str]:
+    """Each leaf of the output in the engines' one order (`output_leaves`): its path, and a tensor's
+    shape and dtype or another value's type."""
+    return [f"{path or 'output'}: {list(leaf.shape)} {leaf.dtype}" if isinstance(leaf, torch.Tensor)
+            else f"{path or 'output'}: {type(leaf).__name__}" for path, leaf in output_leaves(output)]
 
 
 def _check_interface(reference, output, op: str) -> None:
     """A step must keep the model's interface: same output structure, shapes and dtypes."""
-    if _structure(reference) != _structure(output):
+    before, after = _structure(reference), _structure(output)
+    if before != after:
         raise EngineError("interface_changed", f"the {op} step changed the model's outputs from "
-                                               f"{_structure(reference)} to {_structure(output)}; it was stopped "
+                                               f"{', '.join(before)} to {', '.join(after)}; it was stopped "
                                                "rather than return a model callers cannot use")

@@ -8,6 +8,7 @@ string is escaped; every field may be missing or null.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from string import Template
 from typing import Any
@@ -135,12 +136,15 @@ def headline(report: dict) -> str:
     if drop is not None:
         parts.append(accuracy_phrase(drop))
     else:
+        # the figure min_fidelity holds (quality.fidelity_score): top-1 agreement exists only for class
+        # scores with labels; an embedding's fidelity is its worst sample's cosine
         agreement = num(get(report, "result", "fidelity", "top1_agreement"))
         cosine = num(get(report, "result", "fidelity", "cosine_min"))
         if agreement is not None:
             parts.append(f"{fmt_percent(agreement, 1)} top-1 agreement")
         elif cosine is not None:
-            parts.append(f"cosine ≥ {fmt_float(cosine, 4)}")
+            # rounded down: "≥ 0.9900" must not be claimed for a worst sample at 0.98996
+            parts.append(f"cosine ≥ {math.floor(cosine * 1e4) / 1e4:.4f}")
     return ", ".join(parts) or "no summary figures in this report"
 
 

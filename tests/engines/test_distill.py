@@ -128,7 +128,7 @@ class TwoHeads(nn.Module):
 
 @pytest.mark.parametrize("make_student, expected", [
     (lambda: small_student(classes=5), "Tensor[B, 5]"),
-    (lambda: trace(TwoHeads(), torch.zeros(2, 1, 32, 32)), "tuple(Tensor[B, 10], Tensor[B, 3])"),
+    (lambda: trace(TwoHeads(), torch.zeros(2, 1, 32, 32)), "tuple[0]: Tensor[B, 10], tuple[1]: Tensor[B, 3]"),
     (lambda: trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), torch.zeros(2, 3, 32, 32)), "cannot run"),
 ])
 def test_mismatched_student_is_refused(teacher, data, make_student, expected):

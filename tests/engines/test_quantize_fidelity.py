@@ -6,10 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from tests import zoo
 from tests.zoo import trace
 from worker.engines.data import ModelData
 from worker.engines.errors import EngineError
+from worker.engines.measure.quality import fidelity
 from worker.engines.pipeline import PipelineContext, run_step
+from worker.engines.quantize.engine import FIDELITY_MARGIN
 
 
 class ThreeLayers(nn.Module):
@@ -123,6 +126,34 @@ def test_min_fidelity_converts_back_a_kept_layer_that_does_not_matter():
     assert rows["d"]["sensitivity"] < 0.01 < rows["c"]["sensitivity"]
     assert "top 2 but d" in out.details["fidelity_search"]["tried"]
     assert out.details["fidelity"]["score"] >= 0.99
+
+
+def test_min_fidelity_holds_on_the_reloaded_artifact_over_every_eval_sample(tmp_path):
+    x_train, y_train, x_test, _ = zoo.digits()
+    model = trace(zoo.train_classifier(zoo.SequentialCNN(), x_train, y_train, epochs=1), x_test[:2])
+    data = ModelData((x_test,))
+    ctx = PipelineContext(teacher=model, calibration=data, evaluation=data)
+    with torch.no_grad():
+        full = run_step(model, {"op": "quantize", "scheme": "weight_int4"}, ctx).model
+        cosine = nn.functional.cosine_similarity(model(x_test).double(), full(x_test).double(), dim=1)
+    # the hardest samples last: a gate that scores only the first 256 of the 297 never sees them
+    x = x_test[cosine.argsort(descending=True)]
+    assert float(cosine.min()) < 0.99 < float(cosine.sort(descending=True).values[:256].min())
+    data = ModelData((x,))
+    ctx = PipelineContext(teacher=model, calibration=data, evaluation=data)
+
+    out = run_step(model, {"op": "quantize", "scheme": "weight_int4", "min_fidelity": 0.99}, ctx)
+    torch.jit.save(out.model, str(tmp_path / "model_int4.pt"))
+    downloaded = torch.jit.load(str(tmp_path / "model_int4.pt"))
+
+    with torch.no_grad():
+        held = fidelity(model(x), downloaded(x))
+    assert held["cosine_min"] >= 0.99
+    assert any(layer["precision"] == "float32" for layer in out.details["layers"])
+    reported = out.details["fidelity"]
+    assert reported["samples"] == len(x) and "torch.jit.load" in reported["measured_on"]
+    assert reported["score"] == pytest.approx(held["cosine_min"], abs=1e-6)
+    assert out.details["fidelity_search"]["target"] == 0.99 + FIDELITY_MARGIN
 
 
 def test_min_fidelity_uses_top1_agreement_for_labelled_data(model):

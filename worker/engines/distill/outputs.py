@@ -12,34 +12,35 @@ import torch
 import torch.nn.functional as F
 
 from worker.engines.errors import EngineError
+from worker.engines.measure.quality import FidelityAccumulator, output_leaves
 
 
 def flatten_output(output: Any, batch: int) -> tuple[str, list[torch.Tensor]]:
-    """A model output as a structure signature and its tensor leaves in order.
+    """A model output as a structure signature and its tensor leaves, in `output_leaves`' order.
 
     Args:
         output: a tensor, or tuples / lists / dicts of them (what a TorchScript model returns).
         batch: the batch size of the call, written as `B` in the signature.
 
     Returns:
-        (signature, leaves), e.g. ("tuple(Tensor[B, 10], Tensor[B, 4])", [t0, t1]); two models
-        return the same structure exactly when their signatures are equal.
+        (signature, leaves), e.g. ("tuple[0]: Tensor[B, 10], tuple[1]: Tensor[B, 4]", [t0, t1]); two
+        models return the same structure exactly when their signatures are equal.
+
+    Raises:
+        EngineError("unsupported_output"): a leaf is not a tensor.
 
     Example:
         signature, leaves = flatten_output(model(x), batch=x.shape[0])
     """
-    if isinstance(output, torch.Tensor):
-        dims = ["B" if i == 0 and size == batch else str(size) for i, size in enumerate(output.shape)]
-        return f"Tensor[{', '.join(dims)}]", [output]
-    if isinstance(output, (tuple, list)):
-        parts = [flatten_output(item, batch) for item in output]
-        name = "tuple" if isinstance(output, tuple) else "list"
-        return f"{name}({', '.join(p[0] for p in parts)})", [leaf for p in parts for leaf in p[1]]
-    if isinstance(output, dict):
-        parts = [(key, flatten_output(item, batch)) for key, item in output.items()]
-        signature = ", ".join(f"{key}: {p[0]}" for key, p in parts)
-        return f"dict({signature})", [leaf for _, p in parts for leaf in p[1]]
-    raise EngineError("unsupported_output", f"cannot distill a model output of type {type(output).__name__}")
+    parts, leaves = [], []
+    for path, leaf in output_leaves(output):
+        if not isinstance(leaf, torch.Tensor):
+            where = f" at {path}" if path else ""
+            raise EngineError("unsupported_output", f"cannot distill a model output of type {type(leaf).__name__}{where}")
+        dims = ["B" if i == 0 and size == batch else str(size) for i, size in enumerate(leaf.shape)]
+        parts.append(f"{path + ': ' if path else ''}Tensor[{', '.join(dims)}]")
+        leaves.append(leaf)
+    return ", ".join(parts), leaves
 
 
 def check_student_output(teacher_output: Any, student_output: Any, batch: int) -> None:
@@ -166,7 +167,8 @@ class ValidationMeter:
         self.samples = 0
         self.loss_sum = 0.0
         self.correct = 0.0
-        self.agreement = [0.0] * len(loss.kinds)
+        # teacher agreement of logits and vectors is the report's fidelity, computed by the same code
+        self.fidelity = [FidelityAccumulator(class_scores=kind == "kl") for kind in loss.kinds]
         self.squared_error = [0.0] * len(loss.kinds)
         self.squared_teacher = [0.0] * len(loss.kinds)
 
@@ -178,12 +180,13 @@ class ValidationMeter:
         if self.loss.use_labels and labels is not None:
             self.correct += float((student[0].argmax(dim=-1) == labels).sum())
         for index, (kind, s, t) in enumerate(zip(self.loss.kinds, student, teacher, strict=True)):
-            s, t = s.float(), t.float()
             if kind == "kl":
-                self.agreement[index] += float((s.argmax(dim=-1) == t.argmax(dim=-1)).float().mean()) * batch
+                # KL compares the last axis as classes (per token, too): agreement is counted the same way
+                self.fidelity[index].update(t.reshape(-1, t.shape[-1]), s.reshape(-1, s.shape[-1]))
             elif kind == "cosine":
-                self.agreement[index] += float(F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1).sum())
+                self.fidelity[index].update(t, s)
             elif kind == "mse":
+                s, t = s.float(), t.float()
                 self.squared_error[index] += float((s - t).pow(2).sum())
                 self.squared_teacher[index] += float(t.pow(2).sum())
 
@@ -198,6 +201,6 @@ class ValidationMeter:
             if kind == "mse":
                 scores.append(1.0 - self.squared_error[index] / max(self.squared_teacher[index], 1e-12))
             elif kind is not None:
-                scores.append(self.agreement[index] / samples)
+                scores.append(self.fidelity[index].result()[_FIDELITY_NAMES[kind]])
         score = sum(scores) / len(scores)
         return (score if math.isfinite(score) else -math.inf), mean_loss

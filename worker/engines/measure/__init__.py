@@ -1,7 +1,7 @@
 """Measurement: latency, size, MACs, memory and output quality of models, side by side.
 
-`measure_models` is the one entry point the pipeline runner calls; `fidelity` and
-`top1_accuracy` are small pure helpers other engines reuse (e.g. quantization's min_fidelity).
+`measure_models` is the one entry point the pipeline runner calls; `quality` owns the one output
+flattener and fidelity every engine reuses (quantization's min_fidelity, distillation's validation).
 """
 
 from worker.engines.measure.latency import BenchmarkConfig

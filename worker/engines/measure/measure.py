@@ -152,7 +152,8 @@ def _quality(models: Mapping[str, torch.nn.Module], reference: str, data: ModelD
     """Accuracy (when labelled) and fidelity to the reference, in one pass over the data."""
     if config.eval_samples is not None:
         data = data.take(config.eval_samples)
-    fidelity = {name: FidelityAccumulator() for name in models}
+    # a [batch, n] output is taken as class scores only when labels say the model is a classifier
+    fidelity = {name: FidelityAccumulator(class_scores=data.labels is not None) for name in models}
     correct: dict[str, int | None] = {name: 0 for name in models}
     with torch.inference_mode():
         for batch in data.batches(config.eval_batch_size, device):
