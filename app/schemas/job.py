@@ -118,7 +118,7 @@ class TargetSpec(_Strict):
     """Goals the report checks the result against (the job still succeeds when one is missed)."""
 
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
-    min_fidelity: float | None = Field(None, ge=0, le=1)
+    min_fidelity: float | None = Field(None, ge=0, le=1, description="Top-1 agreement with labels, else the minimum per-sample cosine (as a quantize step's min_fidelity).")
     min_speedup: float | None = Field(None, gt=0)
 
 
