@@ -13,7 +13,7 @@ from app.models import CompressionJob, Dataset
 from app.models.job import ACTIVE_STATUSES
 from app.services.uploads import get_live, list_live, soft_delete
 from app.storage import BlobStore
-from app.uploads import ReceivedUpload
+from app.multipart import ReceivedUpload
 from app.errors import InvalidInput
 
 

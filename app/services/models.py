@@ -15,7 +15,7 @@ from app.models import CompressionJob, UploadedModel
 from app.models.job import ACTIVE_STATUSES
 from app.services.uploads import get_live, list_live, soft_delete
 from app.storage import BlobStore
-from app.uploads import ReceivedUpload
+from app.multipart import ReceivedUpload
 
 
 def create_model(session: Session, store: BlobStore, tenant: str, upload: ReceivedUpload) -> UploadedModel:

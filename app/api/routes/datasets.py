@@ -9,7 +9,7 @@ from app.api.openapi import COMMON_PROBLEMS, created_responses, problems, upload
 from app.schemas.common import Page
 from app.schemas.resources import DatasetRead
 from app.services import datasets as service
-from app.uploads import receive_upload
+from app.multipart import receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problems(*COMMON_PROBLEMS))
 

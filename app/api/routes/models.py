@@ -10,7 +10,7 @@ from app.api.openapi import COMMON_PROBLEMS, created_responses, download_respons
 from app.schemas.common import Page
 from app.schemas.resources import ModelRead
 from app.services import models as service
-from app.uploads import receive_upload
+from app.multipart import receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=problems(*COMMON_PROBLEMS))
 
