@@ -16,6 +16,7 @@ from app.db import unit_of_work
 from app.errors import CompactorError
 from app.inspection import check_torchscript_archive
 from app.models import CompressionJob, Dataset, UploadedModel
+from app.models.job import JobStatus, job_progress
 from app.services import lifecycle
 from app.settings import get_settings
 from app.storage import BlobCorrupted, get_blob_store
@@ -65,7 +66,7 @@ def run_job(job_id: str) -> str:
         log.exception("job %s failed outside the model's process", job_id)
         with unit_of_work() as session:
             lifecycle.fail(session, job_id, "internal_error", f"the worker hit an unexpected error: {exc}")
-        return "failed"
+        return JobStatus.FAILED
 
 
 def _run_claimed(job_id: str) -> str:
@@ -77,7 +78,7 @@ def _run_claimed(job_id: str) -> str:
         model = session.get(UploadedModel, model_id)
         model_status, model_error = model.status, model.error
     if model_status == "validating":
-        _progress(job_id, {"stage": "validating", "step_index": None, "percent": 0.5, "message": "validating the model"})
+        _progress(job_id, job_progress("validating", "validating the model", percent=0.5))
         model_status = validate_model(model_id)
         with unit_of_work() as session:
             model_error = session.get(UploadedModel, model_id).error
@@ -85,7 +86,7 @@ def _run_claimed(job_id: str) -> str:
         reason = (model_error or {}).get("message", "the model could not be loaded")
         with unit_of_work() as session:
             lifecycle.fail(session, job_id, "model_invalid", f"the model {model_id} is invalid: {reason}")
-        return "failed"
+        return JobStatus.FAILED
 
     job = JobDir.create(settings.work_dir, f"job-{job_id}-", current_sandbox())
     try:
@@ -94,7 +95,7 @@ def _run_claimed(job_id: str) -> str:
         except BlobCorrupted as exc:
             with unit_of_work() as session:
                 lifecycle.fail(session, job_id, exc.code, exc.detail)
-            return "failed"
+            return JobStatus.FAILED
         last = {"at": 0.0}
 
         def on_progress(message: dict) -> bool:
@@ -111,10 +112,10 @@ def _run_claimed(job_id: str) -> str:
             artifact = _checked_artifact(job, outcome)
         except IsolatedFailure as failure:
             with unit_of_work() as session:
-                if failure.code == "canceled" or lifecycle.status_of(session, job_id) == "canceled":
-                    return "canceled"
+                if failure.code == "canceled" or lifecycle.status_of(session, job_id) == JobStatus.CANCELED:
+                    return JobStatus.CANCELED
                 lifecycle.fail(session, job_id, failure.code, failure.message)
-            return "failed"
+            return JobStatus.FAILED
         sha256, size = store.put_file(artifact)
         report = {"job_id": job_id, **outcome["report"]}
         report["result"]["size_bytes"] = size
@@ -123,7 +124,7 @@ def _run_claimed(job_id: str) -> str:
             report["notes"] = [*report.get("notes", []), "the uploaded model ran unsandboxed (COMPACTOR_SANDBOX=off)"]
         with unit_of_work() as session:
             if lifecycle.succeed(session, job_id, sha256, size, report):
-                return "succeeded"
+                return JobStatus.SUCCEEDED
             return lifecycle.status_of(session, job_id) or "missing"
     finally:
         job.remove()

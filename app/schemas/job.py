@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.models.job import JobStatus
 from app.schemas.common import ErrorInfo
 
 
@@ -116,7 +117,7 @@ class JobRead(BaseModel):
     id: str
     name: str | None
     model_id: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: JobStatus
     spec: JobSpec
     progress: JobProgress
     error: ErrorInfo | None = None

@@ -14,8 +14,8 @@ from app.db import after_commit
 from app.errors import Conflict, InvalidInput
 from app.models import CompressionJob
 from app.models.base import utcnow
-from app.models.job import ACTIVE_STATUSES
 from app.schemas.job import JobSpec
+from app.services import lifecycle
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.pagination import paginate
@@ -147,13 +147,14 @@ def list_jobs(session: Session, tenant: str, limit: int, cursor: str | None, sta
 
 
 def cancel_job(session: Session, tenant: str, job_id: str) -> CompressionJob:
-    """Cancel a queued or running job (its worker stops it); a finished job is returned unchanged."""
+    """Cancel a queued or running job (its worker stops it); a finished job is returned unchanged.
+
+    The job is returned as the database has it afterwards: a job that finished just before the
+    cancel stays finished, whatever this request had read.
+    """
     job = get_live_job(session, tenant, job_id)
-    if job.status in ACTIVE_STATUSES:
-        job.status = "canceled"
-        job.finished_at = utcnow()
-        job.progress = {**(job.progress or {}), "message": "canceled by request"}
-        session.flush()
+    lifecycle.cancel(session, job_id)
+    session.refresh(job)
     return job
 
 
