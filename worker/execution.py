@@ -12,12 +12,12 @@ import socket
 import time
 from pathlib import Path
 
-from app.db import unit_of_work
+from app.db import read_only_session, unit_of_work
 from app.errors import CompactorError
 from app.inspection import check_torchscript_archive
 from app.models import CompressionJob, Dataset, UploadedModel
 from app.models.job import JobStatus, job_progress
-from app.services import lifecycle
+from app.services import blobs, lifecycle
 from app.settings import get_settings
 from app.storage import BlobCorrupted, get_blob_store
 from worker.isolation import IsolatedFailure, current_sandbox, job_limits, run_isolated
@@ -116,15 +116,18 @@ def _run_claimed(job_id: str) -> str:
                     return JobStatus.CANCELED
                 lifecycle.fail(session, job_id, failure.code, failure.message)
             return JobStatus.FAILED
-        sha256, size = store.put_file(artifact)
+        stored = store.put_file(artifact)
         report = {"job_id": job_id, **outcome["report"]}
-        report["result"]["size_bytes"] = size
+        report["result"]["size_bytes"] = stored.size
         report["environment"]["sandbox"] = job.sandbox.describe()
         if not job.sandboxed:
             report["notes"] = [*report.get("notes", []), "the uploaded model ran unsandboxed (COMPACTOR_SANDBOX=off)"]
         with unit_of_work() as session:
-            if lifecycle.succeed(session, job_id, sha256, size, report):
+            if lifecycle.succeed(session, job_id, stored.sha256, stored.size, report):
                 return JobStatus.SUCCEEDED
+        # Canceled (or failed) meanwhile: the artifact no one will download goes at once.
+        with read_only_session() as session:
+            blobs.release(session, store, stored)
             return lifecycle.status_of(session, job_id) or "missing"
     finally:
         job.remove()
@@ -184,3 +187,10 @@ def resend_lost_work() -> list[str]:
     for model_id in model_ids:
         queue.send(queue.VALIDATE_MODEL, model_id)
     return job_ids + model_ids
+
+
+def collect_orphan_blobs() -> list[str]:
+    """Delete the blobs no row references any more (uploads deleted, jobs canceled after storing
+    their artifact) once the grace period has passed; returns their sha256."""
+    with read_only_session() as session:
+        return blobs.collect_orphans(session, get_blob_store(), get_settings().blob_grace_s)
