@@ -1,4 +1,4 @@
-"""`compactor` command: serve (API + embedded worker), worker, migrate."""
+"""`compactor` command: serve (API + embedded worker), worker, migrate, collect-blobs."""
 
 from __future__ import annotations
 
@@ -70,6 +70,20 @@ def migrate(_: argparse.Namespace) -> int:
     return 0
 
 
+def collect_blobs(_: argparse.Namespace) -> int:
+    """Delete the blobs no row references that nobody has written for COMPACTOR_BLOB_GRACE_S."""
+    from app.db import read_only_session
+    from app.services.blobs import collect_orphans
+    from app.storage import get_blob_store
+
+    with read_only_session() as session:
+        removed = collect_orphans(session, get_blob_store(), get_settings().blob_grace_s)
+    for sha256 in removed:
+        print(sha256)
+    print(f"deleted {len(removed)} unreferenced blob(s)", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compactor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=run_worker)
     p = sub.add_parser("migrate", help="upgrade the database schema")
     p.set_defaults(func=migrate)
+    p = sub.add_parser("collect-blobs", help="delete stored blobs that no model, dataset or job references "
+                                             "(workers also do it every COMPACTOR_BLOB_COLLECT_INTERVAL_S)")
+    p.set_defaults(func=collect_blobs)
     args = parser.parse_args(argv)
     return args.func(args)
 

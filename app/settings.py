@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="Deliveries of a job before it is failed as lost.")
     requeue_interval_s: float = Field(30.0, description="How often the worker re-sends jobs whose enqueue was lost.")
     requeue_after_s: float = Field(60.0, description="A queued job older than this with no worker is re-sent.")
+    blob_grace_s: float = Field(86400.0, description="A blob no row references is deleted only once nobody has "
+                                "written it for this long: far more than storing a blob and committing the row "
+                                "that references it ever takes, so a blob in between is never taken.")
+    blob_collect_interval_s: float = Field(3600.0, description="How often a worker deletes blobs no row references.")
     queue_name: str = Field("compactor", description="Celery queue the API sends to and workers consume.")
     worker_device: str = Field("auto", description="Device the worker computes on: auto, cpu or cuda.")
     sandbox: Literal["on", "off"] = Field("on", description="Run uploaded models only inside the bubblewrap sandbox; "

@@ -5,17 +5,38 @@ blobs on local disk as `<root>/<aa>/<bb>/<sha256>`, written to a temp file and r
 so a reader never sees a half-written blob and a failed upload leaves nothing behind. A blob read
 for a job or a download is first checked against its size and sha256 (once per process while the
 file is unchanged), so a corrupted file fails loudly instead of becoming a silently wrong model.
+
+Every write of a blob stamps its mtime anew, even when the same bytes were already stored, and a
+blob is removed only if it still carries the stamp its remover saw: that is how collecting orphans
+(`app.services.blobs`) spares a blob a writer has just stored but not yet referenced.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import time
+import uuid
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import BlobCorrupted, PayloadTooLarge
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A blob as one write left it in the store."""
+
+    sha256: str
+    size: int
+    # The stamp this write created the blob with; None when the same bytes were already stored
+    # (another writer may then still be about to reference them).
+    created_stamp: int | None
 
 
 class BlobWriter:
@@ -48,9 +69,9 @@ class BlobWriter:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
-    def commit(self) -> str:
+    def commit(self) -> StoredBlob:
         """Move the finished temp file into the store under its hash."""
-        return self._store.adopt(self.temp_path, self.sha256)
+        return StoredBlob(self.sha256, self.size, self._store.adopt(self.temp_path, self.sha256))
 
     def discard(self) -> None:
         if not self._file.closed:
@@ -65,8 +86,13 @@ class BlobStore(ABC):
     def writer(self, max_bytes: int) -> BlobWriter: ...
 
     @abstractmethod
-    def adopt(self, path: Path, sha256: str) -> str:
-        """Move a finished local file into the store (atomically) under `sha256`."""
+    def adopt(self, path: Path, sha256: str) -> int | None:
+        """Move a finished local file into the store (atomically) under `sha256`, stamping the blob.
+
+        Returns:
+            The stamp when this write created the blob; None when those bytes were already stored
+            (their blob is stamped anew, so a collection in progress spares it).
+        """
 
     @abstractmethod
     def local_path(self, sha256: str) -> Path:
@@ -84,7 +110,16 @@ class BlobStore(ABC):
     def exists(self, sha256: str) -> bool: ...
 
     @abstractmethod
-    def delete(self, sha256: str) -> None: ...
+    def stored(self) -> Iterator[tuple[str, int]]:
+        """Every blob in the store, as (sha256, stamp)."""
+
+    @abstractmethod
+    def stamp(self, sha256: str) -> int | None:
+        """The blob's stamp (changed by every write of its bytes); None when it is not stored."""
+
+    @abstractmethod
+    def remove_unless_rewritten(self, sha256: str, stamp: int) -> bool:
+        """Remove the blob if it still carries `stamp`; False when it was written again or is gone."""
 
     @abstractmethod
     def check(self) -> None:
@@ -104,24 +139,34 @@ class LocalBlobStore(BlobStore):
     def local_path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256[2:4] / sha256
 
-    def adopt(self, path: Path, sha256: str) -> str:
+    def adopt(self, path: Path, sha256: str) -> int | None:
         target = self.local_path(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
+        while True:
+            try:
+                # Already stored: keep that file, with a stamp no earlier write of it carries.
+                stamp = max(time.time_ns(), os.stat(target).st_mtime_ns + 1)
+                os.utime(target, ns=(stamp, stamp))
+                created = None
+            except FileNotFoundError:
+                os.utime(path, ns=(time.time_ns(),) * 2)
+                created = os.stat(path).st_mtime_ns  # as the file system keeps it
+                try:
+                    os.link(path, target)  # unlike a rename, never replaces a blob another writer just stored
+                except FileExistsError:
+                    continue
             Path(path).unlink(missing_ok=True)
-        else:
-            os.replace(path, target)
-        return sha256
+            return created
 
-    def put_file(self, path: Path) -> tuple[str, int]:
-        """Copy a local file into the store; returns (sha256, size)."""
+    def put_file(self, path: Path) -> StoredBlob:
+        """Copy a local file into the store."""
         writer = self.writer(max_bytes=1 << 62)
         try:
             with open(path, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     writer.write(chunk)
             writer.finish()
-            return writer.commit(), writer.size
+            return writer.commit()
         except BaseException:
             writer.discard()
             raise
@@ -147,8 +192,41 @@ class LocalBlobStore(BlobStore):
     def exists(self, sha256: str) -> bool:
         return self.local_path(sha256).exists()
 
-    def delete(self, sha256: str) -> None:
-        self.local_path(sha256).unlink(missing_ok=True)
+    def stored(self) -> Iterator[tuple[str, int]]:
+        for path in self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*"):
+            sha256 = path.name
+            if _SHA256.fullmatch(sha256) and path.parent.name == sha256[2:4] and path.parent.parent.name == sha256[:2]:
+                stamp = self.stamp(sha256)
+                if stamp is not None:
+                    yield sha256, stamp
+
+    def stamp(self, sha256: str) -> int | None:
+        try:
+            return os.stat(self.local_path(sha256)).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def remove_unless_rewritten(self, sha256: str, stamp: int) -> bool:
+        target = self.local_path(sha256)
+        doomed = self.tmp_dir / f"collect-{sha256}-{uuid.uuid4().hex}"
+        try:
+            # Out of writers' sight first: from here on, a writer of these bytes stores a new file.
+            os.rename(target, doomed)
+        except FileNotFoundError:
+            return False
+        try:
+            if os.stat(doomed).st_mtime_ns == stamp:
+                self._verified.pop(sha256, None)
+                return True
+            # Written again before it left: a writer may be about to reference it, so it goes back
+            # (unless that writer, finding it gone, has stored the same bytes anew).
+            try:
+                os.link(doomed, target)
+            except FileExistsError:
+                pass
+            return False
+        finally:
+            doomed.unlink()
 
     def check(self) -> None:
         probe = tempfile.NamedTemporaryFile(dir=self.tmp_dir, prefix="ready-")

@@ -12,12 +12,13 @@ import socket
 import time
 from pathlib import Path
 
-from app.db import unit_of_work
+from app.db import read_only_session, unit_of_work
 from app.errors import CompactorError
 from app.inspection import check_torchscript_archive
 from app.models import CompressionJob, Dataset, UploadedModel
+from app.models.job import JobStatus, job_progress
 from app.reports.html import headline
-from app.services import lifecycle
+from app.services import blobs, lifecycle
 from app.settings import get_settings
 from app.storage import BlobCorrupted, get_blob_store
 from worker.isolation import IsolatedFailure, current_sandbox, job_limits, run_isolated
@@ -66,7 +67,7 @@ def run_job(job_id: str) -> str:
         log.exception("job %s failed outside the model's process", job_id)
         with unit_of_work() as session:
             lifecycle.fail(session, job_id, "internal_error", f"the worker hit an unexpected error: {exc}")
-        return "failed"
+        return JobStatus.FAILED
 
 
 def _run_claimed(job_id: str) -> str:
@@ -78,7 +79,7 @@ def _run_claimed(job_id: str) -> str:
         model = session.get(UploadedModel, model_id)
         model_status, model_error = model.status, model.error
     if model_status == "validating":
-        _progress(job_id, {"stage": "validating", "step_index": None, "percent": 0.5, "message": "validating the model"})
+        _progress(job_id, job_progress("validating", "validating the model", percent=0.5))
         model_status = validate_model(model_id)
         with unit_of_work() as session:
             model_error = session.get(UploadedModel, model_id).error
@@ -86,7 +87,7 @@ def _run_claimed(job_id: str) -> str:
         reason = (model_error or {}).get("message", "the model could not be loaded")
         with unit_of_work() as session:
             lifecycle.fail(session, job_id, "model_invalid", f"the model {model_id} is invalid: {reason}")
-        return "failed"
+        return JobStatus.FAILED
 
     job = JobDir.create(settings.work_dir, f"job-{job_id}-", current_sandbox())
     try:
@@ -95,7 +96,7 @@ def _run_claimed(job_id: str) -> str:
         except BlobCorrupted as exc:
             with unit_of_work() as session:
                 lifecycle.fail(session, job_id, exc.code, exc.detail)
-            return "failed"
+            return JobStatus.FAILED
         last = {"at": 0.0}
 
         def on_progress(message: dict) -> bool:
@@ -112,20 +113,23 @@ def _run_claimed(job_id: str) -> str:
             artifact = _checked_artifact(job, outcome)
         except IsolatedFailure as failure:
             with unit_of_work() as session:
-                if failure.code == "canceled" or lifecycle.status_of(session, job_id) == "canceled":
-                    return "canceled"
+                if failure.code == "canceled" or lifecycle.status_of(session, job_id) == JobStatus.CANCELED:
+                    return JobStatus.CANCELED
                 lifecycle.fail(session, job_id, failure.code, failure.message)
-            return "failed"
-        sha256, size = store.put_file(artifact)
+            return JobStatus.FAILED
+        stored = store.put_file(artifact)
         report = {"job_id": job_id, **outcome["report"]}
-        report["result"]["size_bytes"] = size
+        report["result"]["size_bytes"] = stored.size
         report["environment"]["sandbox"] = job.sandbox.describe()
         if not job.sandboxed:
             report["notes"] = [*report.get("notes", []), "the uploaded model ran unsandboxed (COMPACTOR_SANDBOX=off)"]
         report["summary"]["headline"] = headline(report)  # worded here: the child imports only the engines
         with unit_of_work() as session:
-            if lifecycle.succeed(session, job_id, sha256, size, report):
-                return "succeeded"
+            if lifecycle.succeed(session, job_id, stored.sha256, stored.size, report):
+                return JobStatus.SUCCEEDED
+        # Canceled (or failed) meanwhile: the artifact no one will download goes at once.
+        with read_only_session() as session:
+            blobs.release(session, store, stored)
             return lifecycle.status_of(session, job_id) or "missing"
     finally:
         job.remove()
@@ -185,3 +189,10 @@ def resend_lost_work() -> list[str]:
     for model_id in model_ids:
         queue.send(queue.VALIDATE_MODEL, model_id)
     return job_ids + model_ids
+
+
+def collect_orphan_blobs() -> list[str]:
+    """Delete the blobs no row references any more (uploads deleted, jobs canceled after storing
+    their artifact) once the grace period has passed; returns their sha256."""
+    with read_only_session() as session:
+        return blobs.collect_orphans(session, get_blob_store(), get_settings().blob_grace_s)

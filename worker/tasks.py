@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
@@ -48,10 +49,12 @@ def _require_sandbox(**_) -> None:
 
 @worker_ready.connect
 def _start_sweeper(**_) -> None:
-    """Re-send lost jobs now and then every `requeue_interval_s`, so an accepted job is never lost."""
-    interval = get_settings().requeue_interval_s
+    """Re-send lost jobs now and then every `requeue_interval_s`, so an accepted job is never lost;
+    delete orphaned blobs every `blob_collect_interval_s`."""
+    settings = get_settings()
 
     def sweep_forever() -> None:
+        next_collection = time.monotonic()
         while not _stop.is_set():
             try:
                 resent = execution.resend_lost_work()
@@ -59,7 +62,15 @@ def _start_sweeper(**_) -> None:
                     log.warning("re-sent %d lost job(s) or validation(s): %s", len(resent), resent)
             except Exception:
                 log.exception("sweeping for lost jobs failed; retrying later")
-            _stop.wait(interval)
+            if time.monotonic() >= next_collection:
+                next_collection = time.monotonic() + settings.blob_collect_interval_s
+                try:
+                    removed = execution.collect_orphan_blobs()
+                    if removed:
+                        log.info("deleted %d blob(s) no row references", len(removed))
+                except Exception:
+                    log.exception("collecting orphaned blobs failed; retrying later")
+            _stop.wait(settings.requeue_interval_s)
 
     threading.Thread(target=sweep_forever, name="compactor-sweeper", daemon=True).start()
 

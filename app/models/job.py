@@ -1,16 +1,42 @@
-"""A compression job: the spec a user submitted, its lifecycle, and references to its outputs."""
+"""A compression job: the spec a user submitted, its lifecycle, and references to its outputs.
+
+The job states, the transitions allowed between them, and the shape of a job's progress live here.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, IdMixin, UTCDateTime
 
-ACTIVE_STATUSES = ("queued", "running")
-FINAL_STATUSES = ("succeeded", "failed", "canceled")
+
+class JobStatus(StrEnum):
+    """Where a job stands; the values are what the API shows and the database stores."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+# The states each state may move to; a final state is absent, since nothing leaves it. Every
+# transition in `app.services.lifecycle` is an UPDATE guarded by this table.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELED}),
+    # Back to queued: its worker stopped responding, so the job is sent again.
+    JobStatus.RUNNING: frozenset({JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}),
+}
+ACTIVE_STATUSES = tuple(status for status in JobStatus if status in TRANSITIONS)
+
+
+def job_progress(stage: str, message: str = "", percent: float = 0.0, step_index: int | None = None) -> dict:
+    """A job's progress as stored and shown (`JobRead.progress`): its stage, how far along, in words."""
+    return {"stage": stage, "step_index": step_index, "percent": percent, "message": message}
 
 
 class CompressionJob(IdMixin, Base):
@@ -19,9 +45,12 @@ class CompressionJob(IdMixin, Base):
 
     name: Mapped[str | None] = mapped_column(String(255), default=None)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    # A VARCHAR of the values, as before the enum: no native Postgres type, no migration.
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=16, values_callable=lambda statuses: [s.value for s in statuses]),
+        default=JobStatus.QUEUED, index=True)
     spec: Mapped[dict] = mapped_column(JSON)
-    progress: Mapped[dict] = mapped_column(JSON, default=lambda: {"stage": "queued", "step_index": None, "percent": 0.0, "message": ""})
+    progress: Mapped[dict] = mapped_column(JSON, default=lambda: job_progress(JobStatus.QUEUED))
     error: Mapped[dict | None] = mapped_column(JSON, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)

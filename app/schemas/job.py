@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from app.models.job import JobStatus
 from app.schemas.common import ErrorInfo
 
 
@@ -181,7 +182,7 @@ class JobRead(BaseModel):
     id: str
     name: str | None
     model_id: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: JobStatus
     spec: JobSpec
     progress: JobProgress
     error: ErrorInfo | None = None

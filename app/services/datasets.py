@@ -24,7 +24,7 @@ def create_dataset(session: Session, store: BlobStore, tenant: str, upload: Rece
         if writer.size == 0:
             raise InvalidInput("the file is empty", code="empty_file")
         file_format, arrays, num_samples = inspect_dataset(writer.temp_path, upload.filename)
-        sha256 = writer.commit()
+        sha256 = writer.commit().sha256
     except BaseException:
         writer.discard()
         raise

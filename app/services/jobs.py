@@ -14,8 +14,9 @@ from app.db import after_commit
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import CompressionJob
 from app.models.base import utcnow
-from app.models.job import ACTIVE_STATUSES
+from app.models.job import JobStatus
 from app.schemas.job import DistillStep, JobSpec
+from app.services import lifecycle
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.pagination import paginate
@@ -58,7 +59,7 @@ def create_job(session: Session, tenant: str, spec: JobSpec, idempotency_key: st
             return _replay(existing, spec_hash), False
     check_spec(session, tenant, spec)
     job = CompressionJob(tenant=tenant, name=spec.name, model_id=spec.model_id, spec=spec.model_dump(mode="json"),
-                         spec_hash=spec_hash, idempotency_key=idempotency_key, status="queued")
+                         spec_hash=spec_hash, idempotency_key=idempotency_key, status=JobStatus.QUEUED)
     try:
         with session.begin_nested():
             session.add(job)
@@ -122,27 +123,28 @@ def list_jobs(session: Session, tenant: str, limit: int, cursor: str | None, sta
 
 
 def cancel_job(session: Session, tenant: str, job_id: str) -> CompressionJob:
-    """Cancel a queued or running job (its worker stops it); a finished job is returned unchanged."""
+    """Cancel a queued or running job (its worker stops it); a finished job is returned unchanged.
+
+    The job is returned as the database has it afterwards: a job that finished just before the
+    cancel stays finished, whatever this request had read.
+    """
     job = get_live_job(session, tenant, job_id)
-    if job.status in ACTIVE_STATUSES:
-        job.status = "canceled"
-        job.finished_at = utcnow()
-        job.progress = {**(job.progress or {}), "message": "canceled by request"}
-        session.flush()
+    lifecycle.cancel(session, job_id)
+    session.refresh(job)
     return job
 
 
 def get_report(session: Session, tenant: str, job_id: str) -> dict:
     """The report of a succeeded job; 409 while it has not succeeded."""
     job = get_job(session, tenant, job_id, with_report=True)
-    if job.status != "succeeded" or job.report is None:
+    if job.status != JobStatus.SUCCEEDED or job.report is None:
         raise Conflict(f"job {job_id} is {job.status}: its report exists once it has succeeded", code="job_not_succeeded")
     return job.report
 
 
 def get_artifact(session: Session, tenant: str, job_id: str) -> CompressionJob:
     job = get_live_job(session, tenant, job_id)
-    if job.status != "succeeded" or job.artifact_sha256 is None:
+    if job.status != JobStatus.SUCCEEDED or job.artifact_sha256 is None:
         raise Conflict(f"job {job_id} is {job.status}: its artifact exists once it has succeeded", code="job_not_succeeded")
     return job
 

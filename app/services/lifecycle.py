@@ -1,7 +1,8 @@
-"""A job's life on the worker side: claim, progress, finish, and the sweep that loses nothing.
+"""A job's life: claim, progress, finish, cancel, and the sweep that loses nothing.
 
-Every state change is a conditional UPDATE, so a duplicate delivery, a cancel racing a finish or
-two sweepers at once cannot run a job twice or resurrect a canceled one.
+Every state change goes through `_move`, an UPDATE guarded by `TRANSITIONS`, so a duplicate
+delivery, a cancel racing a finish or two sweepers at once cannot run a job twice, overwrite a
+finished one or resurrect a canceled one.
 """
 
 from __future__ import annotations
@@ -14,48 +15,61 @@ from sqlalchemy.orm import Session
 
 from app.models import CompressionJob, UploadedModel
 from app.models.base import utcnow
+from app.models.job import TRANSITIONS, JobStatus, job_progress
 
 log = logging.getLogger(__name__)
+
+
+def _move(session: Session, job_id: str, to: JobStatus, *where, **values) -> bool:
+    """Move a job to `to` if its current state may move there (and `where` holds); False otherwise.
+
+    The guard is in the UPDATE itself, so the database decides between racing writers. Objects
+    already in the session are not touched: whoever holds one refreshes it to see the outcome.
+    """
+    allowed_from = [status for status, targets in TRANSITIONS.items() if to in targets]
+    result = session.execute(
+        update(CompressionJob)
+        .where(CompressionJob.id == job_id, CompressionJob.status.in_(allowed_from), *where)
+        .values(status=to, **values)
+        .execution_options(synchronize_session=False))
+    return result.rowcount == 1
 
 
 def claim(session: Session, job_id: str, worker: str) -> bool:
     """Move a queued job to running for this worker; False when it is not queued (already taken,
     canceled, or finished)."""
     now = utcnow()
-    result = session.execute(
-        update(CompressionJob)
-        .where(CompressionJob.id == job_id, CompressionJob.status == "queued")
-        .values(status="running", attempts=CompressionJob.attempts + 1, started_at=now, heartbeat_at=now,
-                worker=worker, progress={"stage": "starting", "step_index": None, "percent": 0.0, "message": "loading"})
-    )
-    return result.rowcount == 1
+    return _move(session, job_id, JobStatus.RUNNING, attempts=CompressionJob.attempts + 1, started_at=now,
+                 heartbeat_at=now, worker=worker, progress=job_progress("starting", "loading"))
 
 
 def record_progress(session: Session, job_id: str, progress: dict) -> bool:
     """Store progress and a heartbeat; False when the job is no longer running (e.g. canceled)."""
     result = session.execute(
-        update(CompressionJob).where(CompressionJob.id == job_id, CompressionJob.status == "running")
+        update(CompressionJob).where(CompressionJob.id == job_id, CompressionJob.status == JobStatus.RUNNING)
         .values(progress=progress, heartbeat_at=utcnow()))
     return result.rowcount == 1
 
 
 def succeed(session: Session, job_id: str, artifact_sha256: str, artifact_size: int, report: dict) -> bool:
-    result = session.execute(
-        update(CompressionJob).where(CompressionJob.id == job_id, CompressionJob.status == "running")
-        .values(status="succeeded", finished_at=utcnow(), artifact_sha256=artifact_sha256,
-                artifact_size_bytes=artifact_size, report=report, error=None,
-                progress={"stage": "done", "step_index": None, "percent": 100.0, "message": "succeeded"}))
-    return result.rowcount == 1
+    """Record a running job's artifact and report; False when it was canceled or failed meanwhile."""
+    return _move(session, job_id, JobStatus.SUCCEEDED, finished_at=utcnow(), artifact_sha256=artifact_sha256,
+                 artifact_size_bytes=artifact_size, report=report, error=None,
+                 progress=job_progress("done", "succeeded", percent=100.0))
 
 
 def fail(session: Session, job_id: str, code: str, message: str) -> bool:
-    result = session.execute(
-        update(CompressionJob).where(CompressionJob.id == job_id, CompressionJob.status.in_(("queued", "running")))
-        .values(status="failed", finished_at=utcnow(), error={"code": code, "message": message}))
-    return result.rowcount == 1
+    """Fail a queued or running job with an error a user can act on; False when it had finished."""
+    return _move(session, job_id, JobStatus.FAILED, finished_at=utcnow(), error={"code": code, "message": message})
 
 
-def status_of(session: Session, job_id: str) -> str | None:
+def cancel(session: Session, job_id: str) -> bool:
+    """Cancel a queued or running job (its worker sees it and stops); False when it had finished."""
+    return _move(session, job_id, JobStatus.CANCELED, finished_at=utcnow(),
+                 progress=job_progress("canceled", "canceled by request"))
+
+
+def status_of(session: Session, job_id: str) -> JobStatus | None:
     return session.scalar(select(CompressionJob.status).where(CompressionJob.id == job_id))
 
 
@@ -77,21 +91,20 @@ def jobs_to_resend(session: Session, requeue_after_s: float, heartbeat_timeout_s
     """
     now = utcnow()
     resend = list(session.scalars(select(CompressionJob.id).where(
-        CompressionJob.status == "queued",
+        CompressionJob.status == JobStatus.QUEUED,
         or_(CompressionJob.enqueued_at.is_(None), CompressionJob.enqueued_at < now - timedelta(seconds=requeue_after_s)),
     )))
-    stale = session.scalars(select(CompressionJob).where(
-        CompressionJob.status == "running", CompressionJob.heartbeat_at < now - timedelta(seconds=heartbeat_timeout_s)))
-    for job in stale:
-        if job.attempts >= max_attempts:
-            job.status, job.finished_at = "failed", now
-            job.error = {"code": "worker_lost", "message": f"the worker running this job stopped responding "
-                                                           f"{job.attempts} times; submit it again"}
-        else:
-            job.status = "queued"
-            job.progress = {"stage": "queued", "step_index": None, "percent": 0.0,
-                            "message": "re-queued: its worker stopped responding"}
-            resend.append(job.id)
+    # Still running with a stale heartbeat when the UPDATE runs: a job that finished or beat since is left alone.
+    stale = (CompressionJob.status == JobStatus.RUNNING,
+             CompressionJob.heartbeat_at < now - timedelta(seconds=heartbeat_timeout_s))
+    for job_id, attempts in session.execute(select(CompressionJob.id, CompressionJob.attempts).where(*stale)).all():
+        if attempts >= max_attempts:
+            _move(session, job_id, JobStatus.FAILED, *stale, finished_at=now,
+                  error={"code": "worker_lost", "message": f"the worker running this job stopped responding "
+                                                           f"{attempts} times; submit it again"})
+        elif _move(session, job_id, JobStatus.QUEUED, *stale,
+                   progress=job_progress(JobStatus.QUEUED, "re-queued: its worker stopped responding")):
+            resend.append(job_id)
     for job_id in resend:
         session.execute(update(CompressionJob).where(CompressionJob.id == job_id).values(enqueued_at=now))
     return resend

@@ -23,7 +23,7 @@ def create_model(session: Session, store: BlobStore, tenant: str, upload: Receiv
     writer = upload.writer
     try:
         check_torchscript_archive(writer.temp_path, writer.size)
-        sha256 = writer.commit()
+        sha256 = writer.commit().sha256
     except BaseException:
         writer.discard()
         raise

@@ -1,16 +1,21 @@
-"""Rules shared by uploaded models and datasets: lookup by tenant, soft delete, blob lifetime."""
+"""Rules shared by uploaded models and datasets: lookup by tenant, listing, soft delete."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+import logging
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db import after_commit, read_only_session
 from app.errors import NotFound
-from app.models import Dataset, UploadedModel
-from app.db import after_commit
 from app.models.base import utcnow
+from app.services.blobs import collect_orphans
 from app.services.pagination import paginate
+from app.settings import get_settings
 from app.storage import BlobStore
+
+log = logging.getLogger(__name__)
 
 
 def get_live(session: Session, table, tenant: str, row_id: str, what: str):
@@ -28,17 +33,18 @@ def list_live(session: Session, table, tenant: str, limit: int, cursor: str | No
 
 
 def soft_delete(session: Session, store: BlobStore, row) -> None:
-    """Hide an upload from the API and free its blob once no live upload holds it any more."""
+    """Hide an upload from the API and, once that commits, delete its blob if nothing holds it."""
     row.deleted_at = utcnow()
     session.flush()
-    _release_blob_after_commit(session, store, row.sha256)
+    sha256 = row.sha256
+    after_commit(session, lambda: _collect_blob(store, sha256))
 
 
-def _release_blob_after_commit(session: Session, store: BlobStore, sha256: str) -> None:
-    """Delete a blob once the deletion commits, unless another live upload still holds it."""
-    holders = 0
-    for table in (UploadedModel, Dataset):
-        holders += session.scalar(select(func.count()).select_from(table).where(
-            table.sha256 == sha256, table.deleted_at.is_(None)))
-    if holders == 0:
-        after_commit(session, lambda: store.delete(sha256))
+def _collect_blob(store: BlobStore, sha256: str) -> None:
+    # A blob written within the grace period stays for the periodic collection; so does one this
+    # attempt fails on, since the deletion itself has committed.
+    try:
+        with read_only_session() as session:
+            collect_orphans(session, store, get_settings().blob_grace_s, only=[sha256])
+    except Exception:
+        log.exception("deleting the blob %s of a deleted upload failed; the periodic collection retries", sha256)

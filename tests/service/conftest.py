@@ -11,7 +11,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
+from app.migrate import upgrade
 from tests import zoo
 from tests.service.servers import REDIS_URL, Service, check_redis, postgres_database, service_env
 
@@ -21,6 +24,27 @@ def pg_url():
     """A fresh Postgres database, migrated by the tests that need it. Missing Postgres fails the run."""
     with postgres_database() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def migrated(pg_url):
+    """An engine on the Postgres database, migrated to the newest revision."""
+    upgrade(pg_url)
+    engine = create_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session(migrated):
+    """A session inside a transaction that is rolled back after the test."""
+    connection = migrated.connect()
+    transaction = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint")
+    yield session
+    session.close()
+    transaction.rollback()
+    connection.close()
 
 
 @pytest.fixture(scope="session")

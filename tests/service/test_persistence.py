@@ -1,37 +1,21 @@
 """The database layer on the real Postgres: migrations, and the job lifecycle's conditional updates,
-each test inside a transaction that is rolled back."""
+each test inside a transaction that is rolled back (the races commit, from two sessions at once)."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
-import pytest
-from sqlalchemy import create_engine, inspect
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, delete, inspect, select
 from sqlalchemy.orm import Session
 
 from app.migrate import upgrade
-from app.models import CompressionJob, UploadedModel
+from app.models import Base, CompressionJob, UploadedModel
 from app.models.base import utcnow
-from app.services import lifecycle
-
-
-@pytest.fixture(scope="module")
-def migrated(pg_url):
-    upgrade(pg_url)
-    engine = create_engine(pg_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def session(migrated):
-    connection = migrated.connect()
-    transaction = connection.begin()
-    session = Session(bind=connection, join_transaction_mode="create_savepoint")
-    yield session
-    session.close()
-    transaction.rollback()
-    connection.close()
+from app.models.job import JobStatus
+from app.services import jobs, lifecycle
 
 
 def test_migrations_create_the_schema_on_postgres_and_sqlite(migrated, tmp_path):
@@ -46,6 +30,12 @@ def test_migrations_create_the_schema_on_postgres_and_sqlite(migrated, tmp_path)
 
     command.downgrade(alembic_config(sqlite_url), "base")
     assert set(inspect(create_engine(sqlite_url)).get_table_names()) == {"alembic_version"}
+
+
+def test_the_tables_match_the_migrations(migrated):
+    with migrated.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
 
 
 def _job(session: Session, **values) -> CompressionJob:
@@ -63,30 +53,89 @@ def test_claim_is_taken_once(session):
     assert lifecycle.claim(session, job.id, "w1") is True
     assert lifecycle.claim(session, job.id, "w2") is False
     session.refresh(job)
-    assert (job.status, job.attempts, job.worker) == ("running", 1, "w1")
+    assert (job.status, job.attempts, job.worker) == (JobStatus.RUNNING, 1, "w1")
 
 
 def test_progress_and_finish_stop_after_cancel(session):
     job = _job(session)
     lifecycle.claim(session, job.id, "w")
     assert lifecycle.record_progress(session, job.id, {"stage": "x"}) is True
-    job.status = "canceled"
-    session.flush()
+    assert lifecycle.cancel(session, job.id) is True
     assert lifecycle.record_progress(session, job.id, {"stage": "y"}) is False
     assert lifecycle.succeed(session, job.id, "a" * 64, 1, {}) is False
     session.refresh(job)
-    assert job.status == "canceled"
+    assert job.status == JobStatus.CANCELED and job.artifact_sha256 is None
 
 
 def test_sweep_resends_unsent_and_orphaned_jobs(session):
     never_sent = _job(session)
     fresh = _job(session, enqueued_at=utcnow())
-    orphan = _job(session, status="running", attempts=1, heartbeat_at=utcnow() - timedelta(hours=1))
-    exhausted = _job(session, status="running", attempts=3, heartbeat_at=utcnow() - timedelta(hours=1))
+    orphan = _job(session, status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow() - timedelta(hours=1))
+    exhausted = _job(session, status=JobStatus.RUNNING, attempts=3, heartbeat_at=utcnow() - timedelta(hours=1))
     resent = lifecycle.jobs_to_resend(session, requeue_after_s=60, heartbeat_timeout_s=120, max_attempts=3)
     assert never_sent.id in resent and orphan.id in resent
     assert fresh.id not in resent and exhausted.id not in resent
     session.refresh(orphan)
     session.refresh(exhausted)
-    assert orphan.status == "queued"
-    assert exhausted.status == "failed" and exhausted.error["code"] == "worker_lost"
+    assert orphan.status == JobStatus.QUEUED
+    assert exhausted.status == JobStatus.FAILED and exhausted.error["code"] == "worker_lost"
+
+
+def _committed_running_job(engine) -> str:
+    with Session(engine) as session, session.begin():
+        return _job(session, status=JobStatus.RUNNING, heartbeat_at=utcnow()).id
+
+
+def _drop_job(engine, job_id: str) -> None:
+    with Session(engine) as session, session.begin():
+        model_id = session.scalar(select(CompressionJob.model_id).where(CompressionJob.id == job_id))
+        session.execute(delete(CompressionJob).where(CompressionJob.id == job_id))
+        session.execute(delete(UploadedModel).where(UploadedModel.id == model_id))
+
+
+def test_cancel_racing_success_never_overwrites_it(migrated):
+    job_id = _committed_running_job(migrated)
+    try:
+        api = Session(migrated)
+        assert jobs.get_live_job(api, "default", job_id).status == JobStatus.RUNNING  # the view it cancels from
+        worker = Session(migrated)
+        assert lifecycle.succeed(worker, job_id, "a" * 64, 7, {}) is True  # holds the row until it commits
+        answer = {}
+
+        def cancel() -> None:
+            answer["job"] = jobs.cancel_job(api, "default", job_id)
+            api.commit()
+
+        canceling = threading.Thread(target=cancel)
+        canceling.start()
+        canceling.join(0.5)
+        assert canceling.is_alive(), "the cancel should wait on the worker's row lock"
+        worker.commit()
+        canceling.join(10)
+        assert (answer["job"].status, answer["job"].artifact_sha256) == (JobStatus.SUCCEEDED, "a" * 64)
+        with Session(migrated) as fresh:
+            job = fresh.get(CompressionJob, job_id)
+            assert (job.status, job.artifact_sha256, job.artifact_size_bytes) == (JobStatus.SUCCEEDED, "a" * 64, 7)
+        api.close()
+        worker.close()
+    finally:
+        _drop_job(migrated, job_id)
+
+
+def test_success_after_a_cancel_is_refused(migrated):
+    job_id = _committed_running_job(migrated)
+    try:
+        worker = Session(migrated)
+        assert lifecycle.record_progress(worker, job_id, {"stage": "benchmark"}) is True
+        worker.commit()
+        with Session(migrated) as api, api.begin():
+            assert jobs.cancel_job(api, "default", job_id).status == JobStatus.CANCELED
+        assert lifecycle.succeed(worker, job_id, "a" * 64, 7, {}) is False
+        worker.commit()
+        worker.close()
+        with Session(migrated) as fresh:
+            job = fresh.get(CompressionJob, job_id)
+            assert (job.status, job.artifact_sha256, job.progress["message"]) == (
+                JobStatus.CANCELED, None, "canceled by request")
+    finally:
+        _drop_job(migrated, job_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse
@@ -11,6 +11,7 @@ from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, St
 from app.api.files import blob_response
 from app.api.openapi import COMMON_PROBLEMS, created_responses, download_responses, problems
 from app.models import CompressionJob
+from app.models.job import JobStatus
 from app.reports.html import render_report_html
 from app.schemas.common import Page
 from app.schemas.job import JOB_SPEC_EXAMPLES, ArtifactInfo, JobRead, JobSpec
@@ -49,7 +50,7 @@ def create_job(spec: Annotated[JobSpec, Body(openapi_examples=JOB_SPEC_EXAMPLES)
 
 @router.get("", operation_id="list_jobs", response_model=Page[JobRead])
 def list_jobs(session: ReadSessionDep, tenant: TenantDep, limit: LimitQuery = 50, cursor: CursorQuery = None,
-              status: Literal["queued", "running", "succeeded", "failed", "canceled"] | None = None,
+              status: JobStatus | None = None,
               model_id: str | None = None):
     """List jobs, newest first, optionally by status or model."""
     rows, next_cursor = service.list_jobs(session, tenant, limit, cursor, status, model_id)
