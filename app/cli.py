@@ -16,8 +16,24 @@ def _worker_command(concurrency: int, loglevel: str) -> list[str]:
     settings = get_settings()
     # Threads, not prefork: each job's torch work already runs in its own spawned process, and a
     # prefork child (a daemon) may not start processes of its own.
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "-P", "threads",
-            "-c", str(concurrency), "-Q", settings.queue_name, "--loglevel", loglevel, "-n", f"compactor-{os.getpid()}@%h"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app:celery_app",
+        "worker",
+        "-P",
+        "threads",
+        "-c",
+        str(concurrency),
+        "-Q",
+        settings.queue_name,
+        "--loglevel",
+        loglevel,
+        "-n",
+        f"compactor-{os.getpid()}@%h",
+    ]
 
 
 def _die_with_parent() -> None:
@@ -100,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=run_worker)
     p = sub.add_parser("migrate", help="upgrade the database schema")
     p.set_defaults(func=migrate)
-    p = sub.add_parser("collect-blobs", help="delete stored blobs that no model, dataset or job references "
-                                             "(workers also do it every COMPACTOR_BLOB_COLLECT_INTERVAL_S)")
+    p = sub.add_parser(
+        "collect-blobs",
+        help="delete stored blobs that no model, dataset or job references "
+        "(workers also do it every COMPACTOR_BLOB_COLLECT_INTERVAL_S)",
+    )
     p.set_defaults(func=collect_blobs)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -63,10 +63,16 @@ class ServiceUnavailable(CompactorError):
     status, code, title = 503, "unavailable", "Service unavailable"
 
 
-def problem(status: int, title: str, detail: str, code: str, errors: list[dict] | None = None,
-            headers: dict | None = None) -> JSONResponse:
-    body = {"type": f"https://compactor.dev/problems/{code}", "title": title, "status": status,
-            "detail": detail, "code": code}
+def problem(
+    status: int, title: str, detail: str, code: str, errors: list[dict] | None = None, headers: dict | None = None
+) -> JSONResponse:
+    body = {
+        "type": f"https://compactor.dev/problems/{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
     if errors is not None:
         body["errors"] = errors
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)

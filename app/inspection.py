@@ -27,10 +27,14 @@ def check_torchscript_archive(path: Path, size: int) -> None:
         with open(path, "rb") as fh:
             head = fh.read(2)
         if head[:1] == b"\x80":
-            raise InvalidInput("this is a legacy torch.save pickle, not a TorchScript archive: export the model "
-                               "with torch.jit.script or torch.jit.trace and save it with torch.jit.save",
-                               code="not_torchscript")
-        raise InvalidInput("the file is not a TorchScript archive (not a zip file, or truncated)", code="not_torchscript")
+            raise InvalidInput(
+                "this is a legacy torch.save pickle, not a TorchScript archive: export the model "
+                "with torch.jit.script or torch.jit.trace and save it with torch.jit.save",
+                code="not_torchscript",
+            )
+        raise InvalidInput(
+            "the file is not a TorchScript archive (not a zip file, or truncated)", code="not_torchscript"
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
@@ -38,17 +42,24 @@ def check_torchscript_archive(path: Path, size: int) -> None:
         raise InvalidInput(f"the archive is damaged: {exc}", code="not_torchscript") from exc
     names = [entry.filename for entry in entries]
     if any(_points_outside(entry) for entry in entries):
-        raise InvalidInput("the archive has entries that point outside it (absolute paths, '..' or links); "
-                           "torch.jit.save never writes such entries", code="not_torchscript")
+        raise InvalidInput(
+            "the archive has entries that point outside it (absolute paths, '..' or links); "
+            "torch.jit.save never writes such entries",
+            code="not_torchscript",
+        )
     has_data = any(n.endswith("/data.pkl") for n in names)
     has_code = any("/code/" in n for n in names)
     has_constants = any(n.endswith("/constants.pkl") for n in names)
     if has_data and not (has_code and has_constants):
-        raise InvalidInput("this is a torch.save() pickle of an eager model, not TorchScript: it is refused "
-                           "(never unpickled); export with torch.jit.script/trace and torch.jit.save",
-                           code="not_torchscript")
+        raise InvalidInput(
+            "this is a torch.save() pickle of an eager model, not TorchScript: it is refused "
+            "(never unpickled); export with torch.jit.script/trace and torch.jit.save",
+            code="not_torchscript",
+        )
     if not (has_data and has_code):
-        raise InvalidInput("the zip file is not a TorchScript archive (no data.pkl and code/ entries)", code="not_torchscript")
+        raise InvalidInput(
+            "the zip file is not a TorchScript archive (no data.pkl and code/ entries)", code="not_torchscript"
+        )
 
 
 def _points_outside(entry: zipfile.ZipInfo) -> bool:
@@ -83,16 +94,28 @@ def _npz_headers(path: Path) -> dict[str, dict]:
                     else:
                         shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
                 if dtype.hasobject:
-                    raise InvalidInput(f"array {info.filename[:-4]!r} holds Python objects (pickles are refused)",
-                                       code="dataset_pickle_refused")
+                    raise InvalidInput(
+                        f"array {info.filename[:-4]!r} holds Python objects (pickles are refused)",
+                        code="dataset_pickle_refused",
+                    )
                 arrays[info.filename[:-4]] = {"shape": list(shape), "dtype": str(dtype)}
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise InvalidInput(f"the .npz file is damaged: {exc}", code="dataset_invalid") from exc
     return arrays
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def _safetensors_header(path: Path) -> dict[str, dict]:
@@ -125,7 +148,9 @@ def _check_arrays(arrays: dict[str, dict]) -> int:
     inputs = sorted(int(m.group(1) or 0) for m in map(_INPUT_NAME.match, arrays) if m)
     unknown = [n for n in arrays if not _INPUT_NAME.match(n) and n != "label"]
     if unknown:
-        raise InvalidInput(f"unexpected arrays {unknown}: name them 'input' (or 'input_0'…) and 'label'", code="dataset_invalid")
+        raise InvalidInput(
+            f"unexpected arrays {unknown}: name them 'input' (or 'input_0'…) and 'label'", code="dataset_invalid"
+        )
     if not inputs:
         raise InvalidInput("the dataset has no 'input' (or 'input_0') array", code="dataset_invalid")
     if "input" in arrays and len(inputs) > 1:

@@ -27,7 +27,9 @@ class ReceivedUpload:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-async def receive_upload(request: Request, store: LocalBlobStore, max_bytes: int, file_field: str = "file") -> ReceivedUpload:
+async def receive_upload(
+    request: Request, store: LocalBlobStore, max_bytes: int, file_field: str = "file"
+) -> ReceivedUpload:
     """Parse a multipart body, streaming `file_field` into a blob writer (hashing as it goes).
 
     Raises PayloadTooLarge as soon as more than `max_bytes` of file data arrive, and InvalidInput
@@ -79,19 +81,28 @@ async def receive_upload(request: Request, store: LocalBlobStore, max_bytes: int
         if state.name != file_field and state.name:
             result.fields[state.name] = state.value.decode("utf-8", "replace")
 
-    parser = MultipartParser(params[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
-        "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-        "on_part_end": on_part_end,
-    })
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
     try:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
         if result.writer is None:
-            raise InvalidInput(f"the form has no '{file_field}' part", code="file_required",
-                               errors=[{"loc": ["body", file_field], "msg": "field required"}])
+            raise InvalidInput(
+                f"the form has no '{file_field}' part",
+                code="file_required",
+                errors=[{"loc": ["body", file_field], "msg": "field required"}],
+            )
         result.writer.finish()
         return result
     except CompactorError:

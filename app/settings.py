@@ -24,12 +24,19 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("var"), description="Root of the embedded defaults (database, broker, blobs).")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
-    broker_url: str | None = Field(None, description="Celery broker URL; default: SQLite (kombu sqlalchemy transport) in data_dir.")
+    broker_url: str | None = Field(
+        None, description="Celery broker URL; default: SQLite (kombu sqlalchemy transport) in data_dir."
+    )
     storage_dir: Path | None = Field(None, description="Blob store directory; default: data_dir/blobs.")
-    work_dir: Path | None = Field(None, description="Where a worker makes each job's private directory (copies of "
-                                  "its inputs, its outputs); default: data_dir/work.")
+    work_dir: Path | None = Field(
+        None,
+        description="Where a worker makes each job's private directory (copies of "
+        "its inputs, its outputs); default: data_dir/work.",
+    )
     max_upload_bytes: int = Field(2 * GIB, description="Largest accepted upload, enforced while streaming.")
-    api_keys: list[str] = Field(default_factory=list, description="Bearer API keys; empty = auth off. 'key' or 'tenant:key'.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Bearer API keys; empty = auth off. 'key' or 'tenant:key'."
+    )
     auto_migrate: bool = Field(True, description="Upgrade the database schema when the API starts.")
     job_time_limit_s: float = Field(3600.0, description="Wall-clock limit of one job's torch work.")
     validate_time_limit_s: float = Field(300.0, description="Wall-clock limit of a model's validation.")
@@ -37,22 +44,33 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="Deliveries of a job before it is failed as lost.")
     requeue_interval_s: float = Field(30.0, description="How often the worker re-sends jobs whose enqueue was lost.")
     requeue_after_s: float = Field(60.0, description="A queued job older than this with no worker is re-sent.")
-    blob_grace_s: float = Field(86400.0, description="A blob no row references is deleted only once nobody has "
-                                "written it for this long: far more than storing a blob and committing the row "
-                                "that references it ever takes, so a blob in between is never taken.")
+    blob_grace_s: float = Field(
+        86400.0,
+        description="A blob no row references is deleted only once nobody has "
+        "written it for this long: far more than storing a blob and committing the row "
+        "that references it ever takes, so a blob in between is never taken.",
+    )
     blob_collect_interval_s: float = Field(3600.0, description="How often a worker deletes blobs no row references.")
     queue_name: str = Field("compactor", description="Celery queue the API sends to and workers consume.")
     worker_device: str = Field("auto", description="Device the worker computes on: auto, cpu or cuda.")
-    sandbox: Literal["on", "off"] = Field("on", description="Run uploaded models only inside the bubblewrap sandbox; "
-                                          "'off' runs them as the worker's own user (shown in /readyz and every report).")
-    sandbox_max_output_bytes: int = Field(16 * GIB, description="Bytes a sandboxed job may write in all (artifact, "
-                                          "stages, temp files); the job fails past it.")
-    sandbox_max_processes: int = Field(4096, description="RLIMIT_NPROC of a sandboxed job: processes and threads "
-                                       "of the worker's user (Linux does not apply it to uid 0).")
+    sandbox: Literal["on", "off"] = Field(
+        "on",
+        description="Run uploaded models only inside the bubblewrap sandbox; "
+        "'off' runs them as the worker's own user (shown in /readyz and every report).",
+    )
+    sandbox_max_output_bytes: int = Field(
+        16 * GIB,
+        description="Bytes a sandboxed job may write in all (artifact, stages, temp files); the job fails past it.",
+    )
+    sandbox_max_processes: int = Field(
+        4096,
+        description="RLIMIT_NPROC of a sandboxed job: processes and threads "
+        "of the worker's user (Linux does not apply it to uid 0).",
+    )
     environment: str = Field("development", description="'production' refuses insecure defaults.")
 
     @model_validator(mode="after")
-    def _fill_defaults(self) -> "Settings":
+    def _fill_defaults(self) -> Settings:
         self.data_dir = self.data_dir.resolve()
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'compactor.sqlite'}"

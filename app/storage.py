@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ class StoredBlob:
 class BlobWriter:
     """Receives an upload chunk by chunk, hashing it and enforcing the size limit as bytes arrive."""
 
-    def __init__(self, store: "LocalBlobStore", max_bytes: int):
+    def __init__(self, store: LocalBlobStore, max_bytes: int):
         self._store = store
         self._max_bytes = max_bytes
         fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
@@ -184,8 +185,10 @@ class LocalBlobStore(BlobStore):
         with open(path, "rb") as fh:
             digest = hashlib.file_digest(fh, "sha256")
         if info.st_size != size or digest.hexdigest() != sha256:
-            raise BlobCorrupted(f"the stored file {sha256} no longer matches its sha256 (or its size of {size} "
-                                "bytes): it was changed after it was stored and is not used; upload it again")
+            raise BlobCorrupted(
+                f"the stored file {sha256} no longer matches its sha256 (or its size of {size} "
+                "bytes): it was changed after it was stored and is not used; upload it again"
+            )
         self._verified[sha256] = stamp
         return path
 

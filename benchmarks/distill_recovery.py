@@ -80,16 +80,19 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     x_train, y_train, x_test, y_test = digits()
-    ctx = PipelineContext(teacher=None, calibration=ModelData((x_train,), y_train),
-                          evaluation=ModelData((x_test,), y_test), seed=0)
+    ctx = PipelineContext(
+        teacher=None, calibration=ModelData((x_train,), y_train), evaluation=ModelData((x_test,), y_test), seed=0
+    )
     ctx.teacher = teacher = train_teacher(x_train, y_train)
     teacher_accuracy = accuracy(teacher, x_test, y_test)
     print(f"teacher TinyResNet(width=16) trained in {time.perf_counter() - started:.1f}s: top-1 {teacher_accuracy:.4f}")
 
     pruned = run_step(teacher, PRUNE_STEP, ctx).model
     params = sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in pruned.parameters())
-    print(f"pruned by the prune engine {PRUNE_STEP}: parameters {params[0]} -> {params[1]}, "
-          f"top-1 {accuracy(pruned, x_test, y_test):.4f}")
+    print(
+        f"pruned by the prune engine {PRUNE_STEP}: parameters {params[0]} -> {params[1]}, "
+        f"top-1 {accuracy(pruned, x_test, y_test):.4f}"
+    )
     recovery = {name: [] for name in RECOVERY}
     for seed in seeds:
         ctx.seed = seed
@@ -110,12 +113,16 @@ def main() -> None:
         print(row(name, runs[0]))
     print(f"{'binary':<14}{binary_accuracy:>7.4f}")
     print(row("binary+distill", recovered))
-    print(f"\n(a) is {100 * (teacher_accuracy - distilled['accuracy']):.2f} points below the teacher (target <= 1); "
-          f"(a) - (b) = {100 * (distilled['accuracy'] - finetuned['accuracy']):+.2f} points (target >= 0); "
-          f"one test image = {100 / len(y_test):.2f} points")
-    print(f"binary+distill is {100 * (teacher_accuracy - recovered['accuracy']):.2f} points below the teacher "
-          f"(target <= 5); saved artifact {size} bytes (teacher {teacher_size}), reloaded top-1 "
-          f"{accuracy(reloaded, x_test, y_test):.4f}")
+    print(
+        f"\n(a) is {100 * (teacher_accuracy - distilled['accuracy']):.2f} points below the teacher (target <= 1); "
+        f"(a) - (b) = {100 * (distilled['accuracy'] - finetuned['accuracy']):+.2f} points (target >= 0); "
+        f"one test image = {100 / len(y_test):.2f} points"
+    )
+    print(
+        f"binary+distill is {100 * (teacher_accuracy - recovered['accuracy']):.2f} points below the teacher "
+        f"(target <= 5); saved artifact {size} bytes (teacher {teacher_size}), reloaded top-1 "
+        f"{accuracy(reloaded, x_test, y_test):.4f}"
+    )
     if len(seeds) > 1:
         print(f"\nover seeds {seeds}:")
         for name, runs in recovery.items():

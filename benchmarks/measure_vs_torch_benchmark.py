@@ -47,15 +47,17 @@ def _models() -> dict[str, tuple[torch.jit.ScriptModule, torch.Tensor]]:
     }
 
 
-def _timer_medians_ms(model: torch.jit.ScriptModule, inputs: tuple[torch.Tensor, ...], calls: int,
-                      estimate_ms: float) -> tuple[float, float]:
+def _timer_medians_ms(
+    model: torch.jit.ScriptModule, inputs: tuple[torch.Tensor, ...], calls: int, estimate_ms: float
+) -> tuple[float, float]:
     """Timer's median over short blocks, and blocked_autorange's median of block means (ms).
 
     A block is one call, or a few back-to-back calls for sub-0.2 ms models: a lone timed call
     after Timer's own bookkeeping runs with colder caches than a call in a steady stream.
     """
-    timer = torch_benchmark.Timer(stmt="model(*inputs)", globals={"model": model, "inputs": inputs},
-                                  num_threads=THREADS)
+    timer = torch_benchmark.Timer(
+        stmt="model(*inputs)", globals={"model": model, "inputs": inputs}, num_threads=THREADS
+    )
     per_block = max(1, int(SHORT_BLOCK_MS / estimate_ms))
     with torch.inference_mode():
         short = statistics.median(timer.timeit(number=per_block).median for _ in range(max(calls // per_block, 30)))
@@ -69,17 +71,27 @@ def main() -> int:
     failures = 0
     macs = {}
     print(f"threads={THREADS}  torch={torch.__version__}  repeats={REPEATS}  cpu load: {os.getloadavg()[0]:.1f}")
-    print(f"{'model':26s} {'batch':>5s} {'measure p50':>12s} {'Timer p50':>10s} {'ratio':>6s}   "
-          f"{'blocked':>8s} {'ratio':>6s}   (ms)")
+    print(
+        f"{'model':26s} {'batch':>5s} {'measure p50':>12s} {'Timer p50':>10s} {'ratio':>6s}   "
+        f"{'blocked':>8s} {'ratio':>6s}   (ms)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name, (model, data) in _models().items():
             path = Path(tmp) / "model.pt"
             torch.jit.save(model, str(path))
             for batch in BATCH_SIZES:
-                config = BenchmarkConfig(batch_sizes=[batch], warmup=10, iterations=CALLS[batch], rounds=3,
-                                         threads=THREADS, measure_memory=False, eval_samples=batch)
+                config = BenchmarkConfig(
+                    batch_sizes=[batch],
+                    warmup=10,
+                    iterations=CALLS[batch],
+                    rounds=3,
+                    threads=THREADS,
+                    measure_memory=False,
+                    eval_samples=batch,
+                )
                 ours, single, blocked = [], [], []
                 for repeat in range(REPEATS):
+
                     def run_ours():
                         result = measure_models({name: model}, {name: path}, name, ModelData((data,)), config)
                         ours.append(result.metrics[name]["latency_ms"][str(batch)]["p50"])
@@ -105,15 +117,19 @@ def main() -> int:
                 ratio = statistics.median(o / t for o, t in zip(ours, single))
                 ok = abs(ratio - 1) <= TOLERANCE
                 failures += not ok
-                print(f"{name:26s} {batch:5d} {ours_ms:12.4f} {single_ms:10.4f} {ratio:6.3f}   "
-                      f"{blocked_ms:8.4f} {ours_ms / blocked_ms:6.3f}{'' if ok else '   FAIL'}")
+                print(
+                    f"{name:26s} {batch:5d} {ours_ms:12.4f} {single_ms:10.4f} {ratio:6.3f}   "
+                    f"{blocked_ms:8.4f} {ours_ms / blocked_ms:6.3f}{'' if ok else '   FAIL'}"
+                )
 
     # SequentialCNN on one 1×32×32 image: conv = output elements × (Cin/groups × kh × kw).
     hand = (16 * 32 * 32) * (1 * 3 * 3) + (32 * 16 * 16) * (16 * 3 * 3) + 64 * 2048 + 10 * 64
     counted = macs["SequentialCNN (traced)"]
     failures += counted != hand
-    print(f"\nMACs SequentialCNN: measure_models={counted:,}  hand count={hand:,}  "
-          f"{'exact' if counted == hand else 'MISMATCH'}")
+    print(
+        f"\nMACs SequentialCNN: measure_models={counted:,}  hand count={hand:,}  "
+        f"{'exact' if counted == hand else 'MISMATCH'}"
+    )
     print(f"MACs TinyResNet={macs['TinyResNet (scripted)']:,}  TransformerMLP={macs['TransformerMLP (scripted)']:,}")
     return 1 if failures else 0
 

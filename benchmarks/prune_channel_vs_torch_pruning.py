@@ -55,7 +55,7 @@ def interleaved_latency(models: dict[str, torch.nn.Module], batch: torch.Tensor,
             for model in models.values():
                 model(batch)
         for i in range(rounds):
-            order = names[i % len(names):] + names[:i % len(names)]
+            order = names[i % len(names) :] + names[: i % len(names)]
             for name in order:
                 start = time.perf_counter()
                 models[name](batch)
@@ -63,19 +63,33 @@ def interleaved_latency(models: dict[str, torch.nn.Module], batch: torch.Tensor,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def torch_pruning_twin(eager: torch.nn.Module, example: torch.Tensor, amount: float, scope: str) -> tuple[torch.nn.Module, float]:
+def torch_pruning_twin(
+    eager: torch.nn.Module, example: torch.Tensor, amount: float, scope: str
+) -> tuple[torch.nn.Module, float]:
     """Torch-Pruning's MagnitudePruner (L1) on a copy of the eager model; returns it and the seconds taken."""
     twin = copy.deepcopy(eager).eval()
     start = time.perf_counter()
     pruner = tp.pruner.MagnitudePruner(
-        twin, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=amount,
-        global_pruning=scope == "global", ignored_layers=[twin.fc])
+        twin,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=amount,
+        global_pruning=scope == "global",
+        ignored_layers=[twin.fc],
+    )
     pruner.step()
     return twin.eval(), time.perf_counter() - start
 
 
-def compare(eager: torch.nn.Module, original: torch.jit.ScriptModule, ctx: PipelineContext, amount: float,
-            scope: str, data: tuple[torch.Tensor, ...], other_criteria: bool) -> None:
+def compare(
+    eager: torch.nn.Module,
+    original: torch.jit.ScriptModule,
+    ctx: PipelineContext,
+    amount: float,
+    scope: str,
+    data: tuple[torch.Tensor, ...],
+    other_criteria: bool,
+) -> None:
     """Prune at one amount, ours and Torch-Pruning's, and print the table and the speed-up targets."""
     _, _, x_test, y_test = data
     example = x_test[:1]
@@ -92,24 +106,30 @@ def compare(eager: torch.nn.Module, original: torch.jit.ScriptModule, ctx: Pipel
 
     recalibration = out.details["bn_recalibration"]
     print(f"\n== amount={amount} scope={scope} criterion=l1")
-    print(f"prune time: ours {ours_seconds:.2f}s (BatchNorm recalibration of {recalibration['updated']} layers on "
-          f"{recalibration['samples']} samples included), torch_pruning {tp_seconds:.2f}s")
+    print(
+        f"prune time: ours {ours_seconds:.2f}s (BatchNorm recalibration of {recalibration['updated']} layers on "
+        f"{recalibration['samples']} samples included), torch_pruning {tp_seconds:.2f}s"
+    )
     models = {"original": original, "ours": ours, "torch_pruning": theirs}
     top1_without = {"original": None, "ours": stale, "torch_pruning": theirs}
     top1_with = {"original": original, "ours": ours, "torch_pruning": theirs_recalibrated}
     base_params, base_macs = parameters(original), macs(original, example)
     latency = {b: interleaved_latency(models, x_test[:b].contiguous(), rounds=300 if b == 1 else 60) for b in (1, 32)}
-    print(f"{'model':15s} {'params':>8s} {'ratio':>6s} {'MACs':>11s} {'ratio':>6s} "
-          f"{'ms@1':>7s} {'x@1':>5s} {'ms@32':>7s} {'x@32':>5s} {'top1 no-recal':>13s} {'top1 recal':>10s}")
+    print(
+        f"{'model':15s} {'params':>8s} {'ratio':>6s} {'MACs':>11s} {'ratio':>6s} "
+        f"{'ms@1':>7s} {'x@1':>5s} {'ms@32':>7s} {'x@32':>5s} {'top1 no-recal':>13s} {'top1 recal':>10s}"
+    )
     figures = {}
     for name, model in models.items():
         p, m = parameters(model), macs(model, example)
         speedups = {b: latency[b]["original"] / latency[b][name] for b in (1, 32)}
         without = f"{zoo.accuracy(top1_without[name], x_test, y_test):13.3f}" if top1_without[name] else f"{'-':>13s}"
         figures[name] = (p / base_params, m / base_macs, speedups)
-        print(f"{name:15s} {p:8d} {p / base_params:6.3f} {m:11d} {m / base_macs:6.3f} "
-              f"{latency[1][name]:7.3f} {speedups[1]:5.2f} {latency[32][name]:7.2f} {speedups[32]:5.2f} "
-              f"{without} {zoo.accuracy(top1_with[name], x_test, y_test):10.3f}")
+        print(
+            f"{name:15s} {p:8d} {p / base_params:6.3f} {m:11d} {m / base_macs:6.3f} "
+            f"{latency[1][name]:7.3f} {speedups[1]:5.2f} {latency[32][name]:7.2f} {speedups[32]:5.2f} "
+            f"{without} {zoo.accuracy(top1_with[name], x_test, y_test):10.3f}"
+        )
     print("(torch_pruning has no recalibration: its 'top1 recal' applies ours to its traced result, for reference)")
 
     if other_criteria:
@@ -117,8 +137,10 @@ def compare(eager: torch.nn.Module, original: torch.jit.ScriptModule, ctx: Pipel
         for criterion in ("l2", "gradient", "entropy", "bn_scale"):
             model = run_step(original, {**step, "criterion": criterion}, ctx).model
             without = run_step(original, {**step, "criterion": criterion, "recalibrate_bn": False}, ctx).model
-            print(f"  {criterion:9s} params {parameters(model) / base_params:.3f}  MACs {macs(model, example) / base_macs:.3f}"
-                  f"  top1 {zoo.accuracy(without, x_test, y_test):.3f} -> {zoo.accuracy(model, x_test, y_test):.3f}")
+            print(
+                f"  {criterion:9s} params {parameters(model) / base_params:.3f}  MACs {macs(model, example) / base_macs:.3f}"
+                f"  top1 {zoo.accuracy(without, x_test, y_test):.3f} -> {zoo.accuracy(model, x_test, y_test):.3f}"
+            )
 
     _, ours_macs, ours_speed = figures["ours"]
     _, tp_macs, tp_speed = figures["torch_pruning"]
@@ -140,10 +162,15 @@ def main() -> None:
     x_train, y_train, x_test, y_test = data
     eager = zoo.train_classifier(zoo.TinyResNet(), x_train, y_train, epochs=args.epochs)
     original = torch.jit.trace(eager, x_test[:1])
-    ctx = PipelineContext(teacher=original, calibration=ModelData((x_train[:256],), y_train[:256]),
-                          evaluation=ModelData((x_test,), y_test))
-    print(f"TinyResNet on digits, {args.epochs} epochs, top1 {zoo.accuracy(original, x_test, y_test):.3f}, "
-          f"{torch.get_num_threads()} thread(s), calibration: 256 training samples")
+    ctx = PipelineContext(
+        teacher=original,
+        calibration=ModelData((x_train[:256],), y_train[:256]),
+        evaluation=ModelData((x_test,), y_test),
+    )
+    print(
+        f"TinyResNet on digits, {args.epochs} epochs, top1 {zoo.accuracy(original, x_test, y_test):.3f}, "
+        f"{torch.get_num_threads()} thread(s), calibration: 256 training samples"
+    )
     for index, amount in enumerate(args.amounts):
         compare(eager, original, ctx, amount, args.scope, data, other_criteria=index == 0)
 

@@ -30,25 +30,45 @@ def measure(vocab: int, dim: int, hidden: int) -> None:
     ours = reload(out.model)
     plain = quantize_dynamic_jit(model, {"": default_dynamic_qconfig})
     lstm = next(layer for layer in out.details["layers"] if layer["kind"] == "LSTM")
-    print(f"\nhidden {hidden}: ours keeps the LSTM in {lstm['precision']}"
-          + (f" ({lstm['reason']})" if "reason" in lstm else "")
-          + f"; probe ms {out.details['recurrent_probe_ms']}")
+    print(
+        f"\nhidden {hidden}: ours keeps the LSTM in {lstm['precision']}"
+        + (f" ({lstm['reason']})" if "reason" in lstm else "")
+        + f"; probe ms {out.details['recurrent_probe_ms']}"
+    )
     rows = []
     for batch in (1, 32):
         x = (tokens[:batch],)
         latency = latency_rounds({"float": model, "ours": ours, "plain": plain}, x)
-        rows.append((batch, spread(latency["float"]), spread(latency["ours"]), spread(latency["plain"]),
-                     latency["float"][0] / latency["ours"][0], latency["float"][0] / latency["plain"][0]))
-    print_table(f"Scripted 2-layer LSTM classifier (vocab {vocab}, dim {dim}, hidden {hidden}, seq 32), "
-                "1 thread, median ms [range over 3 rounds]",
-                ["batch", "float_ms", "ours_ms", "plain_ms", "ours_speedup", "plain_speedup"], rows)
+        rows.append(
+            (
+                batch,
+                spread(latency["float"]),
+                spread(latency["ours"]),
+                spread(latency["plain"]),
+                latency["float"][0] / latency["ours"][0],
+                latency["float"][0] / latency["plain"][0],
+            )
+        )
+    print_table(
+        f"Scripted 2-layer LSTM classifier (vocab {vocab}, dim {dim}, hidden {hidden}, seq 32), "
+        "1 thread, median ms [range over 3 rounds]",
+        ["batch", "float_ms", "ours_ms", "plain_ms", "ours_speedup", "plain_speedup"],
+        rows,
+    )
     with torch.no_grad():
         reference = model(tokens)
         table = []
         for name, candidate in (("ours dynamic_int8", ours), ("plain quantize_dynamic_jit", plain)):
             out = candidate(tokens)
-            table.append((name, cosine_min(reference, out), float((out.argmax(1) == reference.argmax(1)).float().mean()),
-                          file_size(candidate), file_size(model) / file_size(candidate)))
+            table.append(
+                (
+                    name,
+                    cosine_min(reference, out),
+                    float((out.argmax(1) == reference.argmax(1)).float().mean()),
+                    file_size(candidate),
+                    file_size(model) / file_size(candidate),
+                )
+            )
     print_table("Fidelity and size", ["model", "cosine_min", "top1_agreement", "size_bytes", "size_ratio"], table)
 
 

@@ -27,12 +27,31 @@ from quantize_timing import cosine_min, file_size, latency_rounds, print_table, 
 from worker.engines.data import ModelData
 from worker.engines.pipeline import PipelineContext, run_step
 
-TOPICS = ["the weather", "a football match", "stock markets", "model quantization", "a jazz concert",
-          "gardening tips", "a train delay", "quantum computing", "a birthday party", "mountain hiking",
-          "the new phone", "a cooking recipe", "climate policy", "a chess opening", "city traffic", "space travel"]
-TEMPLATES = ["I read an article about {} this morning.", "Can you tell me more about {}?",
-             "Everyone at work kept talking about {} during lunch, which was surprisingly fun.",
-             "{} is not something I know much about.", "My sister wrote a long blog post on {} and its history."]
+TOPICS = [
+    "the weather",
+    "a football match",
+    "stock markets",
+    "model quantization",
+    "a jazz concert",
+    "gardening tips",
+    "a train delay",
+    "quantum computing",
+    "a birthday party",
+    "mountain hiking",
+    "the new phone",
+    "a cooking recipe",
+    "climate policy",
+    "a chess opening",
+    "city traffic",
+    "space travel",
+]
+TEMPLATES = [
+    "I read an article about {} this morning.",
+    "Can you tell me more about {}?",
+    "Everyone at work kept talking about {} during lunch, which was surprisingly fun.",
+    "{} is not something I know much about.",
+    "My sister wrote a long blog post on {} and its history.",
+]
 
 
 class SentenceEncoder(torch.nn.Module):
@@ -91,22 +110,34 @@ def main() -> None:
         out = run_step(traced, {"op": "quantize", "scheme": "dynamic_int8", **extra}, ctx)
         timings[name] = time.perf_counter() - start
         kept = [layer["module"] for layer in out.details["layers"] if layer["precision"] == "float32"]
-        print(f"{name}: {out.details['quantized_layers']} int8 layers, kept float: {kept or 'none'}, "
-              f"step took {timings[name]:.0f} s, backend {out.details['backend']}")
-        print(f"  linear kernels: { {k: len(v) for k, v in out.details['linear_kernels'].items()} }, "
-              f"probe ms per in x out: {out.details['linear_kernel_probe_ms']}")
+        print(
+            f"{name}: {out.details['quantized_layers']} int8 layers, kept float: {kept or 'none'}, "
+            f"step took {timings[name]:.0f} s, backend {out.details['backend']}"
+        )
+        print(
+            f"  linear kernels: { {k: len(v) for k, v in out.details['linear_kernels'].items()} }, "
+            f"probe ms per in x out: {out.details['linear_kernel_probe_ms']}"
+        )
         search = out.details.get("fidelity_search")
         if search:
-            print(f"  search: {search['conversions']} conversions, score per kept set: "
-                  f"{ {k: round(v, 4) for k, v in search['tried'].items()} }")
-            ranked = sorted((row for row in out.details["layers"] if row.get("sensitivity_proxy") is not None),
-                            key=lambda row: -row["sensitivity_proxy"])
+            print(
+                f"  search: {search['conversions']} conversions, score per kept set: "
+                f"{ {k: round(v, 4) for k, v in search['tried'].items()} }"
+            )
+            ranked = sorted(
+                (row for row in out.details["layers"] if row.get("sensitivity_proxy") is not None),
+                key=lambda row: -row["sensitivity_proxy"],
+            )
             for row in ranked[:5]:
-                print(f"  {row['module']:45s} proxy {row['sensitivity_proxy']:.4f}  measured "
-                      f"{'-' if row['sensitivity'] is None else round(row['sensitivity'], 4)}  {row['precision']}")
+                print(
+                    f"  {row['module']:45s} proxy {row['sensitivity_proxy']:.4f}  measured "
+                    f"{'-' if row['sensitivity'] is None else round(row['sensitivity'], 4)}  {row['precision']}"
+                )
         candidates[name] = reload(out.model)
     candidates["plain quantize_dynamic_jit per-tensor"] = quantize_dynamic_jit(traced, {"": default_dynamic_qconfig})
-    candidates["plain quantize_dynamic_jit per-channel"] = quantize_dynamic_jit(traced, {"": per_channel_dynamic_qconfig})
+    candidates["plain quantize_dynamic_jit per-channel"] = quantize_dynamic_jit(
+        traced, {"": per_channel_dynamic_qconfig}
+    )
 
     held_out = (ids[1::2], mask[1::2])
     base_size = file_size(traced)
@@ -115,11 +146,22 @@ def main() -> None:
         latency = latency_rounds({"float": traced, **candidates}, (ids[:16], mask[:16]), rounds=3, iterations=8)
         rows = [("float", spread(latency["float"]), 1.0, 1.0, base_size, 1.0)]
         for name, model in candidates.items():
-            rows.append((name, spread(latency[name]), latency["float"][0] / latency[name][0],
-                         cosine_min(reference, model(*held_out)), file_size(model), base_size / file_size(model)))
-    print_table(f"all-MiniLM-L6-v2, batch 16 × {args.max_length} tokens, 1 thread, median ms [range over 3 rounds]; "
-                f"cosine over {held_out[0].shape[0]} held-out sentences",
-                ["model", "latency_ms", "speedup", "cosine_min", "size_bytes", "size_ratio"], rows)
+            rows.append(
+                (
+                    name,
+                    spread(latency[name]),
+                    latency["float"][0] / latency[name][0],
+                    cosine_min(reference, model(*held_out)),
+                    file_size(model),
+                    base_size / file_size(model),
+                )
+            )
+    print_table(
+        f"all-MiniLM-L6-v2, batch 16 × {args.max_length} tokens, 1 thread, median ms [range over 3 rounds]; "
+        f"cosine over {held_out[0].shape[0]} held-out sentences",
+        ["model", "latency_ms", "speedup", "cosine_min", "size_bytes", "size_ratio"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

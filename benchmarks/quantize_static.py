@@ -43,26 +43,53 @@ def measure(name: str, model: torch.nn.Module, epochs: int) -> None:
     def calibrate(m, data):
         with torch.no_grad():
             for i in range(0, 256, 32):
-                m(data[i:i + 32])
+                m(data[i : i + 32])
 
     torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "qnnpack"
-    plain = reload(quantize_jit(traced, {"": get_default_qconfig(torch.backends.quantized.engine)}, calibrate, [x_train]))
+    plain = reload(
+        quantize_jit(traced, {"": get_default_qconfig(torch.backends.quantized.engine)}, calibrate, [x_train])
+    )
     rows = []
     for batch in (1, 32):
-        latency = interleaved_latency_ms({"float": traced, "ours": ours, "plain": plain}, (x_test[:batch],),
-                                         iterations=60 if batch == 1 else 30)
-        rows.append((batch, latency["float"], latency["ours"], latency["plain"],
-                     latency["float"] / latency["ours"], latency["float"] / latency["plain"]))
-    print_table(f"{name}: trained {epochs} epochs ({trained_s:.0f} s), static_int8 in {ours_s:.1f} s, "
-                f"backend {out.details['backend']}, {out.details['quantized_layers']} int8 layers; median ms",
-                ["batch", "float_ms", "ours_ms", "plain_ms", "ours_speedup", "plain_speedup"], rows)
+        latency = interleaved_latency_ms(
+            {"float": traced, "ours": ours, "plain": plain}, (x_test[:batch],), iterations=60 if batch == 1 else 30
+        )
+        rows.append(
+            (
+                batch,
+                latency["float"],
+                latency["ours"],
+                latency["plain"],
+                latency["float"] / latency["ours"],
+                latency["float"] / latency["plain"],
+            )
+        )
+    print_table(
+        f"{name}: trained {epochs} epochs ({trained_s:.0f} s), static_int8 in {ours_s:.1f} s, "
+        f"backend {out.details['backend']}, {out.details['quantized_layers']} int8 layers; median ms",
+        ["batch", "float_ms", "ours_ms", "plain_ms", "ours_speedup", "plain_speedup"],
+        rows,
+    )
     base = accuracy(traced, x_test, y_test)
-    print_table(f"{name}: top-1 on 297 held-out digits", ["model", "accuracy", "drop_pt", "size_bytes"], [
-        ("float", base, 0.0, file_size(traced)),
-        ("ours static_int8", accuracy(ours, x_test, y_test), 100 * (base - accuracy(ours, x_test, y_test)), file_size(ours)),
-        ("plain quantize_jit", accuracy(plain, x_test, y_test), 100 * (base - accuracy(plain, x_test, y_test)),
-         file_size(plain)),
-    ])
+    print_table(
+        f"{name}: top-1 on 297 held-out digits",
+        ["model", "accuracy", "drop_pt", "size_bytes"],
+        [
+            ("float", base, 0.0, file_size(traced)),
+            (
+                "ours static_int8",
+                accuracy(ours, x_test, y_test),
+                100 * (base - accuracy(ours, x_test, y_test)),
+                file_size(ours),
+            ),
+            (
+                "plain quantize_jit",
+                accuracy(plain, x_test, y_test),
+                100 * (base - accuracy(plain, x_test, y_test)),
+                file_size(plain),
+            ),
+        ],
+    )
 
 
 def main() -> None:

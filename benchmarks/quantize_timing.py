@@ -23,8 +23,9 @@ if str(REPO) not in sys.path:
 BLOCK = 10
 
 
-def interleaved_latency_ms(models: dict[str, Callable], inputs: Sequence[torch.Tensor], iterations: int = 30,
-                           warmup: int = 3) -> dict[str, float]:
+def interleaved_latency_ms(
+    models: dict[str, Callable], inputs: Sequence[torch.Tensor], iterations: int = 30, warmup: int = 3
+) -> dict[str, float]:
     """Median milliseconds per call of each model on `inputs`, the models taking turns in blocks.
 
     Blocks of consecutive calls, in an order that rotates every round: a call right after another
@@ -79,8 +80,9 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
             print("  ".join("-" * w for w in widths))
 
 
-def latency_rounds(models: dict[str, Callable], inputs: Sequence[torch.Tensor], rounds: int = 3,
-                   iterations: int = 15) -> dict[str, tuple[float, float, float]]:
+def latency_rounds(
+    models: dict[str, Callable], inputs: Sequence[torch.Tensor], rounds: int = 3, iterations: int = 15
+) -> dict[str, tuple[float, float, float]]:
     """(median, min, max) over `rounds` of each model's interleaved median ms per call."""
     medians: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):

@@ -63,9 +63,11 @@ def paired(label: str, run, pairs: int) -> None:
         for mode in ("on", "off") if index % 2 == 0 else ("off", "on"):
             times[mode].append(with_sandbox(mode, lambda: timed(run)))
     extra = [a - b for a, b in zip(times["on"], times["off"])]
-    print(f"{label}: sandboxed median {statistics.median(times['on']) * 1000:.0f} ms, unsandboxed "
-          f"{statistics.median(times['off']) * 1000:.0f} ms, added per run median {statistics.median(extra) * 1000:.0f} ms "
-          f"(range {min(extra) * 1000:.0f} to {max(extra) * 1000:.0f} ms, {pairs} pairs)")
+    print(
+        f"{label}: sandboxed median {statistics.median(times['on']) * 1000:.0f} ms, unsandboxed "
+        f"{statistics.median(times['off']) * 1000:.0f} ms, added per run median {statistics.median(extra) * 1000:.0f} ms "
+        f"(range {min(extra) * 1000:.0f} to {max(extra) * 1000:.0f} ms, {pairs} pairs)"
+    )
 
 
 def main() -> None:
@@ -74,20 +76,42 @@ def main() -> None:
     torch.jit.save(trace(TinyResNet(), torch.rand(2, 1, 32, 32)), str(model_path))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads 1 in every measured job")
 
-    paired("start-up of an empty run (probe)", lambda: run_isolated("worker.sandbox_child:probe", {}, Limits(60)),
-           PAIRS)
-    paired("validation of the ResNet-style model",
-           lambda: run_in_job(work, model_path, "worker.validation:validate_model",
-                              lambda job, model: {"path": model}, 300), PAIRS)
+    paired(
+        "start-up of an empty run (probe)", lambda: run_isolated("worker.sandbox_child:probe", {}, Limits(60)), PAIRS
+    )
+    paired(
+        "validation of the ResNet-style model",
+        lambda: run_in_job(
+            work, model_path, "worker.validation:validate_model", lambda job, model: {"path": model}, 300
+        ),
+        PAIRS,
+    )
 
     batch_sizes = [1, 32]
-    spec = {"input_spec": [{"shape": [1, 1, 32, 32], "dtype": "float32"}], "steps": [],
-            "benchmark": {"batch_sizes": batch_sizes, "warmup": 10, "iterations": 200, "threads": 1}}
+    spec = {
+        "input_spec": [{"shape": [1, 1, 32, 32], "dtype": "float32"}],
+        "steps": [],
+        "benchmark": {"batch_sizes": batch_sizes, "warmup": 10, "iterations": 200, "threads": 1},
+    }
 
     def profile_job():
-        return run_in_job(work, model_path, "worker.runner:execute_job", lambda job, model: {
-            "spec": spec, "device": "cpu", "files": {"model": model, "calibration": None, "evaluation": None,
-                                                     "students": {}, "output_dir": job.inside("out")}}, 600)
+        return run_in_job(
+            work,
+            model_path,
+            "worker.runner:execute_job",
+            lambda job, model: {
+                "spec": spec,
+                "device": "cpu",
+                "files": {
+                    "model": model,
+                    "calibration": None,
+                    "evaluation": None,
+                    "students": {},
+                    "output_dir": job.inside("out"),
+                },
+            },
+            600,
+        )
 
     p50 = {(mode, b): [] for mode in ("on", "off") for b in batch_sizes}
     for index in range(JOB_PAIRS):
@@ -97,9 +121,11 @@ def main() -> None:
                 p50[(mode, b)].append(latency[str(b)]["p50"])
     for b in batch_sizes:
         ratios = [on / off for on, off in zip(p50[("on", b)], p50[("off", b)])]
-        print(f"profile job, ResNet-style, batch {b}: report p50 sandboxed {statistics.median(p50[('on', b)]):.3f} ms, "
-              f"unsandboxed {statistics.median(p50[('off', b)]):.3f} ms; ratio per pair median "
-              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}, {JOB_PAIRS} pairs)")
+        print(
+            f"profile job, ResNet-style, batch {b}: report p50 sandboxed {statistics.median(p50[('on', b)]):.3f} ms, "
+            f"unsandboxed {statistics.median(p50[('off', b)]):.3f} ms; ratio per pair median "
+            f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}, {JOB_PAIRS} pairs)"
+        )
 
 
 if __name__ == "__main__":

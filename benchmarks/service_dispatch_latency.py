@@ -11,7 +11,6 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-
 from _servers import REDIS_URL, Service, postgres_database, service_env, tiny_model_bytes
 
 JOBS = 10
@@ -25,8 +24,14 @@ def measure(service: Service) -> list[float]:
             time.sleep(0.1)  # the worker validates the upload first; time it only once idle
         time.sleep(1)
         for _ in range(JOBS):
-            job = client.post("/v1/jobs", json={"model_id": model["id"], "input_spec": [{"shape": [1, 4]}],
-                                                "benchmark": {"batch_sizes": [1], "warmup": 1, "iterations": 5}}).json()
+            job = client.post(
+                "/v1/jobs",
+                json={
+                    "model_id": model["id"],
+                    "input_spec": [{"shape": [1, 4]}],
+                    "benchmark": {"batch_sizes": [1], "warmup": 1, "iterations": 5},
+                },
+            ).json()
             while (body := client.get(f"/v1/jobs/{job['id']}").json())["status"] in ("queued", "running"):
                 time.sleep(0.05)
             started = datetime.fromisoformat(body["started_at"])
@@ -36,9 +41,11 @@ def measure(service: Service) -> list[float]:
 
 
 def report(label: str, delays: list[float]) -> None:
-    print(f"submission → running, {label}: median {statistics.median(delays) * 1000:.0f} ms, "
-          f"all {[round(d * 1000) for d in delays]} ms, "
-          f"max {max(delays) * 1000:.0f} ms over {len(delays)} jobs")
+    print(
+        f"submission → running, {label}: median {statistics.median(delays) * 1000:.0f} ms, "
+        f"all {[round(d * 1000) for d in delays]} ms, "
+        f"max {max(delays) * 1000:.0f} ms over {len(delays)} jobs"
+    )
 
 
 def main() -> None:
@@ -51,8 +58,11 @@ def main() -> None:
         finally:
             service.stop()
         embedded_dir = Path(tmp) / "embedded"
-        env = service_env(embedded_dir, f"sqlite:///{embedded_dir / 'compactor.sqlite'}",
-                          f"sqla+sqlite:///{embedded_dir / 'broker.sqlite'}")
+        env = service_env(
+            embedded_dir,
+            f"sqlite:///{embedded_dir / 'compactor.sqlite'}",
+            f"sqla+sqlite:///{embedded_dir / 'broker.sqlite'}",
+        )
         embedded_dir.mkdir()
         service = Service(env, embedded_dir)
         service.start_api()

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import httpx
-
 from _servers import REDIS_URL, Service, postgres_database, service_env, tiny_model_bytes
 
 CONNECTIONS = 16
@@ -31,17 +30,25 @@ def main() -> None:
             try:
                 with httpx.Client(base_url=service.url) as client:
                     model = client.post("/v1/models", files={"file": ("m.pt", tiny_model_bytes())}).json()
-                    job = client.post("/v1/jobs", json={"model_id": model["id"], "input_spec": [{"shape": [1, 4]}]}).json()
+                    job = client.post(
+                        "/v1/jobs", json={"model_id": model["id"], "input_spec": [{"shape": [1, 4]}]}
+                    ).json()
                 url = f"{service.url}/v1/jobs/{job['id']}"
                 subprocess.run(["wrk", "-t1", f"-c{CONNECTIONS}", "-d2s", url], capture_output=True)  # warm-up
-                out = subprocess.run(["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency", url],
-                                     capture_output=True, text=True, check=True).stdout
+                out = subprocess.run(
+                    ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency", url],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
                 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
                 p50 = re.search(r"50%\s+(\S+)", out).group(1)
                 p99 = re.search(r"99%\s+(\S+)", out).group(1)
                 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-                print(f"GET /v1/jobs/{{id}} on Postgres, {processes} API process(es), {CONNECTIONS} connections: "
-                      f"{rps:.0f} req/s, p50 {p50}, p99 {p99}, non-2xx {errors.group(1) if errors else 0}")
+                print(
+                    f"GET /v1/jobs/{{id}} on Postgres, {processes} API process(es), {CONNECTIONS} connections: "
+                    f"{rps:.0f} req/s, p50 {p50}, p99 {p99}, non-2xx {errors.group(1) if errors else 0}"
+                )
             finally:
                 service.stop()
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import psutil
-
 from _servers import REDIS_URL, Service, postgres_database, service_env
 
 SIZE = 1 << 30
@@ -63,8 +62,10 @@ def main() -> None:
                 sampler.join()
             assert response.status_code == 201, response.text
             size = archive.stat().st_size
-            print(f"upload {size / 2**20:.0f} MiB: {size / 2**20 / elapsed:.0f} MB/s on loopback, "
-                  f"API RSS growth {(peak['rss'] - baseline) / 2**20:.1f} MiB (baseline {baseline / 2**20:.0f} MiB)")
+            print(
+                f"upload {size / 2**20:.0f} MiB: {size / 2**20 / elapsed:.0f} MB/s on loopback, "
+                f"API RSS growth {(peak['rss'] - baseline) / 2**20:.1f} MiB (baseline {baseline / 2**20:.0f} MiB)"
+            )
         finally:
             service.stop()
 

@@ -21,12 +21,18 @@ FRAMEWORK_PATHS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
 def _documented_operations() -> set[tuple[str, str]]:
-    return {(method.lower(), path) for method, path in re.findall(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/\S+)` \|", DOC, re.M)}
+    return {
+        (method.lower(), path) for method, path in re.findall(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/\S+)` \|", DOC, re.M)
+    }
 
 
 def test_every_operation_is_documented_and_every_documented_one_exists():
-    served = {(method, path) for path, operations in app.openapi()["paths"].items() for method in operations
-              if path not in FRAMEWORK_PATHS}
+    served = {
+        (method, path)
+        for path, operations in app.openapi()["paths"].items()
+        for method in operations
+        if path not in FRAMEWORK_PATHS
+    }
 
     assert _documented_operations() == served
 
@@ -34,14 +40,23 @@ def test_every_operation_is_documented_and_every_documented_one_exists():
 def _table(heading: str) -> dict[str, tuple[str, str]]:
     """{field: (default, allowed)} of the table under `### heading`."""
     section = DOC.split(f"### {heading}", 1)[1].split("\n#", 1)[0]
-    return {field: (default, allowed) for field, default, allowed in
-            re.findall(r"^\| `(\w+)` \| ([^|]+?) \| ([^|]+?) \|", section, re.M)}
+    return {
+        field: (default, allowed)
+        for field, default, allowed in re.findall(r"^\| `(\w+)` \| ([^|]+?) \| ([^|]+?) \|", section, re.M)
+    }
 
 
-@pytest.mark.parametrize("heading, schema", [
-    ("prune", PruneStep), ("quantize", QuantizeStep), ("distill", DistillStep), ("benchmark", BenchmarkSpec),
-    ("target", TargetSpec), ("input_spec", InputSpec),
-])
+@pytest.mark.parametrize(
+    "heading, schema",
+    [
+        ("prune", PruneStep),
+        ("quantize", QuantizeStep),
+        ("distill", DistillStep),
+        ("benchmark", BenchmarkSpec),
+        ("target", TargetSpec),
+        ("input_spec", InputSpec),
+    ],
+)
 def test_step_tables_match_the_schema(heading, schema):
     rows = _table(heading)
     fields = {name: info for name, info in schema.model_fields.items() if name != "op"}

@@ -17,8 +17,10 @@ from worker.engines.errors import EngineError
 from worker.engines.measure import BenchmarkConfig
 from worker.engines.pipeline import parse_step, step_configs
 
-SCHEMAS = {typing.get_args(model.model_fields["op"].annotation)[0]: model
-           for model in typing.get_args(typing.get_args(Step)[0])}
+SCHEMAS = {
+    typing.get_args(model.model_fields["op"].annotation)[0]: model
+    for model in typing.get_args(typing.get_args(Step)[0])
+}
 _BOUND_NAMES = {annotated_types.Ge: "ge", annotated_types.Gt: "gt", annotated_types.Le: "le", annotated_types.Lt: "lt"}
 
 
@@ -59,7 +61,9 @@ def test_fields_defaults_choices_and_bounds_agree(op):
         field = engine_fields[name]
         assert _schema_default(info) == _engine_default(field), f"{op}.{name} default"
         assert _choices(info.annotation) == field.metadata.get("choices"), f"{op}.{name} choices"
-        bounds = {_BOUND_NAMES[type(m)]: getattr(m, _BOUND_NAMES[type(m)]) for m in info.metadata if type(m) in _BOUND_NAMES}
+        bounds = {
+            _BOUND_NAMES[type(m)]: getattr(m, _BOUND_NAMES[type(m)]) for m in info.metadata if type(m) in _BOUND_NAMES
+        }
         assert bounds == {k: v for k, v in field.metadata.items() if k != "choices"}, f"{op}.{name} bounds"
 
 
@@ -95,7 +99,9 @@ BROKEN_RULES = [
 ]
 
 
-@pytest.mark.parametrize("step, field", BROKEN_RULES, ids=[f"{s['op']}-{f}-{i}" for i, (s, f) in enumerate(BROKEN_RULES)])
+@pytest.mark.parametrize(
+    "step, field", BROKEN_RULES, ids=[f"{s['op']}-{f}-{i}" for i, (s, f) in enumerate(BROKEN_RULES)]
+)
 def test_each_rule_is_enforced_on_both_sides(step, field):
     with pytest.raises(ValidationError) as api:
         JobSpec.model_validate({"model_id": "m", "input_spec": [{"shape": [1, 4]}], "steps": [step]})
@@ -107,11 +113,14 @@ def test_each_rule_is_enforced_on_both_sides(step, field):
     assert engine.value.code == "invalid_step" and field in engine.value.message
 
 
-@pytest.mark.parametrize("step", [
-    {"op": "prune", "structure": "channel", "criterion": "entropy"},
-    {"op": "prune", "structure": "n:m", "n": 1, "m": 4},
-    {"op": "quantize", "scheme": "dynamic_int8", "exclude": ["fc*"]},
-])
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"op": "prune", "structure": "channel", "criterion": "entropy"},
+        {"op": "prune", "structure": "n:m", "n": 1, "m": 4},
+        {"op": "quantize", "scheme": "dynamic_int8", "exclude": ["fc*"]},
+    ],
+)
 def test_the_allowed_neighbours_of_each_rule_pass_both_sides(step):
     JobSpec.model_validate({"model_id": "m", "input_spec": [{"shape": [1, 4]}], "steps": [step]})
     parse_step(step)

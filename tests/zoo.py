@@ -19,8 +19,14 @@ class SequentialCNN(nn.Module):
     def __init__(self, classes: int = 10, width: int = 16):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.fc1 = nn.Linear(2 * width * 8 * 8, 64)
         self.fc2 = nn.Linear(64, classes)
@@ -91,8 +97,12 @@ class MobileNetStyle(nn.Module):
 
         def separable(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(),
-                nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6(),
+                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+                nn.BatchNorm2d(cin),
+                nn.ReLU6(),
+                nn.Conv2d(cin, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU6(),
             )
 
         self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
@@ -226,8 +236,15 @@ def digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
     return x[:1500], y[:1500], x[1500:], y[1500:]
 
 
-def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 3,
-                     lr: float = 3e-3, batch_size: int = 64, seed: int = 0) -> nn.Module:
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = 3,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> nn.Module:
     """A few epochs of Adam on hard labels; returns the model in eval mode."""
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -235,7 +252,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
     for _ in range(epochs):
         order = torch.randperm(len(y))
         for start in range(0, len(y), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             optimizer.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             optimizer.step()

@@ -42,8 +42,9 @@ def validate_model(model_id: str) -> str:
     summary, error = None, None
     try:
         path = job.add_input("model.pt", store.verified_path(sha256, size))
-        summary = run_isolated("worker.validation:validate_model", {"path": path},
-                               job_limits(settings.validate_time_limit_s), job=job)
+        summary = run_isolated(
+            "worker.validation:validate_model", {"path": path}, job_limits(settings.validate_time_limit_s), job=job
+        )
     except IsolatedFailure as failure:
         code = "model_invalid" if failure.code == "model_error" else failure.code
         error = {"code": code, "message": failure.message}
@@ -107,9 +108,13 @@ def _run_claimed(job_id: str) -> str:
             return _progress(job_id, message)
 
         try:
-            outcome = run_isolated("worker.runner:execute_job",
-                                   {"spec": spec, "files": files, "device": settings.worker_device},
-                                   job_limits(settings.job_time_limit_s), on_progress, job=job)
+            outcome = run_isolated(
+                "worker.runner:execute_job",
+                {"spec": spec, "files": files, "device": settings.worker_device},
+                job_limits(settings.job_time_limit_s),
+                on_progress,
+                job=job,
+            )
             artifact = _checked_artifact(job, outcome)
         except IsolatedFailure as failure:
             with unit_of_work() as session:
@@ -145,7 +150,9 @@ def _checked_artifact(job: JobDir, outcome) -> Path:
     except (OutputRejected, OSError) as exc:
         raise IsolatedFailure("artifact_invalid", f"the job's artifact was refused: {exc}") from None
     except CompactorError as exc:
-        raise IsolatedFailure("artifact_invalid", f"the job's artifact is not a TorchScript archive: {exc.detail}") from None
+        raise IsolatedFailure(
+            "artifact_invalid", f"the job's artifact is not a TorchScript archive: {exc.detail}"
+        ) from None
     return path
 
 
@@ -159,18 +166,25 @@ def _job_files(spec: dict, model_id: str, job: JobDir) -> dict:
     sha256 on the way; the paths as the sandboxed child sees them."""
     store = get_blob_store()
     with unit_of_work() as session:
+
         def blob(table, row_id, name):
             if not row_id:
                 return None
             row = session.get(table, row_id)
             return job.add_input(name, store.verified_path(row.sha256, row.size_bytes))
 
-        students = {s["student_model_id"]: blob(UploadedModel, s["student_model_id"], f"student-{i}.pt")
-                    for i, s in enumerate(spec.get("steps", [])) if s.get("student_model_id")}
-        return {"model": blob(UploadedModel, model_id, "model.pt"),
-                "calibration": blob(Dataset, spec.get("calibration_dataset_id"), "calibration"),
-                "evaluation": blob(Dataset, spec.get("eval_dataset_id"), "evaluation"), "students": students,
-                "output_dir": job.inside("out")}
+        students = {
+            s["student_model_id"]: blob(UploadedModel, s["student_model_id"], f"student-{i}.pt")
+            for i, s in enumerate(spec.get("steps", []))
+            if s.get("student_model_id")
+        }
+        return {
+            "model": blob(UploadedModel, model_id, "model.pt"),
+            "calibration": blob(Dataset, spec.get("calibration_dataset_id"), "calibration"),
+            "evaluation": blob(Dataset, spec.get("eval_dataset_id"), "evaluation"),
+            "students": students,
+            "output_dir": job.inside("out"),
+        }
 
 
 def resend_lost_work() -> list[str]:
@@ -180,9 +194,12 @@ def resend_lost_work() -> list[str]:
 
     settings = get_settings()
     with unit_of_work() as session:
-        job_ids = lifecycle.jobs_to_resend(session, settings.requeue_after_s,
-                                           heartbeat_timeout_s=max(120.0, 4 * settings.requeue_interval_s),
-                                           max_attempts=settings.max_attempts)
+        job_ids = lifecycle.jobs_to_resend(
+            session,
+            settings.requeue_after_s,
+            heartbeat_timeout_s=max(120.0, 4 * settings.requeue_interval_s),
+            max_attempts=settings.max_attempts,
+        )
         model_ids = lifecycle.models_to_revalidate(session, settings.requeue_after_s)
     for job_id in job_ids:
         queue.send(queue.RUN_JOB, job_id)

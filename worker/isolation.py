@@ -30,11 +30,17 @@ from worker.sandbox import MAX_ENTRIES, JobDir, Sandbox, SandboxUnavailable, pac
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 64 * 1024 * 1024  # one message; a report of a large model is a few MB
-MAX_STRING = 4000                  # any one string the child sends
+MAX_STRING = 4000  # any one string the child sends
 MAX_ERROR_MESSAGE = 1500
 USAGE_EVERY_S = 1.0
-_CRASH_SIGNALS = {signal.SIGSEGV: "segmentation fault", signal.SIGBUS: "bus error", signal.SIGILL: "illegal instruction",
-                  signal.SIGABRT: "abort", signal.SIGFPE: "floating-point exception", signal.SIGSYS: "bad system call"}
+_CRASH_SIGNALS = {
+    signal.SIGSEGV: "segmentation fault",
+    signal.SIGBUS: "bus error",
+    signal.SIGILL: "illegal instruction",
+    signal.SIGABRT: "abort",
+    signal.SIGFPE: "floating-point exception",
+    signal.SIGSYS: "bad system call",
+}
 
 
 class IsolatedFailure(Exception):
@@ -56,8 +62,13 @@ class Limits:
 
     def rlimits(self, sandboxed: bool) -> dict[str, int | None]:
         cpu_s = int(self.time_s * (os.cpu_count() or 1)) + 60  # a backstop: the wall clock stops it first
-        limits = {"RLIMIT_AS": self.memory_bytes, "RLIMIT_FSIZE": self.output_bytes, "RLIMIT_CORE": 0,
-                  "RLIMIT_NOFILE": self.open_files, "RLIMIT_CPU": cpu_s}
+        limits = {
+            "RLIMIT_AS": self.memory_bytes,
+            "RLIMIT_FSIZE": self.output_bytes,
+            "RLIMIT_CORE": 0,
+            "RLIMIT_NOFILE": self.open_files,
+            "RLIMIT_CPU": cpu_s,
+        }
         if sandboxed:
             # Outside a user namespace of its own the count would include the worker's own threads.
             limits["RLIMIT_NPROC"] = self.processes
@@ -67,8 +78,9 @@ class Limits:
 def job_limits(time_s: float) -> Limits:
     """The configured limits of one job or validation."""
     settings = get_settings()
-    return Limits(time_s, settings.job_memory_limit_bytes, settings.sandbox_max_output_bytes,
-                  settings.sandbox_max_processes)
+    return Limits(
+        time_s, settings.job_memory_limit_bytes, settings.sandbox_max_output_bytes, settings.sandbox_max_processes
+    )
 
 
 def current_sandbox() -> Sandbox:
@@ -80,8 +92,13 @@ def current_sandbox() -> Sandbox:
     return Sandbox(settings.sandbox == "on", settings.worker_device, forbidden)
 
 
-def run_isolated(target: str, kwargs: dict, limits: Limits,
-                 on_progress: Callable[[dict], bool] = lambda message: True, job: JobDir | None = None) -> Any:
+def run_isolated(
+    target: str,
+    kwargs: dict,
+    limits: Limits,
+    on_progress: Callable[[dict], bool] = lambda message: True,
+    job: JobDir | None = None,
+) -> Any:
     """Call `target` ("package.module:function") in a sandboxed child and return its result.
 
     The target is called as `function(emit=..., **kwargs)`; `emit(dict)` sends a progress message,
@@ -107,12 +124,24 @@ def run_isolated(target: str, kwargs: dict, limits: Limits,
             code_root = str(package_dir(package).parent)
         except SandboxUnavailable as exc:
             raise IsolatedFailure("sandbox_unavailable", exc.reason) from None
-        request = {"target": target, "kwargs": kwargs, "limits": limits.rlimits(sandbox.enabled),
-                   "landlock": sandbox.enabled, "writable": sandbox.writable(job), "sys_path": [code_root]}
+        request = {
+            "target": target,
+            "kwargs": kwargs,
+            "limits": limits.rlimits(sandbox.enabled),
+            "landlock": sandbox.enabled,
+            "writable": sandbox.writable(job),
+            "sys_path": [code_root],
+        }
         with open(job.log_path, "wb") as child_log:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=child_log, stderr=child_log,
-                                       pass_fds=(child_end.fileno(),), env=sandbox.environment(job),
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=child_log,
+                stderr=child_log,
+                pass_fds=(child_end.fileno(),),
+                env=sandbox.environment(job),
+                start_new_session=True,
+            )
         child_end.close()
         try:
             parent_end.sendall(json.dumps(request).encode() + b"\n")
@@ -127,8 +156,9 @@ def run_isolated(target: str, kwargs: dict, limits: Limits,
             job.remove()
 
 
-def _serve(process: subprocess.Popen, channel: socket.socket, job: JobDir, limits: Limits,
-           on_progress: Callable[[dict], bool]) -> Any:
+def _serve(
+    process: subprocess.Popen, channel: socket.socket, job: JobDir, limits: Limits, on_progress: Callable[[dict], bool]
+) -> Any:
     deadline = time.monotonic() + limits.time_s
     next_usage = time.monotonic() + USAGE_EVERY_S
     buffer, heard = b"", False
@@ -152,22 +182,30 @@ def _serve(process: subprocess.Popen, channel: socket.socket, job: JobDir, limit
                 elif kind == "error":
                     raise _reported_failure(payload)
             if len(buffer) > MAX_LINE_BYTES:
-                raise IsolatedFailure("model_crashed", "the model's process sent a message past the size limit "
-                                                       f"of {MAX_LINE_BYTES} bytes and was stopped")
+                raise IsolatedFailure(
+                    "model_crashed",
+                    f"the model's process sent a message past the size limit of {MAX_LINE_BYTES} bytes and was stopped",
+                )
         elif process.poll() is not None:
             break
         now = time.monotonic()
         if now > deadline:
-            raise IsolatedFailure("timeout", f"the model's work ran past its time limit of {limits.time_s:.0f} s "
-                                             "and was stopped; try fewer iterations, a smaller dataset, or raise "
-                                             "COMPACTOR_JOB_TIME_LIMIT_S")
+            raise IsolatedFailure(
+                "timeout",
+                f"the model's work ran past its time limit of {limits.time_s:.0f} s "
+                "and was stopped; try fewer iterations, a smaller dataset, or raise "
+                "COMPACTOR_JOB_TIME_LIMIT_S",
+            )
         if limits.output_bytes and now > next_usage:
             next_usage = now + USAGE_EVERY_S
             written, entries = job.usage()
             if written > limits.output_bytes or entries > MAX_ENTRIES:
-                raise IsolatedFailure("output_too_large", f"the job wrote more than {limits.output_bytes} bytes or "
-                                                          f"{MAX_ENTRIES} files and was stopped; raise "
-                                                          "COMPACTOR_SANDBOX_MAX_OUTPUT_BYTES if the model needs it")
+                raise IsolatedFailure(
+                    "output_too_large",
+                    f"the job wrote more than {limits.output_bytes} bytes or "
+                    f"{MAX_ENTRIES} files and was stopped; raise "
+                    "COMPACTOR_SANDBOX_MAX_OUTPUT_BYTES if the model needs it",
+                )
     process.wait(10)
     raise _exit_failure(process.returncode, heard, job)
 
@@ -195,8 +233,9 @@ def _decode(line: bytes) -> tuple[str, Any]:
         message = json.loads(line)
         return str(message["kind"]), bounded(message.get("payload"))
     except (ValueError, KeyError, TypeError) as exc:
-        raise IsolatedFailure("model_crashed", "the model's process sent a message that is not valid JSON and was "
-                                               "stopped") from exc
+        raise IsolatedFailure(
+            "model_crashed", "the model's process sent a message that is not valid JSON and was stopped"
+        ) from exc
 
 
 def bounded(value: Any, depth: int = 0) -> Any:
@@ -228,15 +267,25 @@ def _exit_failure(exitcode: int | None, heard: bool, job: JobDir) -> IsolatedFai
     if exitcode is not None and exitcode < 0:
         sig = -exitcode
         if sig == signal.SIGKILL:
-            return IsolatedFailure("out_of_memory", "the process running the model was killed by the system, most "
-                                                    "likely for running out of memory; try smaller batch sizes")
+            return IsolatedFailure(
+                "out_of_memory",
+                "the process running the model was killed by the system, most "
+                "likely for running out of memory; try smaller batch sizes",
+            )
         if sig == signal.SIGXFSZ:
-            return IsolatedFailure("output_too_large", "the model's process wrote a file past the size limit; raise "
-                                                       "COMPACTOR_SANDBOX_MAX_OUTPUT_BYTES if the model needs it")
+            return IsolatedFailure(
+                "output_too_large",
+                "the model's process wrote a file past the size limit; raise "
+                "COMPACTOR_SANDBOX_MAX_OUTPUT_BYTES if the model needs it",
+            )
         if sig == signal.SIGXCPU:
             return IsolatedFailure("timeout", "the model's process used up its CPU time limit and was stopped")
-        name = _CRASH_SIGNALS.get(sig, signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig))
-        return IsolatedFailure("model_crashed", f"the model crashed the process running it ({name}); the worker is unharmed")
+        name = _CRASH_SIGNALS.get(
+            sig, signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        )
+        return IsolatedFailure(
+            "model_crashed", f"the model crashed the process running it ({name}); the worker is unharmed"
+        )
     reason = _sandbox_error(job) if not heard and exitcode == 1 else None
     if reason:
         return IsolatedFailure("sandbox_unavailable", f"the sandbox could not start: {reason}")

@@ -9,17 +9,16 @@ from __future__ import annotations
 import platform
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError, model_text
 from worker.engines.measure import BenchmarkConfig, measure_models
-from worker.engines.measure.quality import fidelity_score
-from worker.engines.measure.quality import output_leaves
+from worker.engines.measure.quality import fidelity_score, output_leaves
 from worker.engines.modules import load_model, save_model
 from worker.engines.pipeline import PipelineContext, parse_step, run_step
 from worker.errors import describe_error
@@ -59,9 +58,15 @@ def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> di
     teacher = load_model(job_files.model, compute)
     calibration = load_dataset(job_files.calibration) if job_files.calibration else None
     evaluation = _evaluation_data(spec, benchmark, job_files, calibration)
-    ctx = PipelineContext(teacher=teacher, calibration=calibration, evaluation=evaluation, device=compute,
-                          load_model=lambda model_id: load_model(job_files.students[model_id], compute),
-                          seed=seed, batch_sizes=tuple(benchmark.batch_sizes))
+    ctx = PipelineContext(
+        teacher=teacher,
+        calibration=calibration,
+        evaluation=evaluation,
+        device=compute,
+        load_model=lambda model_id: load_model(job_files.students[model_id], compute),
+        seed=seed,
+        batch_sizes=tuple(benchmark.batch_sizes),
+    )
     example = evaluation.take(2)
     reference_outputs = _run(teacher, example, compute)
 
@@ -74,8 +79,14 @@ def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> di
         base = 2.0 + index * share
 
         def progress(fraction: float, message: str, _i=index, _base=base, _share=share, _op=step.op) -> None:
-            emit({"stage": _op, "step_index": _i, "percent": round(_base + _share * min(max(fraction, 0.0), 1.0), 1),
-                  "message": message})
+            emit(
+                {
+                    "stage": _op,
+                    "step_index": _i,
+                    "percent": round(_base + _share * min(max(fraction, 0.0), 1.0), 1),
+                    "message": message,
+                }
+            )
 
         ctx.progress = progress
         progress(0.0, f"step {index + 1}/{len(steps)}: {step.op}")
@@ -94,12 +105,19 @@ def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> di
     result_name = f"stage{len(steps)}" if steps else "baseline"
 
     def measure_progress(fraction: float, message: str) -> None:
-        emit({"stage": "benchmark", "step_index": None, "percent": round(STEPS_SHARE + 2 + 17 * fraction, 1),
-              "message": message})
+        emit(
+            {
+                "stage": "benchmark",
+                "step_index": None,
+                "percent": round(STEPS_SHARE + 2 + 17 * fraction, 1),
+                "message": message,
+            }
+        )
 
     measure_progress(0.0, "measuring baseline and result side by side")
-    measurement = measure_models(models=models, files=paths, reference="baseline", data=evaluation,
-                                 config=benchmark, progress=measure_progress)
+    measurement = measure_models(
+        models=models, files=paths, reference="baseline", data=evaluation, config=benchmark, progress=measure_progress
+    )
     for index, stage in enumerate(stages):
         name = f"stage{index + 1}"
         stage["metrics"] = measurement.metrics[name]
@@ -111,8 +129,12 @@ def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> di
         "baseline": measurement.metrics["baseline"],
         "result": measurement.metrics[result_name],
         "stages": stages,
-        "summary": summarize(measurement.metrics["baseline"], measurement.metrics[result_name],
-                             measurement.speedup.get(result_name, {}), spec.get("target")),
+        "summary": summarize(
+            measurement.metrics["baseline"],
+            measurement.metrics[result_name],
+            measurement.speedup.get(result_name, {}),
+            spec.get("target"),
+        ),
         "notes": _notes(stages) + measurement.notes,
     }
     return {"artifact_path": str(paths[result_name]), "report": report}
@@ -128,16 +150,27 @@ def summarize(baseline: dict, result: dict, speedup: dict, target: dict | None) 
     # the target holds the same figure as a quantize step's min_fidelity (top-1 agreement where measured)
     held = _held_fidelity(result.get("fidelity"))
     medians = {b: s["median"] for b, s in speedup.items()}
-    summary = {"speedup": medians, "speedup_spread": speedup, "size_ratio": round(size_ratio, 4),
-               "accuracy_drop": accuracy_drop, "fidelity_cosine_min": fidelity, "targets": {}}
+    summary = {
+        "speedup": medians,
+        "speedup_spread": speedup,
+        "size_ratio": round(size_ratio, 4),
+        "accuracy_drop": accuracy_drop,
+        "fidelity_cosine_min": fidelity,
+        "targets": {},
+    }
     target = target or {}
-    checks = {"max_accuracy_drop": (accuracy_drop, lambda limit, actual: actual <= limit),
-              "min_fidelity": (held, lambda limit, actual: actual >= limit),
-              "min_speedup": (min(medians.values()) if medians else None, lambda limit, actual: actual >= limit)}
+    checks = {
+        "max_accuracy_drop": (accuracy_drop, lambda limit, actual: actual <= limit),
+        "min_fidelity": (held, lambda limit, actual: actual >= limit),
+        "min_speedup": (min(medians.values()) if medians else None, lambda limit, actual: actual >= limit),
+    }
     for key, (actual, holds) in checks.items():
         if target.get(key) is not None:
-            summary["targets"][key] = {"limit": target[key], "actual": actual,
-                                       "met": actual is not None and holds(target[key], actual)}
+            summary["targets"][key] = {
+                "limit": target[key],
+                "actual": actual,
+                "met": actual is not None and holds(target[key], actual),
+            }
     return summary
 
 
@@ -160,13 +193,17 @@ def _pick_device(requested: str, worker_device: str) -> torch.device:
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted == "cuda" and not torch.cuda.is_available():
-        raise EngineError("device_unavailable", "the job asks for benchmark.device 'cuda' but this worker has no "
-                                                "GPU; use 'cpu' or 'auto', or run a GPU worker")
+        raise EngineError(
+            "device_unavailable",
+            "the job asks for benchmark.device 'cuda' but this worker has no "
+            "GPU; use 'cpu' or 'auto', or run a GPU worker",
+        )
     return torch.device(wanted)
 
 
-def _evaluation_data(spec: dict, benchmark: BenchmarkConfig, files: JobFiles,
-                     calibration: ModelData | None) -> ModelData:
+def _evaluation_data(
+    spec: dict, benchmark: BenchmarkConfig, files: JobFiles, calibration: ModelData | None
+) -> ModelData:
     if files.evaluation:
         return load_dataset(files.evaluation)
     if calibration is not None:
@@ -187,14 +224,21 @@ def _run(model: torch.jit.ScriptModule, data: ModelData, device: torch.device):
 def _structure(output) -> list[str]:
     """Each leaf of the output in the engines' one order (`output_leaves`): its path, and a tensor's
     shape and dtype or another value's type."""
-    return [f"{path or 'output'}: {list(leaf.shape)} {leaf.dtype}" if isinstance(leaf, torch.Tensor)
-            else f"{path or 'output'}: {type(leaf).__name__}" for path, leaf in output_leaves(output)]
+    return [
+        f"{path or 'output'}: {list(leaf.shape)} {leaf.dtype}"
+        if isinstance(leaf, torch.Tensor)
+        else f"{path or 'output'}: {type(leaf).__name__}"
+        for path, leaf in output_leaves(output)
+    ]
 
 
 def _check_interface(reference, output, op: str) -> None:
     """A step must keep the model's interface: same output structure, shapes and dtypes."""
     before, after = _structure(reference), _structure(output)
     if before != after:
-        raise EngineError("interface_changed", f"the {op} step changed the model's outputs from "
-                                               f"{', '.join(before)} to {', '.join(after)}; it was stopped "
-                                               "rather than return a model callers cannot use")
+        raise EngineError(
+            "interface_changed",
+            f"the {op} step changed the model's outputs from "
+            f"{', '.join(before)} to {', '.join(after)}; it was stopped "
+            "rather than return a model callers cannot use",
+        )

@@ -28,9 +28,17 @@ from pathlib import Path
 INSIDE = "/job"
 # Environment variables a sandboxed child may inherit: thread and CPU-kernel knobs that change how
 # torch computes, never anything naming a server, a path or a secret of the service.
-PASSED_ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE",
-                      "OPENBLAS_L2_SIZE", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
-                      "CUDA_DEVICE_ORDER", "PYTORCH_CUDA_ALLOC_CONF")
+PASSED_ENVIRONMENT = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "PYTORCH_CUDA_ALLOC_CONF",
+)
 # Packages whose code the child imports (besides the call's own target package).
 CHILD_PACKAGES = ("worker",)  # the child imports only worker modules and the engines
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin")
@@ -100,7 +108,7 @@ class JobDir:
         for area in ("out", "in"):
             prefix = self.inside(area) + "/"
             if isinstance(inside_path, str) and inside_path.startswith(prefix):
-                relative = inside_path[len(prefix):]
+                relative = inside_path[len(prefix) :]
                 base = (self.root / area).resolve()
                 break
         else:
@@ -157,8 +165,14 @@ class Sandbox:
         path or secret of the service's, even with the sandbox off."""
         env = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
         tmp = "/tmp" if self.enabled else job.inside("tmp")
-        env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=tmp, TMPDIR=tmp, LANG="C.UTF-8",
-                   PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+        env.update(
+            PATH="/usr/local/bin:/usr/bin:/bin",
+            HOME=tmp,
+            TMPDIR=tmp,
+            LANG="C.UTF-8",
+            PYTHONDONTWRITEBYTECODE="1",
+            PYTHONUNBUFFERED="1",
+        )
         return env
 
     def command(self, job: JobDir, argv: list[str], packages: Iterable[str] = ()) -> list[str]:
@@ -167,10 +181,23 @@ class Sandbox:
             return argv
         bwrap = shutil.which("bwrap")
         if bwrap is None:
-            raise SandboxUnavailable("bubblewrap (bwrap) is not installed: install the 'bubblewrap' package, "
-                                     "or set COMPACTOR_SANDBOX=off to run uploaded models unsandboxed")
-        command = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-                   "--new-session", "--cap-drop", "ALL", "--clearenv", "--hostname", "sandbox"]
+            raise SandboxUnavailable(
+                "bubblewrap (bwrap) is not installed: install the 'bubblewrap' package, "
+                "or set COMPACTOR_SANDBOX=off to run uploaded models unsandboxed"
+            )
+        command = [
+            bwrap,
+            "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+            "--clearenv",
+            "--hostname",
+            "sandbox",
+        ]
         for path in _SYSTEM_DIRS:
             if os.path.islink(path):
                 command += ["--symlink", os.readlink(path), path]
@@ -180,13 +207,32 @@ class Sandbox:
             command += ["--ro-bind-try", path, path]
         for path in self._code_paths(packages):
             command += ["--ro-bind", str(path), str(path)]
-        command += ["--proc", "/proc", "--dev", "/dev",
-                    # CPU topology only: torch's cpuinfo reads it to size its thread pools.
-                    "--ro-bind-try", "/sys/devices/system/cpu", "/sys/devices/system/cpu"]
+        command += [
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            # CPU topology only: torch's cpuinfo reads it to size its thread pools.
+            "--ro-bind-try",
+            "/sys/devices/system/cpu",
+            "/sys/devices/system/cpu",
+        ]
         command += self._gpu_devices()
-        command += ["--dir", INSIDE, "--ro-bind", str(job.root / "in"), f"{INSIDE}/in",
-                    "--bind", str(job.root / "out"), f"{INSIDE}/out", "--bind", str(job.root / "tmp"), "/tmp",
-                    "--chdir", f"{INSIDE}/out"]
+        command += [
+            "--dir",
+            INSIDE,
+            "--ro-bind",
+            str(job.root / "in"),
+            f"{INSIDE}/in",
+            "--bind",
+            str(job.root / "out"),
+            f"{INSIDE}/out",
+            "--bind",
+            str(job.root / "tmp"),
+            "/tmp",
+            "--chdir",
+            f"{INSIDE}/out",
+        ]
         for name, value in self.environment(job).items():
             command += ["--setenv", name, value]
         return command + ["--"] + argv
@@ -197,18 +243,26 @@ class Sandbox:
 
     def _code_paths(self, packages: Iterable[str]) -> list[Path]:
         """Interpreter, environment and package directories, after checking none holds service data."""
-        paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
-                 Path(sys.executable).resolve().parent.parent}
+        paths = {
+            Path(sys.prefix).resolve(),
+            Path(sys.base_prefix).resolve(),
+            Path(sys.executable).resolve().parent.parent,
+        }
         for name in (*CHILD_PACKAGES, *packages):
             paths.add(package_dir(name))
-        paths = {p for p in paths if not any(p.is_relative_to(s) for s in _SYSTEM_DIRS if os.path.isdir(s)
-                                             and not os.path.islink(s))}
+        paths = {
+            p
+            for p in paths
+            if not any(p.is_relative_to(s) for s in _SYSTEM_DIRS if os.path.isdir(s) and not os.path.islink(s))
+        }
         for path in paths:
             for secret in self.forbidden:
                 if secret.is_relative_to(path):
-                    raise SandboxUnavailable(f"the sandbox would expose {secret} (it lies inside {path}, which the "
-                                             "child must read); move the data directory out of the code and "
-                                             "Python environment")
+                    raise SandboxUnavailable(
+                        f"the sandbox would expose {secret} (it lies inside {path}, which the "
+                        "child must read); move the data directory out of the code and "
+                        "Python environment"
+                    )
         return sorted(paths)
 
     def _gpu_devices(self) -> list[str]:
@@ -220,8 +274,17 @@ class Sandbox:
         for node in nodes:
             args += ["--dev-bind", node, node]
         if nodes:
-            args += ["--ro-bind-try", "/proc/driver/nvidia", "/proc/driver/nvidia",
-                     "--ro-bind-try", "/sys/bus/pci", "/sys/bus/pci", "--ro-bind-try", "/sys/devices", "/sys/devices"]
+            args += [
+                "--ro-bind-try",
+                "/proc/driver/nvidia",
+                "/proc/driver/nvidia",
+                "--ro-bind-try",
+                "/sys/bus/pci",
+                "/sys/bus/pci",
+                "--ro-bind-try",
+                "/sys/devices",
+                "/sys/devices",
+            ]
         return args
 
 

@@ -48,8 +48,12 @@ def apply_limits(limits: dict) -> None:
 
 def probe(emit) -> dict:
     """What the walls look like from inside (the worker's start-up check and the tests read it)."""
-    return {"uid": os.getuid(), "landlock_abi": _landlock_abi, "environment": sorted(os.environ),
-            "root": sorted(os.listdir("/"))}
+    return {
+        "uid": os.getuid(),
+        "landlock_abi": _landlock_abi,
+        "environment": sorted(os.environ),
+        "root": sorted(os.listdir("/")),
+    }
 
 
 def main(argv: list[str]) -> int:

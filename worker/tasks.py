@@ -40,9 +40,11 @@ def _require_sandbox(**_) -> None:
     try:
         seen = check_sandbox()
     except IsolatedFailure as failure:
-        log.critical("the model sandbox cannot start, so this worker will not run uploaded models: %s. Fix it "
-                     "(README, 'The model sandbox'), or set COMPACTOR_SANDBOX=off to run them unsandboxed.",
-                     failure.message)
+        log.critical(
+            "the model sandbox cannot start, so this worker will not run uploaded models: %s. Fix it "
+            "(README, 'The model sandbox'), or set COMPACTOR_SANDBOX=off to run them unsandboxed.",
+            failure.message,
+        )
         raise SystemExit(3) from None
     log.info("model sandbox ready (bubblewrap, Landlock ABI %s)", seen.get("landlock_abi"))
 

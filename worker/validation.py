@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from worker.engines.errors import EngineError, model_text
 from worker.engines.modules import load_model
@@ -21,5 +21,9 @@ def validate_model(emit: Callable[[dict], None], path: str) -> dict:
             inputs.append({"name": argument.name, "type": str(argument.type)})
     except (AttributeError, RuntimeError):
         inputs = None
-    return {"parameters": sum(p.numel() for p in model.parameters()), "buffers_bytes": buffers,
-            "submodules": sum(1 for _ in model.named_modules()) - 1, "inputs": inputs}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "buffers_bytes": buffers,
+        "submodules": sum(1 for _ in model.named_modules()) - 1,
+        "inputs": inputs,
+    }

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated
 
 from fastapi import Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -40,7 +41,9 @@ async def store_dependency() -> LocalBlobStore:
     return get_blob_store()
 
 
-_bearer = HTTPBearer(auto_error=False, description="An API key (COMPACTOR_API_KEYS); needed only when keys are configured.")
+_bearer = HTTPBearer(
+    auto_error=False, description="An API key (COMPACTOR_API_KEYS); needed only when keys are configured."
+)
 
 
 async def get_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:

@@ -46,15 +46,23 @@ _ETAG = _header("The blob's sha256, quoted: send it back as If-None-Match or If-
 def download_responses(what: str) -> dict[int | str, dict[str, Any]]:
     """200 / 206 / 304 of a blob download (ETag = sha256, Range and If-Range supported)."""
     return {
-        200: {"description": what, "content": {"application/octet-stream": _BINARY},
-              "headers": {"ETag": _ETAG, "Accept-Ranges": _header("Always `bytes`.")}},
-        206: {"description": f"{what}: the requested byte range", "content": {"application/octet-stream": _BINARY},
-              "headers": {"ETag": _ETAG, "Content-Range": _header("`bytes start-end/size`.")}},
+        200: {
+            "description": what,
+            "content": {"application/octet-stream": _BINARY},
+            "headers": {"ETag": _ETAG, "Accept-Ranges": _header("Always `bytes`.")},
+        },
+        206: {
+            "description": f"{what}: the requested byte range",
+            "content": {"application/octet-stream": _BINARY},
+            "headers": {"ETag": _ETAG, "Content-Range": _header("`bytes start-end/size`.")},
+        },
         304: {"description": "Not modified: If-None-Match named this blob's ETag", "headers": {"ETag": _ETAG}},
         # Starlette's FileResponse answers these two itself, in plain text
         400: {"description": "Malformed Range header", "content": {"text/plain": {"schema": {"type": "string"}}}},
-        416: {"description": "Range not satisfiable (empty body)",
-              "headers": {"Content-Range": _header("`bytes */size`.")}},
+        416: {
+            "description": "Range not satisfiable (empty body)",
+            "headers": {"Content-Range": _header("`bytes */size`.")},
+        },
         **problems(404, 409, 500),
     }
 
@@ -66,25 +74,42 @@ def created_responses(what: str) -> dict[int | str, dict[str, Any]]:
 
 def upload_body(description: str) -> dict:
     """A multipart/form-data request body with a binary `file` and an optional `name`, with an example."""
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
-        "schema": {
-            "type": "object", "required": ["file"], "title": "UploadForm",
-            "properties": {"file": {"type": "string", "format": "binary", "description": description},
-                           "name": {"type": "string", "description": "Display name (default: the file name)."}},
-        },
-        "example": {"file": "(the file's bytes)", "name": "resnet18-imagenet"},
-    }}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "title": "UploadForm",
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": description},
+                            "name": {"type": "string", "description": "Display name (default: the file name)."},
+                        },
+                    },
+                    "example": {"file": "(the file's bytes)", "name": "resnet18-imagenet"},
+                }
+            },
+        }
+    }
 
 
 def contract_openapi(app: FastAPI) -> dict[str, Any]:
     """The document FastAPI generates, with problem and binary media types made exact; cached."""
     if app.openapi_schema:
         return app.openapi_schema
-    document = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes,
-                           tags=app.openapi_tags, description=app.description)
+    document = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        routes=app.routes,
+        tags=app.openapi_tags,
+        description=app.description,
+    )
     for operations in document["paths"].values():
         for operation in operations.values():
-            for status, response in operation.get("responses", {}).items():
+            for response in operation.get("responses", {}).values():
                 content = response.get("content")
                 if not content:
                     continue

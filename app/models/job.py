@@ -48,7 +48,9 @@ class CompressionJob(IdMixin, Base):
     # A VARCHAR of the values, as before the enum: no native Postgres type, no migration.
     status: Mapped[JobStatus] = mapped_column(
         Enum(JobStatus, native_enum=False, length=16, values_callable=lambda statuses: [s.value for s in statuses]),
-        default=JobStatus.QUEUED, index=True)
+        default=JobStatus.QUEUED,
+        index=True,
+    )
     spec: Mapped[dict] = mapped_column(JSON)
     progress: Mapped[dict] = mapped_column(JSON, default=lambda: job_progress(JobStatus.QUEUED))
     error: Mapped[dict | None] = mapped_column(JSON, default=None)

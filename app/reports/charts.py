@@ -19,11 +19,24 @@ from app.reports.format import (
 )
 
 _PRECISION_CLASSES = {
-    "float32": "p-f32", "fp32": "p-f32", "float": "p-f32",
-    "float16": "p-f16", "fp16": "p-f16", "half": "p-f16",
-    "bfloat16": "p-bf16", "bf16": "p-bf16",
-    "int8": "p-int8", "qint8": "p-int8", "quint8": "p-int8", "dynamic_int8": "p-int8", "static_int8": "p-int8",
-    "weight_int8": "p-int8", "int4": "p-int4", "weight_int4": "p-int4", "binary": "p-bin", "1-bit": "p-bin",
+    "float32": "p-f32",
+    "fp32": "p-f32",
+    "float": "p-f32",
+    "float16": "p-f16",
+    "fp16": "p-f16",
+    "half": "p-f16",
+    "bfloat16": "p-bf16",
+    "bf16": "p-bf16",
+    "int8": "p-int8",
+    "qint8": "p-int8",
+    "quint8": "p-int8",
+    "dynamic_int8": "p-int8",
+    "static_int8": "p-int8",
+    "weight_int8": "p-int8",
+    "int4": "p-int4",
+    "weight_int4": "p-int4",
+    "binary": "p-bin",
+    "1-bit": "p-bin",
 }
 
 
@@ -40,9 +53,11 @@ def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
 
 
 def _svg(width: int, height: int, label: str, body: str) -> str:
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-            f'role="img" aria-label="{esc(label)}" xmlns="http://www.w3.org/2000/svg">'
-            f"<title>{esc(label)}</title>{body}</svg>")
+    return (
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'role="img" aria-label="{esc(label)}" xmlns="http://www.w3.org/2000/svg">'
+        f"<title>{esc(label)}</title>{body}</svg>"
+    )
 
 
 @dataclass
@@ -78,20 +93,28 @@ def latency_panel(batch: str, bars: list[LatencyBar], speedup: float | None) -> 
         cx = left + slot * (index + 0.5)
         x0 = cx - bar_w / 2
         tip = f"{bar.label}: p50 {fmt_ms(bar.p50)}, p90 {fmt_ms(bar.p90)}, p99 {fmt_ms(bar.p99)}"
-        parts.append(f'<g><title>{esc(tip)}</title>'
-                     f'<rect class="{bar.css}" x="{x0:.1f}" y="{y(bar.p50):.1f}" width="{bar_w:.1f}" '
-                     f'height="{y(0) - y(bar.p50):.1f}" rx="2"/>')
+        parts.append(
+            f"<g><title>{esc(tip)}</title>"
+            f'<rect class="{bar.css}" x="{x0:.1f}" y="{y(bar.p50):.1f}" width="{bar_w:.1f}" '
+            f'height="{y(0) - y(bar.p50):.1f}" rx="2"/>'
+        )
         if bar.p90 is not None and bar.p90 > bar.p50:
-            parts.append(f'<line class="whisker" x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(bar.p50):.1f}" y2="{y(bar.p90):.1f}"/>'
-                         f'<line class="whisker" x1="{cx - 7:.1f}" x2="{cx + 7:.1f}" y1="{y(bar.p90):.1f}" y2="{y(bar.p90):.1f}"/>')
+            parts.append(
+                f'<line class="whisker" x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(bar.p50):.1f}" y2="{y(bar.p90):.1f}"/>'
+                f'<line class="whisker" x1="{cx - 7:.1f}" x2="{cx + 7:.1f}" y1="{y(bar.p90):.1f}" y2="{y(bar.p90):.1f}"/>'
+            )
         if bar.p99 is not None:
             if bar.p99 > ceiling:
-                parts.append(f'<path class="p99" d="M{cx - 5:.1f},{top + 6} L{cx:.1f},{top} L{cx + 5:.1f},{top + 6} Z"/>')
+                parts.append(
+                    f'<path class="p99" d="M{cx - 5:.1f},{top + 6} L{cx:.1f},{top} L{cx + 5:.1f},{top + 6} Z"/>'
+                )
             else:
                 parts.append(f'<circle class="p99" cx="{cx:.1f}" cy="{y(bar.p99):.1f}" r="2.5"/>')
-        parts.append(f'<text class="tick" x="{cx:.1f}" y="{height - bottom + 16}" text-anchor="middle">{esc(bar.label)}</text>'
-                     f'<text class="value" x="{cx:.1f}" y="{height - bottom + 31}" text-anchor="middle">'
-                     f'{esc(fmt_ms(bar.p50))}</text></g>')
+        parts.append(
+            f'<text class="tick" x="{cx:.1f}" y="{height - bottom + 16}" text-anchor="middle">{esc(bar.label)}</text>'
+            f'<text class="value" x="{cx:.1f}" y="{height - bottom + 31}" text-anchor="middle">'
+            f"{esc(fmt_ms(bar.p50))}</text></g>"
+        )
     title = f"batch {batch}"
     if speedup is not None:
         title += f" · {fmt_ratio(speedup)} faster" if speedup >= 1 else f" · {fmt_ratio(1 / speedup)} slower"
@@ -102,8 +125,10 @@ def latency_panel(batch: str, bars: list[LatencyBar], speedup: float | None) -> 
 def _axis_y(ticks: list[float], y, x0: float, x1: float, label) -> str:
     parts = []
     for tick in ticks:
-        parts.append(f'<line class="grid" x1="{x0}" x2="{x1}" y1="{y(tick):.1f}" y2="{y(tick):.1f}"/>'
-                     f'<text class="tick" x="{x0 - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{esc(label(tick))}</text>')
+        parts.append(
+            f'<line class="grid" x1="{x0}" x2="{x1}" y1="{y(tick):.1f}" y2="{y(tick):.1f}"/>'
+            f'<text class="tick" x="{x0 - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{esc(label(tick))}</text>'
+        )
     return "".join(parts)
 
 
@@ -137,21 +162,29 @@ def quality_latency_scatter(points: list[StagePoint], quality_name: str, batch: 
     decimals = 0 if step_points >= 1 else 1 if step_points >= 0.1 else 2
     parts = [_axis_y(y_ticks, y, left, width - right, lambda v: fmt_percent(v, decimals))]
     for tick in x_ticks:
-        parts.append(f'<line class="grid" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top}" y2="{height - bottom}"/>'
-                     f'<text class="tick" x="{x(tick):.1f}" y="{height - bottom + 16}" text-anchor="middle">{esc(fmt_ms_tick(tick))}</text>')
+        parts.append(
+            f'<line class="grid" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top}" y2="{height - bottom}"/>'
+            f'<text class="tick" x="{x(tick):.1f}" y="{height - bottom + 16}" text-anchor="middle">{esc(fmt_ms_tick(tick))}</text>'
+        )
     path = " ".join(f"{'M' if i == 0 else 'L'}{x(p.latency_ms):.1f},{y(p.quality):.1f}" for i, p in enumerate(points))
     parts.append(f'<path class="trail" d="{path}"/>')
     for index, point in enumerate(points):
         px, py = x(point.latency_ms), y(point.quality)
         dy = -9 if index % 2 == 0 else 16
-        parts.append(f'<g><title>{esc(point.label)}: {esc(fmt_ms(point.latency_ms))}, {esc(quality_name)} '
-                     f'{esc(fmt_percent(point.quality))}</title>'
-                     f'<circle class="{point.css}" cx="{px:.1f}" cy="{py:.1f}" r="6"/>'
-                     f'<text class="point-label" x="{px + 9:.1f}" y="{py + dy:.1f}">{esc(point.label)}</text></g>')
-    parts.append(f'<text class="axis-label" x="{(left + width - right) / 2:.1f}" y="{height - 8}" text-anchor="middle">'
-                 f'p50 latency at batch {esc(batch)}</text>')
-    parts.append(f'<text class="axis-label" transform="translate(14,{(top + height - bottom) / 2:.1f}) rotate(-90)" '
-                 f'text-anchor="middle">{esc(quality_name)}</text>')
+        parts.append(
+            f"<g><title>{esc(point.label)}: {esc(fmt_ms(point.latency_ms))}, {esc(quality_name)} "
+            f"{esc(fmt_percent(point.quality))}</title>"
+            f'<circle class="{point.css}" cx="{px:.1f}" cy="{py:.1f}" r="6"/>'
+            f'<text class="point-label" x="{px + 9:.1f}" y="{py + dy:.1f}">{esc(point.label)}</text></g>'
+        )
+    parts.append(
+        f'<text class="axis-label" x="{(left + width - right) / 2:.1f}" y="{height - 8}" text-anchor="middle">'
+        f"p50 latency at batch {esc(batch)}</text>"
+    )
+    parts.append(
+        f'<text class="axis-label" transform="translate(14,{(top + height - bottom) / 2:.1f}) rotate(-90)" '
+        f'text-anchor="middle">{esc(quality_name)}</text>'
+    )
     return _svg(width, height, f"{quality_name} against p50 latency at batch {batch}, per stage", "".join(parts))
 
 
@@ -180,24 +213,34 @@ def layer_bars(rows: list[LayerRow], title: str) -> str:
     if show_bar:
         for tick in (0, 0.25, 0.5, 0.75, 1.0):
             tx = bar_x + bar_w * tick
-            parts.append(f'<line class="grid" x1="{tx:.1f}" x2="{tx:.1f}" y1="{top - 6}" y2="{height - 4}"/>'
-                         f'<text class="tick" x="{tx:.1f}" y="{top - 10}" text-anchor="middle">{int(tick * 100)}%</text>')
+            parts.append(
+                f'<line class="grid" x1="{tx:.1f}" x2="{tx:.1f}" y1="{top - 6}" y2="{height - 4}"/>'
+                f'<text class="tick" x="{tx:.1f}" y="{top - 10}" text-anchor="middle">{int(tick * 100)}%</text>'
+            )
     if show_chip:
-        parts.append(f'<text class="tick" x="{label_w + chip_w / 2 - 4:.1f}" y="{top - 10}" text-anchor="middle">precision</text>')
+        parts.append(
+            f'<text class="tick" x="{label_w + chip_w / 2 - 4:.1f}" y="{top - 10}" text-anchor="middle">precision</text>'
+        )
     for index, row in enumerate(rows):
         ry = top + index * row_h
         name = row.module if len(row.module) <= 36 else "…" + row.module[-35:]
-        parts.append(f'<g><title>{esc(row.module)}</title><text class="layer-name" x="{label_w - 8}" y="{ry + 14}" '
-                     f'text-anchor="end">{esc(name)}</text></g>')
+        parts.append(
+            f'<g><title>{esc(row.module)}</title><text class="layer-name" x="{label_w - 8}" y="{ry + 14}" '
+            f'text-anchor="end">{esc(name)}</text></g>'
+        )
         if show_chip and row.precision:
-            parts.append(f'<rect class="chip {precision_class(row.precision)}" x="{label_w}" y="{ry + 3}" '
-                         f'width="{chip_w - 10}" height="{row_h - 6}" rx="7"/>'
-                         f'<text class="chip-text" x="{label_w + (chip_w - 10) / 2:.1f}" y="{ry + 14}" '
-                         f'text-anchor="middle">{esc(row.precision[:10])}</text>')
+            parts.append(
+                f'<rect class="chip {precision_class(row.precision)}" x="{label_w}" y="{ry + 3}" '
+                f'width="{chip_w - 10}" height="{row_h - 6}" rx="7"/>'
+                f'<text class="chip-text" x="{label_w + (chip_w - 10) / 2:.1f}" y="{ry + 14}" '
+                f'text-anchor="middle">{esc(row.precision[:10])}</text>'
+            )
         if show_bar and row.sparsity is not None:
             fraction = min(max(row.sparsity, 0.0), 1.0)
-            parts.append(f'<rect class="track" x="{bar_x}" y="{ry + 4}" width="{bar_w}" height="{row_h - 8}" rx="3"/>'
-                         f'<rect class="sparsity" x="{bar_x}" y="{ry + 4}" width="{bar_w * fraction:.1f}" '
-                         f'height="{row_h - 8}" rx="3"/>'
-                         f'<text class="value" x="{bar_x + bar_w + 6}" y="{ry + 14}">{significant(fraction * 100, 3)}%</text>')
+            parts.append(
+                f'<rect class="track" x="{bar_x}" y="{ry + 4}" width="{bar_w}" height="{row_h - 8}" rx="3"/>'
+                f'<rect class="sparsity" x="{bar_x}" y="{ry + 4}" width="{bar_w * fraction:.1f}" '
+                f'height="{row_h - 8}" rx="3"/>'
+                f'<text class="value" x="{bar_x + bar_w + 6}" y="{ry + 14}">{significant(fraction * 100, 3)}%</text>'
+            )
     return _svg(int(width), int(height), title, "".join(parts))

@@ -143,19 +143,19 @@ def fmt_value(value: Any) -> str:
 
 
 def speedup_phrase(speedup: float, batch: str) -> str:
-    """"3.1× faster at batch 32" (or "1.3× slower …")."""
+    """ "3.1× faster at batch 32" (or "1.3× slower …")."""
     if speedup >= 1:
         return f"{fmt_ratio(speedup)} faster at batch {batch}"
     return f"{fmt_ratio(1 / speedup)} slower at batch {batch}"
 
 
 def size_phrase(ratio: float) -> str:
-    """"3.9× smaller" from baseline bytes / result bytes (or "1.2× larger")."""
+    """ "3.9× smaller" from baseline bytes / result bytes (or "1.2× larger")."""
     return f"{fmt_ratio(ratio)} smaller" if ratio >= 1 else f"{fmt_ratio(1 / ratio)} larger"
 
 
 def accuracy_phrase(drop: float) -> str:
-    """"−0.2 pt accuracy" from a drop of 0.002 (percentage points, with a true minus sign)."""
+    """ "−0.2 pt accuracy" from a drop of 0.002 (percentage points, with a true minus sign)."""
     points = -drop * 100
     if round(points, 1) == 0:
         return "±0.0 pt accuracy"

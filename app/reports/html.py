@@ -75,15 +75,25 @@ def render_report_html(report: dict) -> str:
     report = dict_of(report)
     columns = _columns(report)
     sections = [
-        _header(report, columns), _cards(report, columns), _latency_section(report, columns),
-        _stage_chart_section(columns), _metrics_section(columns), _layers_section(report),
-        _macs_section(columns), _notes_section(report), _environment_section(report),
+        _header(report, columns),
+        _cards(report, columns),
+        _latency_section(report, columns),
+        _stage_chart_section(columns),
+        _metrics_section(columns),
+        _layers_section(report),
+        _macs_section(columns),
+        _notes_section(report),
+        _environment_section(report),
     ]
     job = get(report, "job_id")
     name = get(report, "spec", "name")
     title = f"Compactor report · {name or job or 'job'}"
-    return _PAGE.substitute(title=esc(title), style=_STYLE, body="".join(s for s in sections if s),
-                            footer=esc(f"Compactor · job {job}" if job else "Compactor"))
+    return _PAGE.substitute(
+        title=esc(title),
+        style=_STYLE,
+        body="".join(s for s in sections if s),
+        footer=esc(f"Compactor · job {job}" if job else "Compactor"),
+    )
 
 
 def _columns(report: dict) -> list[_Column]:
@@ -91,8 +101,14 @@ def _columns(report: dict) -> list[_Column]:
     stages = [s for s in list_of(report.get("stages")) if isinstance(s, dict)]
     for index, stage in enumerate(stages, 1):
         speedup = {str(k): v for k, v in dict_of(stage.get("speedup")).items() if num(v) is not None}
-        columns.append(_Column(f"{index} · {stage.get('op', 'step')}", f"m-stage{min(index, 4)}",
-                               dict_of(stage.get("metrics")), speedup))
+        columns.append(
+            _Column(
+                f"{index} · {stage.get('op', 'step')}",
+                f"m-stage{min(index, 4)}",
+                dict_of(stage.get("metrics")),
+                speedup,
+            )
+        )
     summary_speedup = {str(k): v for k, v in dict_of(get(report, "summary", "speedup")).items() if num(v) is not None}
     if len(columns) > 1 and columns[-1].metrics:
         columns[-1].is_result = True
@@ -114,6 +130,7 @@ def _result(columns: list[_Column]) -> _Column:
 
 
 # --- header and summary -------------------------------------------------------------------------
+
 
 def headline(report: dict) -> str:
     """The one-line summary: "3.1× faster at batch 32, 3.9× smaller, −0.2 pt accuracy"."""
@@ -171,9 +188,11 @@ def _header(report: dict, columns: list[_Column]) -> str:
     if measured:
         meta.append(f"measured {esc(measured)}")
     targets = _targets(report)
-    return (f'<header><p class="eyebrow">Compactor compression report</p>'
-            f'<h1 class="headline" id="headline">{esc(headline(report))}</h1>'
-            f'<p class="meta">{" · ".join(meta)}</p><p class="recipe">{recipe}</p>{targets}</header>')
+    return (
+        f'<header><p class="eyebrow">Compactor compression report</p>'
+        f'<h1 class="headline" id="headline">{esc(headline(report))}</h1>'
+        f'<p class="meta">{" · ".join(meta)}</p><p class="recipe">{recipe}</p>{targets}</header>'
+    )
 
 
 def _step_label(step: dict) -> str:
@@ -191,14 +210,18 @@ def _targets(report: dict) -> str:
         check = dict_of(check)
         met = check.get("met") is True
         relation = "≤ " if str(name).startswith("max_") else "≥ " if str(name).startswith("min_") else ""
-        badges.append(f'<span class="badge {"ok" if met else "bad"}">{"✓" if met else "✗"} {esc(name)} '
-                      f'{relation}{esc(fmt_value(check.get("limit")))} · actual {esc(fmt_value(check.get("actual")))}</span>')
+        badges.append(
+            f'<span class="badge {"ok" if met else "bad"}">{"✓" if met else "✗"} {esc(name)} '
+            f"{relation}{esc(fmt_value(check.get('limit')))} · actual {esc(fmt_value(check.get('actual')))}</span>"
+        )
     return f'<p class="targets">{"".join(badges)}</p>' if badges else ""
 
 
 def _card(title: str, value: str, detail: str) -> str:
-    return (f'<div class="card"><div class="card-title">{esc(title)}</div><div class="card-value">{value}</div>'
-            f'<div class="card-detail">{detail}</div></div>')
+    return (
+        f'<div class="card"><div class="card-title">{esc(title)}</div><div class="card-value">{value}</div>'
+        f'<div class="card-detail">{detail}</div></div>'
+    )
 
 
 def _arrow(before: str, after: str) -> str:
@@ -211,8 +234,13 @@ def _cards(report: dict, columns: list[_Column]) -> str:
     if _is_profile(columns):
         for batch in batch_keys(base.get("latency_ms")):
             stats = dict_of(get(base, "latency_ms", batch))
-            cards.append(_card(f"latency at batch {batch}", esc(fmt_ms(stats.get("p50"))),
-                               f"p90 {esc(fmt_ms(stats.get('p90')))} · p99 {esc(fmt_ms(stats.get('p99')))}"))
+            cards.append(
+                _card(
+                    f"latency at batch {batch}",
+                    esc(fmt_ms(stats.get("p50"))),
+                    f"p90 {esc(fmt_ms(stats.get('p90')))} · p99 {esc(fmt_ms(stats.get('p99')))}",
+                )
+            )
     else:
         spread = dict_of(get(report, "summary", "speedup_spread"))
         speedup = _result(columns).speedup
@@ -227,8 +255,11 @@ def _cards(report: dict, columns: list[_Column]) -> str:
     size_detail = f"deflated {esc(fmt_bytes(result.get('compressed_size_bytes')))}"
     size_ratio = num(get(report, "summary", "size_ratio"))
     if not _is_profile(columns):
-        size_detail = f"baseline {esc(fmt_bytes(base.get('size_bytes')))}" + (
-            f" · {esc(size_phrase(size_ratio))}" if size_ratio else "") + f"<br>{size_detail}"
+        size_detail = (
+            f"baseline {esc(fmt_bytes(base.get('size_bytes')))}"
+            + (f" · {esc(size_phrase(size_ratio))}" if size_ratio else "")
+            + f"<br>{size_detail}"
+        )
     cards.append(_card("file size", esc(fmt_bytes(result.get("size_bytes"))), size_detail))
     cards.append(_quality_card(report, columns))
     work = f"{esc(fmt_count(result.get('nonzero_parameters')))} non-zero of {esc(fmt_count(result.get('parameters')))} parameters"
@@ -261,12 +292,21 @@ def _quality_card(report: dict, columns: list[_Column]) -> str:
     if _is_profile(columns) or not fidelity:
         return _card("accuracy", DASH, "no labels in the evaluation data")
     value = fidelity.get("top1_agreement")
-    title, shown = ("top-1 agreement", fmt_percent(value)) if num(value) is not None else ("cosine min", fmt_float(fidelity.get("cosine_min")))
-    return _card(title, esc(shown), f"cosine mean {esc(fmt_float(fidelity.get('cosine_mean'), 6))} · "
-                                    f"max |error| {esc(fmt_float(fidelity.get('max_abs_error')))}")
+    title, shown = (
+        ("top-1 agreement", fmt_percent(value))
+        if num(value) is not None
+        else ("cosine min", fmt_float(fidelity.get("cosine_min")))
+    )
+    return _card(
+        title,
+        esc(shown),
+        f"cosine mean {esc(fmt_float(fidelity.get('cosine_mean'), 6))} · "
+        f"max |error| {esc(fmt_float(fidelity.get('max_abs_error')))}",
+    )
 
 
 # --- charts ---------------------------------------------------------------------------------------
+
 
 def _latency_section(report: dict, columns: list[_Column]) -> str:
     shown = [columns[0]] if _is_profile(columns) else [columns[0], _result(columns)]
@@ -276,16 +316,25 @@ def _latency_section(report: dict, columns: list[_Column]) -> str:
         for column in shown:
             stats = dict_of(get(column.metrics, "latency_ms", batch))
             if num(stats.get("p50")) is not None:
-                bars.append(LatencyBar(column.label if column is columns[0] else "result", column.css,
-                                       num(stats["p50"]), num(stats.get("p90")), num(stats.get("p99"))))
+                bars.append(
+                    LatencyBar(
+                        column.label if column is columns[0] else "result",
+                        column.css,
+                        num(stats["p50"]),
+                        num(stats.get("p90")),
+                        num(stats.get("p99")),
+                    )
+                )
         if bars:
             speedup = None if _is_profile(columns) else num(_result(columns).speedup.get(batch))
             panels.append(latency_panel(batch, bars, speedup))
     if not panels:
         return ""
-    return (f'<section><h2>Latency per batch size</h2><p class="hint">Bars: median (p50) per call; '
-            f'whisker: p90; dot or arrow: p99. Models timed interleaved in one process.</p>'
-            f'<div class="panels">{"".join(panels)}</div></section>')
+    return (
+        f'<section><h2>Latency per batch size</h2><p class="hint">Bars: median (p50) per call; '
+        f"whisker: p90; dot or arrow: p99. Models timed interleaved in one process.</p>"
+        f'<div class="panels">{"".join(panels)}</div></section>'
+    )
 
 
 def _stage_chart_section(columns: list[_Column]) -> str:
@@ -294,27 +343,38 @@ def _stage_chart_section(columns: list[_Column]) -> str:
     quality_name, key = _quality_axis(columns)
     if key is None:
         return ""
-    shared = [b for b in batch_keys(*(c.metrics.get("latency_ms") for c in columns))
-              if all(num(get(c.metrics, "latency_ms", b, "p50")) is not None for c in columns)]
+    shared = [
+        b
+        for b in batch_keys(*(c.metrics.get("latency_ms") for c in columns))
+        if all(num(get(c.metrics, "latency_ms", b, "p50")) is not None for c in columns)
+    ]
     if not shared:
         return ""
     batch = shared[-1]
-    points = [StagePoint(c.label, c.css, num(get(c.metrics, "latency_ms", batch, "p50")), num(get(c.metrics, *key)))
-              for c in columns]
-    return (f'<section><h2>Quality against latency, stage by stage</h2>'
-            f'<p class="hint">Each step of the pipeline moves the model on this plane; up and to the left is better.</p>'
-            f'{quality_latency_scatter(points, quality_name, batch)}</section>')
+    points = [
+        StagePoint(c.label, c.css, num(get(c.metrics, "latency_ms", batch, "p50")), num(get(c.metrics, *key)))
+        for c in columns
+    ]
+    return (
+        f"<section><h2>Quality against latency, stage by stage</h2>"
+        f'<p class="hint">Each step of the pipeline moves the model on this plane; up and to the left is better.</p>'
+        f"{quality_latency_scatter(points, quality_name, batch)}</section>"
+    )
 
 
 def _quality_axis(columns: list[_Column]) -> tuple[str, tuple[str, str] | None]:
-    for name, key in (("top-1 accuracy", ("accuracy", "top1")), ("top-1 agreement", ("fidelity", "top1_agreement")),
-                      ("cosine mean", ("fidelity", "cosine_mean"))):
+    for name, key in (
+        ("top-1 accuracy", ("accuracy", "top1")),
+        ("top-1 agreement", ("fidelity", "top1_agreement")),
+        ("cosine mean", ("fidelity", "cosine_mean")),
+    ):
         if all(num(get(c.metrics, *key)) is not None for c in columns):
             return name, key
     return "", None
 
 
 # --- tables ---------------------------------------------------------------------------------------
+
 
 def _table(head: list[str] | None, rows: list[list[str]], css: str = "") -> str:
     header = "<thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead>" if head else ""
@@ -338,11 +398,19 @@ def _metrics_section(columns: list[_Column]) -> str:
     ]
     for batch in batches:
         rows.append(row(f"latency at batch {batch}", lambda c, b=batch: _latency_cell(c.metrics, b)))
-        rows.append(row(f"throughput at batch {batch}",
-                        lambda c, b=batch: esc(_throughput(get(c.metrics, "throughput_per_s", b)))))
+        rows.append(
+            row(
+                f"throughput at batch {batch}",
+                lambda c, b=batch: esc(_throughput(get(c.metrics, "throughput_per_s", b))),
+            )
+        )
         if not _is_profile(columns):
-            rows.append(row(f"speed-up at batch {batch}",
-                            lambda c, b=batch: esc(fmt_ratio(c.speedup.get(b))) if c.speedup.get(b) is not None else DASH))
+            rows.append(
+                row(
+                    f"speed-up at batch {batch}",
+                    lambda c, b=batch: esc(fmt_ratio(c.speedup.get(b))) if c.speedup.get(b) is not None else DASH,
+                )
+            )
     rows += [
         row("peak memory", lambda c: esc(fmt_bytes(c.metrics.get("peak_memory_bytes")))),
         row("top-1 accuracy", lambda c: esc(fmt_percent(get(c.metrics, "accuracy", "top1")))),
@@ -350,13 +418,19 @@ def _metrics_section(columns: list[_Column]) -> str:
     if not _is_profile(columns):  # a lone baseline's fidelity is to itself
         rows += [
             row("top-1 agreement", lambda c: esc(fmt_percent(get(c.metrics, "fidelity", "top1_agreement")))),
-            row("cosine min / mean", lambda c: esc(f"{_cosine(get(c.metrics, 'fidelity', 'cosine_min'))} / "
-                                                   f"{_cosine(get(c.metrics, 'fidelity', 'cosine_mean'))}")),
+            row(
+                "cosine min / mean",
+                lambda c: esc(
+                    f"{_cosine(get(c.metrics, 'fidelity', 'cosine_min'))} / "
+                    f"{_cosine(get(c.metrics, 'fidelity', 'cosine_mean'))}"
+                ),
+            ),
             row("max |error|", lambda c: esc(fmt_float(get(c.metrics, "fidelity", "max_abs_error")))),
         ]
-    head = ["metric"] + [f'<span class="dot {c.css}"></span>{esc(c.label)}{" (result)" if c.is_result else ""}'
-                         for c in columns]
-    return f'<section><h2>Metrics</h2>{_table(head, rows, "metrics")}</section>'
+    head = ["metric"] + [
+        f'<span class="dot {c.css}"></span>{esc(c.label)}{" (result)" if c.is_result else ""}' for c in columns
+    ]
+    return f"<section><h2>Metrics</h2>{_table(head, rows, 'metrics')}</section>"
 
 
 def _cosine(value: Any) -> str:
@@ -376,8 +450,10 @@ def _latency_cell(metrics: dict, batch: str) -> str:
     stats = dict_of(get(metrics, "latency_ms", batch))
     if num(stats.get("p50")) is None:
         return DASH
-    return (f'{esc(fmt_ms(stats["p50"]))} <span class="muted">p90 {esc(fmt_ms(stats.get("p90")))} · '
-            f'p99 {esc(fmt_ms(stats.get("p99")))} · n={esc(stats.get("iterations", "?"))}</span>')
+    return (
+        f'{esc(fmt_ms(stats["p50"]))} <span class="muted">p90 {esc(fmt_ms(stats.get("p90")))} · '
+        f"p99 {esc(fmt_ms(stats.get('p99')))} · n={esc(stats.get('iterations', '?'))}</span>"
+    )
 
 
 def _throughput(value: Any) -> str:
@@ -404,12 +480,17 @@ def _layers_section(report: dict) -> str:
         if layers:
             block.append(_free_table(layers))
         if skipped:
-            block.append("<h4>Skipped layers</h4>" + _table(
-                ["module", "reason"], [[f"<code>{esc(s.get('module', DASH))}</code>", esc(s.get("reason", DASH))] for s in skipped]))
+            block.append(
+                "<h4>Skipped layers</h4>"
+                + _table(
+                    ["module", "reason"],
+                    [[f"<code>{esc(s.get('module', DASH))}</code>", esc(s.get("reason", DASH))] for s in skipped],
+                )
+            )
         blocks.append(f'<div class="stage">{"".join(block)}</div>')
     if not blocks:
         return ""
-    return f'<section><h2>Layers, stage by stage</h2>{"".join(blocks)}</section>'
+    return f"<section><h2>Layers, stage by stage</h2>{''.join(blocks)}</section>"
 
 
 def _layer_row(layer: dict) -> LayerRow:
@@ -461,15 +542,22 @@ def _macs_section(columns: list[_Column]) -> str:
     uncounted = sorted({str(op) for c in columns for op in list_of(c.metrics.get("macs_uncounted"))})
     if not ops and not uncounted:
         return ""
-    rows = [[f"<code>{esc(op)}</code>"] + [esc(fmt_count(get(c.metrics, "macs_by_operator", op))) for c in columns]
-            for op in ops]
+    rows = [
+        [f"<code>{esc(op)}</code>"] + [esc(fmt_count(get(c.metrics, "macs_by_operator", op))) for c in columns]
+        for op in ops
+    ]
     head = ["operator"] + [esc(c.label) for c in columns]
     warning = ""
     if uncounted:
-        warning = ('<p class="warn">Not counted (no counting rule; the MAC totals leave them out): '
-                   + ", ".join(f"<code>{esc(op)}</code>" for op in uncounted) + "</p>")
-    return (f'<section><h2>MACs by operator</h2><p class="hint">Multiply-accumulates of one sample, read off a '
-            f'forward pass of the TorchScript graph.</p>{_table(head, rows)}{warning}</section>')
+        warning = (
+            '<p class="warn">Not counted (no counting rule; the MAC totals leave them out): '
+            + ", ".join(f"<code>{esc(op)}</code>" for op in uncounted)
+            + "</p>"
+        )
+    return (
+        f'<section><h2>MACs by operator</h2><p class="hint">Multiply-accumulates of one sample, read off a '
+        f"forward pass of the TorchScript graph.</p>{_table(head, rows)}{warning}</section>"
+    )
 
 
 def _notes_section(report: dict) -> str:
@@ -485,12 +573,13 @@ def _environment_section(report: dict) -> str:
     spec = report.get("spec")
     spec_html = ""
     if spec is not None:
-        spec_html = (f'<details><summary>Job spec</summary><pre>{esc(json.dumps(spec, indent=2, default=str))}</pre>'
-                     f'</details>')
+        spec_html = (
+            f"<details><summary>Job spec</summary><pre>{esc(json.dumps(spec, indent=2, default=str))}</pre></details>"
+        )
     if not rows and not spec_html:
         return ""
     table = _table(None, rows, "environment") if rows else ""
-    return f'<section><h2>Environment</h2>{table}{spec_html}</section>'
+    return f"<section><h2>Environment</h2>{table}{spec_html}</section>"
 
 
 _PAGE = Template("""<!doctype html>

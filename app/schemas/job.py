@@ -8,7 +8,7 @@ tests/test_spec_parity.py fails when the two drift apart.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -26,9 +26,13 @@ def _refuse(title: str, broken: list[tuple[tuple, str]]) -> None:
     """Raise one validation error per broken rule, each at the field it names (pydantic prefixes
     the enclosing location, so a step's error reads `body.steps.0.prune.criterion`)."""
     if broken:
-        raise ValidationError.from_exception_data(title, [
-            InitErrorDetails(type=PydanticCustomError("invalid_combination", message), loc=loc, input=None)
-            for loc, message in broken])
+        raise ValidationError.from_exception_data(
+            title,
+            [
+                InitErrorDetails(type=PydanticCustomError("invalid_combination", message), loc=loc, input=None)
+                for loc, message in broken
+            ],
+        )
 
 
 # Criteria that rank whole channels, and schemes that convert the whole model at once.
@@ -51,19 +55,24 @@ class PruneStep(_Strict):
     op: Literal["prune"]
     structure: Literal["unstructured", "channel", "n:m"]
     criterion: Literal["l1", "l2", "gradient", "entropy", "bn_scale"] = "l1"
-    amount: float = Field(0.5, gt=0, lt=1, description="Fraction of weights (unstructured) or output channels (channel) removed.")
+    amount: float = Field(
+        0.5, gt=0, lt=1, description="Fraction of weights (unstructured) or output channels (channel) removed."
+    )
     scope: Literal["global", "layer"] = "global"
     n: int = Field(2, ge=1)
     m: int = Field(4, ge=2)
     exclude: list[str] = Field(default_factory=list, description="Glob patterns of module names left untouched.")
-    recalibrate_bn: bool = Field(True, description="Re-estimate stale BatchNorm statistics on the calibration dataset after pruning.")
+    recalibrate_bn: bool = Field(
+        True, description="Re-estimate stale BatchNorm statistics on the calibration dataset after pruning."
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> PruneStep:
         broken = []
         if self.criterion in CHANNEL_CRITERIA and self.structure != "channel":
-            broken.append((("criterion",), f"criterion '{self.criterion}' ranks whole channels: use it with "
-                                           "structure 'channel'"))
+            broken.append(
+                (("criterion",), f"criterion '{self.criterion}' ranks whole channels: use it with structure 'channel'")
+            )
         if self.structure == "n:m" and self.n >= self.m:
             broken.append((("n",), f"n:m needs n < m, got {self.n}:{self.m}"))
         _refuse("PruneStep", broken)
@@ -77,14 +86,24 @@ class QuantizeStep(_Strict):
     scheme: Literal["dynamic_int8", "static_int8", "fp16", "bf16", "weight_int8", "weight_int4", "binary"]
     per_channel: bool = True
     exclude: list[str] = Field(default_factory=list, description="Module-name globs kept in float.")
-    min_fidelity: float | None = Field(None, gt=0, le=1, description="Keep the most sensitive layers in float until output fidelity holds.")
+    min_fidelity: float | None = Field(
+        None, gt=0, le=1, description="Keep the most sensitive layers in float until output fidelity holds."
+    )
     group_size: int = Field(128, ge=8, description="Group size of weight_int4 scales.")
 
     @model_validator(mode="after")
     def _rules(self) -> QuantizeStep:
         if self.exclude and self.scheme in WHOLE_MODEL_SCHEMES:
-            _refuse("QuantizeStep", [(("exclude",), f"{self.scheme} converts the whole model: 'exclude' works only "
-                                                    "with the int8, weight-only and binary schemes")])
+            _refuse(
+                "QuantizeStep",
+                [
+                    (
+                        ("exclude",),
+                        f"{self.scheme} converts the whole model: 'exclude' works only "
+                        "with the int8, weight-only and binary schemes",
+                    )
+                ],
+            )
         return self
 
 
@@ -92,8 +111,15 @@ class DistillStep(_Strict):
     """Train a student on the original model's soft targets."""
 
     op: Literal["distill"]
-    student_model_id: str | None = Field(None, description="An uploaded student; default: the pipeline's current model.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the soft targets (1.0 measured best on small-logit teachers; raise it for confident teachers).")
+    student_model_id: str | None = Field(
+        None, description="An uploaded student; default: the pipeline's current model."
+    )
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Softmax temperature of the soft targets (1.0 measured best on small-logit teachers; "
+        "raise it for confident teachers).",
+    )
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the soft-target loss against hard labels.")
     epochs: int = Field(3, ge=1, le=1000)
     lr: float = Field(1e-3, gt=0)
@@ -104,12 +130,14 @@ class DistillStep(_Strict):
     weight_decay: float = Field(0.0, ge=0)
 
 
-Step = Annotated[Union[PruneStep, QuantizeStep, DistillStep], Field(discriminator="op")]
+Step = Annotated[PruneStep | QuantizeStep | DistillStep, Field(discriminator="op")]
 
 
 class BenchmarkSpec(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1], min_length=1, max_length=8)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [1], min_length=1, max_length=8
+    )
     warmup: int = Field(10, ge=0, le=10_000)
     iterations: int = Field(100, ge=5, le=100_000)
     threads: int | None = Field(None, ge=1, description="CPU threads for timing; default: the worker's setting.")
@@ -119,7 +147,13 @@ class TargetSpec(_Strict):
     """Goals the report checks the result against (the job still succeeds when one is missed)."""
 
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
-    min_fidelity: float | None = Field(None, ge=0, le=1, description="Top-1 agreement with labels, else the minimum per-sample cosine (as a quantize step's min_fidelity).")
+    min_fidelity: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Top-1 agreement with labels, else the minimum per-sample cosine "
+        "(as a quantize step's min_fidelity).",
+    )
     min_speedup: float | None = Field(None, gt=0)
 
 
@@ -140,11 +174,18 @@ class JobSpec(_Strict):
     def _rules(self) -> JobSpec:
         broken = []
         if not (self.calibration_dataset_id or self.eval_dataset_id or self.input_spec):
-            broken.append((("input_spec",), "give input_spec (synthetic inputs) or a dataset: the benchmark needs inputs"))
+            broken.append(
+                (("input_spec",), "give input_spec (synthetic inputs) or a dataset: the benchmark needs inputs")
+            )
         for index, step in enumerate(self.steps):
             if isinstance(step, QuantizeStep) and step.scheme == "static_int8" and not self.calibration_dataset_id:
-                broken.append((("calibration_dataset_id",), f"steps.{index}: static_int8 needs a calibration dataset "
-                                                            "(synthetic calibration would silently ruin accuracy)"))
+                broken.append(
+                    (
+                        ("calibration_dataset_id",),
+                        f"steps.{index}: static_int8 needs a calibration dataset "
+                        "(synthetic calibration would silently ruin accuracy)",
+                    )
+                )
         _refuse("JobSpec", broken)
         return self
 
@@ -152,15 +193,30 @@ class JobSpec(_Strict):
 _MODEL_ID = "3f6c2a0e-8d1b-4f57-9a7e-0c1d2b3a4f5e"
 _DATASET_ID = "9b1e4c7d-2a3f-4e6b-8c5d-7f0a1b2c3d4e"
 JOB_SPEC_EXAMPLES = {
-    "int8": {"summary": "dynamic int8 on synthetic inputs", "value": {
-        "model_id": _MODEL_ID, "input_spec": [{"shape": [1, 3, 224, 224]}],
-        "steps": [{"op": "quantize", "scheme": "dynamic_int8"}], "benchmark": {"batch_sizes": [1, 32]}}},
-    "prune-distill-quantize": {"summary": "prune, recover by distillation, then static int8", "value": {
-        "model_id": _MODEL_ID, "name": "resnet18 slim", "calibration_dataset_id": _DATASET_ID,
-        "steps": [{"op": "prune", "structure": "channel", "criterion": "l1", "amount": 0.5},
-                  {"op": "distill", "epochs": 3, "temperature": 1.0, "alpha": 0.7},
-                  {"op": "quantize", "scheme": "static_int8"}],
-        "benchmark": {"device": "cpu", "batch_sizes": [1, 32]}, "target": {"max_accuracy_drop": 0.01}}},
+    "int8": {
+        "summary": "dynamic int8 on synthetic inputs",
+        "value": {
+            "model_id": _MODEL_ID,
+            "input_spec": [{"shape": [1, 3, 224, 224]}],
+            "steps": [{"op": "quantize", "scheme": "dynamic_int8"}],
+            "benchmark": {"batch_sizes": [1, 32]},
+        },
+    },
+    "prune-distill-quantize": {
+        "summary": "prune, recover by distillation, then static int8",
+        "value": {
+            "model_id": _MODEL_ID,
+            "name": "resnet18 slim",
+            "calibration_dataset_id": _DATASET_ID,
+            "steps": [
+                {"op": "prune", "structure": "channel", "criterion": "l1", "amount": 0.5},
+                {"op": "distill", "epochs": 3, "temperature": 1.0, "alpha": 0.7},
+                {"op": "quantize", "scheme": "static_int8"},
+            ],
+            "benchmark": {"device": "cpu", "batch_sizes": [1, 32]},
+            "target": {"max_accuracy_drop": 0.01},
+        },
+    },
 }
 
 

@@ -48,8 +48,10 @@ class Metrics(_Open):
 
 
 class SandboxInfo(_Open):
-    mode: Literal["bubblewrap", "off"] = Field(description="How the uploaded model was run: inside the "
-                                               "bubblewrap sandbox, or unsandboxed (COMPACTOR_SANDBOX=off).")
+    mode: Literal["bubblewrap", "off"] = Field(
+        description="How the uploaded model was run: inside the "
+        "bubblewrap sandbox, or unsandboxed (COMPACTOR_SANDBOX=off)."
+    )
 
 
 class Environment(_Open):

@@ -21,20 +21,27 @@ from app.storage import BlobStore, StoredBlob
 
 def _references():
     """(column, condition) for every column that keeps a blob: the one definition of 'referenced'."""
-    return ((UploadedModel.sha256, UploadedModel.deleted_at.is_(None)),
-            (Dataset.sha256, Dataset.deleted_at.is_(None)),
-            (CompressionJob.artifact_sha256, CompressionJob.artifact_sha256.is_not(None)))
+    return (
+        (UploadedModel.sha256, UploadedModel.deleted_at.is_(None)),
+        (Dataset.sha256, Dataset.deleted_at.is_(None)),
+        (CompressionJob.artifact_sha256, CompressionJob.artifact_sha256.is_not(None)),
+    )
 
 
 def referenced_blobs(session: Session) -> set[str]:
     """The sha256 of every blob a row references."""
-    return {sha256 for column, condition in _references()
-            for sha256 in session.scalars(select(column).where(condition).distinct())}
+    return {
+        sha256
+        for column, condition in _references()
+        for sha256 in session.scalars(select(column).where(condition).distinct())
+    }
 
 
 def is_referenced(session: Session, sha256: str) -> bool:
-    return any(session.scalar(select(column).where(condition, column == sha256).limit(1)) is not None
-               for column, condition in _references())
+    return any(
+        session.scalar(select(column).where(condition, column == sha256).limit(1)) is not None
+        for column, condition in _references()
+    )
 
 
 def collect_orphans(session: Session, store: BlobStore, grace_s: float, only: list[str] | None = None) -> list[str]:
@@ -61,8 +68,13 @@ def collect_orphans(session: Session, store: BlobStore, grace_s: float, only: li
         return []
     referenced = referenced_blobs(session)
     # Asked again one by one: a row committed since the first look keeps its blob.
-    return [sha256 for sha256, stamp in old if sha256 not in referenced and not is_referenced(session, sha256)
-            and store.remove_unless_rewritten(sha256, stamp)]
+    return [
+        sha256
+        for sha256, stamp in old
+        if sha256 not in referenced
+        and not is_referenced(session, sha256)
+        and store.remove_unless_rewritten(sha256, stamp)
+    ]
 
 
 def release(session: Session, store: BlobStore, blob: StoredBlob) -> bool:

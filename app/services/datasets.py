@@ -7,14 +7,13 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict
+from app.errors import Conflict, InvalidInput
 from app.inspection import inspect_dataset
 from app.models import CompressionJob, Dataset
 from app.models.job import ACTIVE_STATUSES
+from app.multipart import ReceivedUpload
 from app.services.uploads import get_live, list_live, soft_delete
 from app.storage import BlobStore
-from app.multipart import ReceivedUpload
-from app.errors import InvalidInput
 
 
 def create_dataset(session: Session, store: BlobStore, tenant: str, upload: ReceivedUpload) -> Dataset:
@@ -29,8 +28,15 @@ def create_dataset(session: Session, store: BlobStore, tenant: str, upload: Rece
         writer.discard()
         raise
     name = upload.fields.get("name") or Path(upload.filename or "dataset").name
-    dataset = Dataset(tenant=tenant, name=name[:255], file_format=file_format, size_bytes=writer.size,
-                      sha256=sha256, num_samples=num_samples, arrays=arrays)
+    dataset = Dataset(
+        tenant=tenant,
+        name=name[:255],
+        file_format=file_format,
+        size_bytes=writer.size,
+        sha256=sha256,
+        num_samples=num_samples,
+        arrays=arrays,
+    )
     session.add(dataset)
     session.flush()
     return dataset
@@ -47,8 +53,11 @@ def list_datasets(session: Session, tenant: str, limit: int, cursor: str | None)
 def delete_dataset(session: Session, store: BlobStore, tenant: str, dataset_id: str) -> None:
     """Delete a dataset unless an unfinished job still reads it."""
     dataset = get_dataset(session, tenant, dataset_id)
-    for job in session.scalars(select(CompressionJob).where(CompressionJob.tenant == tenant,
-                                                              CompressionJob.status.in_(ACTIVE_STATUSES))):
+    for job in session.scalars(
+        select(CompressionJob).where(CompressionJob.tenant == tenant, CompressionJob.status.in_(ACTIVE_STATUSES))
+    ):
         if dataset_id in (job.spec.get("calibration_dataset_id"), job.spec.get("eval_dataset_id")):
-            raise Conflict(f"dataset {dataset_id} is used by job {job.id}, which has not finished", code="dataset_in_use")
+            raise Conflict(
+                f"dataset {dataset_id} is used by job {job.id}, which has not finished", code="dataset_in_use"
+            )
     soft_delete(session, store, dataset)

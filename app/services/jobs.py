@@ -47,7 +47,9 @@ def _spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def create_job(session: Session, tenant: str, spec: JobSpec, idempotency_key: str | None) -> tuple[CompressionJob, bool]:
+def create_job(
+    session: Session, tenant: str, spec: JobSpec, idempotency_key: str | None
+) -> tuple[CompressionJob, bool]:
     """Store a queued job and send it to the workers once committed; returns (job, created).
 
     With an `idempotency_key`, the same key and spec return the existing job; another spec is a 409.
@@ -58,8 +60,15 @@ def create_job(session: Session, tenant: str, spec: JobSpec, idempotency_key: st
         if existing is not None:
             return _replay(existing, spec_hash), False
     check_spec(session, tenant, spec)
-    job = CompressionJob(tenant=tenant, name=spec.name, model_id=spec.model_id, spec=spec.model_dump(mode="json"),
-                         spec_hash=spec_hash, idempotency_key=idempotency_key, status=JobStatus.QUEUED)
+    job = CompressionJob(
+        tenant=tenant,
+        name=spec.name,
+        model_id=spec.model_id,
+        spec=spec.model_dump(mode="json"),
+        spec_hash=spec_hash,
+        idempotency_key=idempotency_key,
+        status=JobStatus.QUEUED,
+    )
     try:
         with session.begin_nested():
             session.add(job)
@@ -86,8 +95,9 @@ def dispatch(job_id: str) -> None:
 
 
 def _by_idempotency_key(session: Session, tenant: str, key: str) -> CompressionJob | None:
-    return session.scalar(select(CompressionJob).where(CompressionJob.tenant == tenant,
-                                                       CompressionJob.idempotency_key == key))
+    return session.scalar(
+        select(CompressionJob).where(CompressionJob.tenant == tenant, CompressionJob.idempotency_key == key)
+    )
 
 
 def _replay(job: CompressionJob, spec_hash: str) -> CompressionJob:
@@ -98,8 +108,9 @@ def _replay(job: CompressionJob, spec_hash: str) -> CompressionJob:
 
 def get_job(session: Session, tenant: str, job_id: str, with_report: bool = False) -> CompressionJob:
     if with_report:
-        job = session.scalar(select(CompressionJob).options(undefer(CompressionJob.report))
-                             .where(CompressionJob.id == job_id))
+        job = session.scalar(
+            select(CompressionJob).options(undefer(CompressionJob.report)).where(CompressionJob.id == job_id)
+        )
         if job is None or job.tenant != tenant:
             raise NotFound(f"job {job_id} does not exist", code="job_not_found")
         return job
@@ -138,14 +149,18 @@ def get_report(session: Session, tenant: str, job_id: str) -> dict:
     """The report of a succeeded job; 409 while it has not succeeded."""
     job = get_job(session, tenant, job_id, with_report=True)
     if job.status != JobStatus.SUCCEEDED or job.report is None:
-        raise Conflict(f"job {job_id} is {job.status}: its report exists once it has succeeded", code="job_not_succeeded")
+        raise Conflict(
+            f"job {job_id} is {job.status}: its report exists once it has succeeded", code="job_not_succeeded"
+        )
     return job.report
 
 
 def get_artifact(session: Session, tenant: str, job_id: str) -> CompressionJob:
     job = get_live_job(session, tenant, job_id)
     if job.status != JobStatus.SUCCEEDED or job.artifact_sha256 is None:
-        raise Conflict(f"job {job_id} is {job.status}: its artifact exists once it has succeeded", code="job_not_succeeded")
+        raise Conflict(
+            f"job {job_id} is {job.status}: its artifact exists once it has succeeded", code="job_not_succeeded"
+        )
     return job
 
 
@@ -157,6 +172,14 @@ def compare_jobs(session: Session, tenant: str, job_ids: list[str]) -> list[dict
     for job_id in job_ids:
         job = get_job(session, tenant, job_id, with_report=True)
         report = job.report or {}
-        rows.append({"job_id": job.id, "name": job.name, "status": job.status, "steps": job.spec.get("steps", []),
-                     "summary": report.get("summary"), "result": report.get("result")})
+        rows.append(
+            {
+                "job_id": job.id,
+                "name": job.name,
+                "status": job.status,
+                "steps": job.spec.get("steps", []),
+                "summary": report.get("summary"),
+                "result": report.get("result"),
+            }
+        )
     return rows

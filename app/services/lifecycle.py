@@ -31,7 +31,8 @@ def _move(session: Session, job_id: str, to: JobStatus, *where, **values) -> boo
         update(CompressionJob)
         .where(CompressionJob.id == job_id, CompressionJob.status.in_(allowed_from), *where)
         .values(status=to, **values)
-        .execution_options(synchronize_session=False))
+        .execution_options(synchronize_session=False)
+    )
     return result.rowcount == 1
 
 
@@ -39,23 +40,41 @@ def claim(session: Session, job_id: str, worker: str) -> bool:
     """Move a queued job to running for this worker; False when it is not queued (already taken,
     canceled, or finished)."""
     now = utcnow()
-    return _move(session, job_id, JobStatus.RUNNING, attempts=CompressionJob.attempts + 1, started_at=now,
-                 heartbeat_at=now, worker=worker, progress=job_progress("starting", "loading"))
+    return _move(
+        session,
+        job_id,
+        JobStatus.RUNNING,
+        attempts=CompressionJob.attempts + 1,
+        started_at=now,
+        heartbeat_at=now,
+        worker=worker,
+        progress=job_progress("starting", "loading"),
+    )
 
 
 def record_progress(session: Session, job_id: str, progress: dict) -> bool:
     """Store progress and a heartbeat; False when the job is no longer running (e.g. canceled)."""
     result = session.execute(
-        update(CompressionJob).where(CompressionJob.id == job_id, CompressionJob.status == JobStatus.RUNNING)
-        .values(progress=progress, heartbeat_at=utcnow()))
+        update(CompressionJob)
+        .where(CompressionJob.id == job_id, CompressionJob.status == JobStatus.RUNNING)
+        .values(progress=progress, heartbeat_at=utcnow())
+    )
     return result.rowcount == 1
 
 
 def succeed(session: Session, job_id: str, artifact_sha256: str, artifact_size: int, report: dict) -> bool:
     """Record a running job's artifact and report; False when it was canceled or failed meanwhile."""
-    return _move(session, job_id, JobStatus.SUCCEEDED, finished_at=utcnow(), artifact_sha256=artifact_sha256,
-                 artifact_size_bytes=artifact_size, report=report, error=None,
-                 progress=job_progress("done", "succeeded", percent=100.0))
+    return _move(
+        session,
+        job_id,
+        JobStatus.SUCCEEDED,
+        finished_at=utcnow(),
+        artifact_sha256=artifact_sha256,
+        artifact_size_bytes=artifact_size,
+        report=report,
+        error=None,
+        progress=job_progress("done", "succeeded", percent=100.0),
+    )
 
 
 def fail(session: Session, job_id: str, code: str, message: str) -> bool:
@@ -65,8 +84,13 @@ def fail(session: Session, job_id: str, code: str, message: str) -> bool:
 
 def cancel(session: Session, job_id: str) -> bool:
     """Cancel a queued or running job (its worker sees it and stops); False when it had finished."""
-    return _move(session, job_id, JobStatus.CANCELED, finished_at=utcnow(),
-                 progress=job_progress("canceled", "canceled by request"))
+    return _move(
+        session,
+        job_id,
+        JobStatus.CANCELED,
+        finished_at=utcnow(),
+        progress=job_progress("canceled", "canceled by request"),
+    )
 
 
 def status_of(session: Session, job_id: str) -> JobStatus | None:
@@ -81,7 +105,9 @@ def set_model_validation(session: Session, model_id: str, summary: dict | None, 
     model.summary, model.error = summary, error
 
 
-def jobs_to_resend(session: Session, requeue_after_s: float, heartbeat_timeout_s: float, max_attempts: int) -> list[str]:
+def jobs_to_resend(
+    session: Session, requeue_after_s: float, heartbeat_timeout_s: float, max_attempts: int
+) -> list[str]:
     """Find jobs an accident left behind and make them runnable again; returns the ids to send.
 
     - queued and never enqueued (the broker was down at submission), or enqueued long ago and still
@@ -90,20 +116,42 @@ def jobs_to_resend(session: Session, requeue_after_s: float, heartbeat_timeout_s
       `worker_lost` once it has used all its attempts.
     """
     now = utcnow()
-    resend = list(session.scalars(select(CompressionJob.id).where(
-        CompressionJob.status == JobStatus.QUEUED,
-        or_(CompressionJob.enqueued_at.is_(None), CompressionJob.enqueued_at < now - timedelta(seconds=requeue_after_s)),
-    )))
+    resend = list(
+        session.scalars(
+            select(CompressionJob.id).where(
+                CompressionJob.status == JobStatus.QUEUED,
+                or_(
+                    CompressionJob.enqueued_at.is_(None),
+                    CompressionJob.enqueued_at < now - timedelta(seconds=requeue_after_s),
+                ),
+            )
+        )
+    )
     # Still running with a stale heartbeat when the UPDATE runs: a job that finished or beat since is left alone.
-    stale = (CompressionJob.status == JobStatus.RUNNING,
-             CompressionJob.heartbeat_at < now - timedelta(seconds=heartbeat_timeout_s))
+    stale = (
+        CompressionJob.status == JobStatus.RUNNING,
+        CompressionJob.heartbeat_at < now - timedelta(seconds=heartbeat_timeout_s),
+    )
     for job_id, attempts in session.execute(select(CompressionJob.id, CompressionJob.attempts).where(*stale)).all():
         if attempts >= max_attempts:
-            _move(session, job_id, JobStatus.FAILED, *stale, finished_at=now,
-                  error={"code": "worker_lost", "message": f"the worker running this job stopped responding "
-                                                           f"{attempts} times; submit it again"})
-        elif _move(session, job_id, JobStatus.QUEUED, *stale,
-                   progress=job_progress(JobStatus.QUEUED, "re-queued: its worker stopped responding")):
+            _move(
+                session,
+                job_id,
+                JobStatus.FAILED,
+                *stale,
+                finished_at=now,
+                error={
+                    "code": "worker_lost",
+                    "message": f"the worker running this job stopped responding {attempts} times; submit it again",
+                },
+            )
+        elif _move(
+            session,
+            job_id,
+            JobStatus.QUEUED,
+            *stale,
+            progress=job_progress(JobStatus.QUEUED, "re-queued: its worker stopped responding"),
+        ):
             resend.append(job_id)
     for job_id in resend:
         session.execute(update(CompressionJob).where(CompressionJob.id == job_id).values(enqueued_at=now))
@@ -114,5 +162,12 @@ def models_to_revalidate(session: Session, older_than_s: float) -> list[str]:
     """Models still `validating` long after upload: their validation message was lost (or its worker
     died), so it is sent again. Validation is idempotent."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
-    return list(session.scalars(select(UploadedModel.id).where(
-        UploadedModel.status == "validating", UploadedModel.deleted_at.is_(None), UploadedModel.created_at < cutoff)))
+    return list(
+        session.scalars(
+            select(UploadedModel.id).where(
+                UploadedModel.status == "validating",
+                UploadedModel.deleted_at.is_(None),
+                UploadedModel.created_at < cutoff,
+            )
+        )
+    )

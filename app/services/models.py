@@ -13,9 +13,9 @@ from app.errors import Conflict
 from app.inspection import check_torchscript_archive
 from app.models import CompressionJob, UploadedModel
 from app.models.job import ACTIVE_STATUSES
+from app.multipart import ReceivedUpload
 from app.services.uploads import get_live, list_live, soft_delete
 from app.storage import BlobStore
-from app.multipart import ReceivedUpload
 
 
 def create_model(session: Session, store: BlobStore, tenant: str, upload: ReceivedUpload) -> UploadedModel:
@@ -47,9 +47,13 @@ def list_models(session: Session, tenant: str, limit: int, cursor: str | None):
 def delete_model(session: Session, store: BlobStore, tenant: str, model_id: str) -> None:
     """Delete a model unless a queued or running job still needs it; finished jobs keep their record."""
     model = get_model(session, tenant, model_id)
-    active = session.scalar(select(CompressionJob.id).where(
-        CompressionJob.model_id == model_id, CompressionJob.status.in_(ACTIVE_STATUSES)).limit(1))
+    active = session.scalar(
+        select(CompressionJob.id)
+        .where(CompressionJob.model_id == model_id, CompressionJob.status.in_(ACTIVE_STATUSES))
+        .limit(1)
+    )
     if active:
-        raise Conflict(f"model {model_id} is used by job {active}, which has not finished: cancel it first",
-                       code="model_in_use")
+        raise Conflict(
+            f"model {model_id} is used by job {active}, which has not finished: cancel it first", code="model_in_use"
+        )
     soft_delete(session, store, model)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
@@ -18,8 +19,7 @@ def paginate(session: Session, query: Select, table, limit: int, cursor: str | N
     """Run `query` newest first from `cursor`; returns (rows, next_cursor or None)."""
     if cursor:
         created_at, row_id = _decode(cursor)
-        query = query.where(or_(table.created_at < created_at,
-                                and_(table.created_at == created_at, table.id < row_id)))
+        query = query.where(or_(table.created_at < created_at, and_(table.created_at == created_at, table.id < row_id)))
     rows = session.scalars(query.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)).all()
     if len(rows) <= limit:
         return rows, None

@@ -38,7 +38,10 @@ def small_student(seed: int = 1, traced: bool = True, classes: int = 10) -> torc
 def context(teacher, data, students=None, progress=None, seed=0) -> PipelineContext:
     train, evaluation = data
     return PipelineContext(
-        teacher=teacher, calibration=train, evaluation=evaluation, seed=seed,
+        teacher=teacher,
+        calibration=train,
+        evaluation=evaluation,
+        seed=seed,
         progress=progress or (lambda fraction, message: None),
         load_model=(students or {}).__getitem__,
     )
@@ -126,11 +129,14 @@ class TwoHeads(nn.Module):
         return self.a(h), self.b(h)
 
 
-@pytest.mark.parametrize("make_student, expected", [
-    (lambda: small_student(classes=5), "Tensor[B, 5]"),
-    (lambda: trace(TwoHeads(), torch.zeros(2, 1, 32, 32)), "tuple[0]: Tensor[B, 10], tuple[1]: Tensor[B, 3]"),
-    (lambda: trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), torch.zeros(2, 3, 32, 32)), "cannot run"),
-])
+@pytest.mark.parametrize(
+    "make_student, expected",
+    [
+        (lambda: small_student(classes=5), "Tensor[B, 5]"),
+        (lambda: trace(TwoHeads(), torch.zeros(2, 1, 32, 32)), "tuple[0]: Tensor[B, 10], tuple[1]: Tensor[B, 3]"),
+        (lambda: trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), torch.zeros(2, 3, 32, 32)), "cannot run"),
+    ],
+)
 def test_mismatched_student_is_refused(teacher, data, make_student, expected):
     step = {"op": "distill", "student_model_id": "bad"}
     with pytest.raises(EngineError) as caught:
@@ -243,10 +249,15 @@ def test_labels_outside_the_classes_are_refused(teacher, data):
     assert caught.value.code == "labels_mismatch"
 
 
-@pytest.mark.parametrize("step, field", [
-    ({"alpha": 1.5}, "alpha"), ({"temperature": 0}, "temperature"), ({"loss": "huber"}, "loss"),
-    ({"epochs": "three"}, "epochs"),
-])
+@pytest.mark.parametrize(
+    "step, field",
+    [
+        ({"alpha": 1.5}, "alpha"),
+        ({"temperature": 0}, "temperature"),
+        ({"loss": "huber"}, "loss"),
+        ({"epochs": "three"}, "epochs"),
+    ],
+)
 def test_invalid_settings_are_refused(step, field):
     with pytest.raises(EngineError) as caught:
         DistillConfig.from_step({"op": "distill", **step})

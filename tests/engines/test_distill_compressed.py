@@ -19,8 +19,9 @@ def ctx():
     x_train, y_train, x_test, y_test = digits()
     torch.manual_seed(0)
     teacher = trace(train_classifier(SequentialCNN(width=8), x_train[:800], y_train[:800], epochs=3), x_train[:2])
-    return PipelineContext(teacher=teacher, calibration=ModelData((x_train[:800],), y_train[:800]),
-                           evaluation=ModelData((x_test,), y_test))
+    return PipelineContext(
+        teacher=teacher, calibration=ModelData((x_train[:800],), y_train[:800]), evaluation=ModelData((x_test,), y_test)
+    )
 
 
 def top1(model, ctx) -> float:
@@ -51,7 +52,8 @@ def test_quantized_student_trains_latents_and_stays_on_its_grid(ctx, scheme):
     details = out.details
     packed = weight_only_layers(out.model)
     assert {(t["module"], t["scheme"]) for t in details["quantization_aware"]["tensors"]} == {
-        (p.module, scheme) for p in packed}
+        (p.module, scheme) for p in packed
+    }
     assert details["quantization_aware"]["estimator"] == "straight-through"
     # the inlined BatchNorm ops of the converted graph follow train/eval too
     assert details["batchnorm"]["edited_ops"] >= details["batchnorm"]["layers"] == 2
@@ -78,8 +80,9 @@ def test_quantized_student_trains_latents_and_stays_on_its_grid(ctx, scheme):
 @pytest.mark.cuda
 def test_quantized_student_distills_on_cuda(ctx):
     quantized = run_step(ctx.teacher, {"op": "quantize", "scheme": "weight_int4", "group_size": 32}, ctx).model
-    cuda_ctx = PipelineContext(teacher=ctx.teacher, calibration=ctx.calibration, evaluation=ctx.evaluation,
-                               device=torch.device("cuda"))
+    cuda_ctx = PipelineContext(
+        teacher=ctx.teacher, calibration=ctx.calibration, evaluation=ctx.evaluation, device=torch.device("cuda")
+    )
     out = run_step(quantized, {"op": "distill", "epochs": 1}, cuda_ctx)
     packed = weight_only_layers(out.model)
     assert packed and {p.weight.device.type for p in packed} == {"cuda"}

@@ -90,7 +90,7 @@ def test_soft_target_loss_is_tau_squared_kl_of_the_teacher_to_the_student():
     student, teacher, labels = torch.randn(8, 10), torch.randn(8, 10) * 3, torch.randint(0, 10, (8,))
     tau = 2.0
     p_teacher = (teacher / tau).softmax(dim=1)
-    by_hand = (p_teacher * (p_teacher.log() - (student / tau).log_softmax(dim=1))).sum(dim=1).mean() * tau ** 2
+    by_hand = (p_teacher * (p_teacher.log() - (student / tau).log_softmax(dim=1))).sum(dim=1).mean() * tau**2
     soft_only = DistillationLoss(("kl",), tau, 1.0, use_labels=True)
     torch.testing.assert_close(soft_only([student], [teacher], labels), by_hand)
     mixed = DistillationLoss(("kl",), tau, 0.7, use_labels=True)([student], [teacher], labels)

@@ -46,9 +46,15 @@ def measured(tmp_path_factory):
     }
     files = _save(models, tmp_path_factory.mktemp("measure"))
     fractions = []
-    measurement = measure_models(models, files, "baseline", ModelData((x_test,), y_test), CONFIG,
-                                 latency_for={"baseline", "pruned", "int8"},
-                                 progress=lambda fraction, message: fractions.append(fraction))
+    measurement = measure_models(
+        models,
+        files,
+        "baseline",
+        ModelData((x_test,), y_test),
+        CONFIG,
+        latency_for={"baseline", "pruned", "int8"},
+        progress=lambda fraction, message: fractions.append(fraction),
+    )
     return measurement, models, files, (x_test, y_test), fractions
 
 
@@ -84,11 +90,17 @@ def test_accuracy_and_fidelity(measured):
     for name in ("baseline", "pruned", "int8"):
         # Batch by batch as the harness does: dynamic int8 picks activation ranges per batch.
         step = CONFIG.eval_batch_size
-        correct = sum(accuracy(models[name], x_test[i:i + step], y_test[i:i + step]) * len(y_test[i:i + step])
-                      for i in range(0, len(y_test), step))
+        correct = sum(
+            accuracy(models[name], x_test[i : i + step], y_test[i : i + step]) * len(y_test[i : i + step])
+            for i in range(0, len(y_test), step)
+        )
         assert measurement.metrics[name]["accuracy"]["top1"] == pytest.approx(correct / len(y_test), abs=1e-6)
     assert measurement.metrics["baseline"]["fidelity"] == {
-        "top1_agreement": 1.0, "cosine_min": 1.0, "cosine_mean": 1.0, "max_abs_error": 0.0}
+        "top1_agreement": 1.0,
+        "cosine_min": 1.0,
+        "cosine_mean": 1.0,
+        "max_abs_error": 0.0,
+    }
     # A scripted copy of the same weights computes the same function.
     untimed = measurement.metrics["untimed"]["fidelity"]
     assert untimed["top1_agreement"] == 1.0 and untimed["cosine_min"] > 0.99999
@@ -164,8 +176,9 @@ def test_unlabelled_data_has_no_accuracy(tmp_path):
     model = script(SequentialCNN())
     config = BenchmarkConfig(batch_sizes=[2], warmup=2, iterations=2, rounds=2, measure_memory=False)
 
-    measurement = measure_models({"only": model}, _save({"only": model}, tmp_path), "only",
-                                 ModelData((torch.rand(5, 1, 32, 32),)), config)
+    measurement = measure_models(
+        {"only": model}, _save({"only": model}, tmp_path), "only", ModelData((torch.rand(5, 1, 32, 32),)), config
+    )
 
     assert measurement.metrics["only"]["accuracy"] is None
     assert measurement.speedup == {}
@@ -179,11 +192,13 @@ def test_interleaving_rotates_and_speedup_reflects_a_known_ratio():
         def call():
             order.append(name)
             time.sleep(seconds)
+
         return call
 
     config = BenchmarkConfig(batch_sizes=[1], warmup=0, iterations=6, rounds=3)
-    result = time_interleaved({1: {"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.003)}},
-                              config, torch.device("cpu"))
+    result = time_interleaved(
+        {1: {"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.003)}}, config, torch.device("cpu")
+    )
 
     timed = order[4:]  # after two warm-up calls each
     assert timed == ["fast"] * 2 + ["slow"] * 2 + ["slow"] * 2 + ["fast"] * 2 + ["fast"] * 2 + ["slow"] * 2
@@ -241,8 +256,13 @@ def test_cuda_measurement_uses_the_device(tmp_path):
     model = script(SequentialCNN()).cuda()
     config = BenchmarkConfig(device="cuda", batch_sizes=[1, 16], warmup=3, iterations=20, rounds=4)
 
-    measurement = measure_models({"baseline": model}, _save({"baseline": model}, tmp_path), "baseline",
-                                 ModelData((torch.rand(16, 1, 32, 32),)), config)
+    measurement = measure_models(
+        {"baseline": model},
+        _save({"baseline": model}, tmp_path),
+        "baseline",
+        ModelData((torch.rand(16, 1, 32, 32),)),
+        config,
+    )
 
     assert measurement.environment["device_name"] == torch.cuda.get_device_name(0)
     latency = measurement.metrics["baseline"]["latency_ms"]["16"]

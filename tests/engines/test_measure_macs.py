@@ -21,10 +21,10 @@ IMAGE = torch.rand(1, 1, 32, 32)
 TOKENS = torch.randint(0, 1000, (1, 7))
 
 # SequentialCNN(width=16) on one 1×32×32 image; a conv costs (output elements) × (Cin/groups × kh × kw).
-CNN_CONV1 = (16 * 32 * 32) * (1 * 3 * 3)       # 147_456
-CNN_CONV2 = (32 * 16 * 16) * (16 * 3 * 3)      # 1_179_648 (after the first 2×2 max-pool)
-CNN_FC1 = 64 * (32 * 8 * 8)                    # 131_072
-CNN_FC2 = 10 * 64                              # 640
+CNN_CONV1 = (16 * 32 * 32) * (1 * 3 * 3)  # 147_456
+CNN_CONV2 = (32 * 16 * 16) * (16 * 3 * 3)  # 1_179_648 (after the first 2×2 max-pool)
+CNN_FC1 = 64 * (32 * 8 * 8)  # 131_072
+CNN_FC2 = 10 * 64  # 640
 CNN_TOTAL = CNN_CONV1 + CNN_CONV2 + CNN_FC1 + CNN_FC2
 
 
@@ -59,15 +59,15 @@ class Mixed(nn.Module):
         self.mix = nn.Parameter(torch.randn(1, 256, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.up(self.depthwise(x)).flatten(2)          # [1, 2, 256]
-        gram = torch.matmul(y, y.transpose(1, 2))          # [1, 2, 2]
+        y = self.up(self.depthwise(x)).flatten(2)  # [1, 2, 256]
+        gram = torch.matmul(y, y.transpose(1, 2))  # [1, 2, 2]
         return torch.einsum("bij,bjk->bik", y, self.mix) + gram.sum()
 
 
 def test_grouped_transposed_matmul_and_einsum_rules():
     x = torch.rand(1, 4, 8, 8)
-    depthwise = (4 * 8 * 8) * (1 * 3 * 3)        # groups=4: each output sees one input channel
-    transposed = (4 * 8 * 8) * (2 * 2 * 2)       # each input element feeds Cout × kh × kw outputs
+    depthwise = (4 * 8 * 8) * (1 * 3 * 3)  # groups=4: each output sees one input channel
+    transposed = (4 * 8 * 8) * (2 * 2 * 2)  # each input element feeds Cout × kh × kw outputs
     matmul = (2 * 2) * 256
     einsum = 1 * 2 * 256 * 3
 
@@ -81,7 +81,7 @@ def test_lstm_counts_every_step_layer_and_gate():
     count = count_macs(script(LSTMClassifier()), (TOKENS,))
 
     steps = 7
-    layer1 = 4 * 128 * 64 + 4 * 128 * 128       # input and hidden matrices, 4 gates
+    layer1 = 4 * 128 * 64 + 4 * 128 * 128  # input and hidden matrices, 4 gates
     layer2 = 4 * 128 * 128 + 4 * 128 * 128
     assert count.by_operator["aten::lstm"] == steps * (layer1 + layer2)
     assert count.macs == steps * (layer1 + layer2) + 5 * 128

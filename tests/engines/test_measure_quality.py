@@ -21,7 +21,10 @@ def test_identical_outputs_are_exactly_faithful():
     logits = torch.randn(50, 10)
 
     assert fidelity(logits, logits.clone(), class_scores=True) == {
-        "top1_agreement": 1.0, "cosine_min": 1.0, "cosine_mean": 1.0, "max_abs_error": 0.0,
+        "top1_agreement": 1.0,
+        "cosine_min": 1.0,
+        "cosine_mean": 1.0,
+        "max_abs_error": 0.0,
     }
 
 
@@ -54,15 +57,17 @@ def test_one_fidelity_for_tuple_dict_and_quantized_outputs():
     expected = fidelity((logits, embedding), (logits.clone(), noisy), class_scores=True)
 
     # a dict is compared key by key whatever order it was built in
-    as_dict = fidelity({"logits": logits, "embedding": embedding}, {"embedding": noisy, "logits": logits.clone()},
-                       class_scores=True)
+    as_dict = fidelity(
+        {"logits": logits, "embedding": embedding}, {"embedding": noisy, "logits": logits.clone()}, class_scores=True
+    )
     assert as_dict == pytest.approx(expected)
     # quantized outputs are compared dequantized, not skipped, and their arg-max counts
     with quiet_quantized_tensors():
         quantized = tuple(torch.quantize_per_tensor(t, 0.05, 128, torch.quint8) for t in (logits, noisy))
     result = fidelity((logits, embedding), quantized, class_scores=True)
-    assert result == pytest.approx(fidelity((logits, embedding), tuple(q.dequantize() for q in quantized),
-                                            class_scores=True))
+    assert result == pytest.approx(
+        fidelity((logits, embedding), tuple(q.dequantize() for q in quantized), class_scores=True)
+    )
     assert result["cosine_min"] == pytest.approx(expected["cosine_min"], abs=5e-3) and result["cosine_min"] < 0.999
     assert result["top1_agreement"] == 1.0
 
@@ -94,7 +99,11 @@ def test_the_figure_held_is_top1_agreement_when_measured_else_cosine_min():
 def test_output_leaves_have_one_order_and_name_their_containers():
     a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
     assert output_leaves((a, {"z": b, "m": [c, None]})) == [
-        ("tuple[0]", a), ("tuple[1]dict['m']list[0]", c), ("tuple[1]dict['m']list[1]", None), ("tuple[1]dict['z']", b)]
+        ("tuple[0]", a),
+        ("tuple[1]dict['m']list[0]", c),
+        ("tuple[1]dict['m']list[1]", None),
+        ("tuple[1]dict['z']", b),
+    ]
     assert output_leaves({"z": b, "m": a}) == output_leaves({"m": a, "z": b})
     assert [path for path, _ in output_leaves((a, b))] != [path for path, _ in output_leaves([a, b])]
     assert flatten_outputs((a, {"z": b, "m": [c, None]})) == [a, c, b]
@@ -127,7 +136,7 @@ def test_accumulating_batches_equals_one_shot():
     reference, outputs = torch.randn(10, 6), torch.randn(10, 6)
     accumulator = FidelityAccumulator()
     for start in range(0, 10, 4):
-        accumulator.update(reference[start:start + 4], outputs[start:start + 4])
+        accumulator.update(reference[start : start + 4], outputs[start : start + 4])
 
     assert accumulator.result() == pytest.approx(fidelity(reference, outputs))
 

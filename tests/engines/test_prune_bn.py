@@ -32,8 +32,11 @@ def trained():
 
 
 def context(model, calibration, evaluation) -> PipelineContext:
-    return PipelineContext(teacher=model, calibration=ModelData((calibration[0],), calibration[1]),
-                           evaluation=ModelData((evaluation[0],), evaluation[1]))
+    return PipelineContext(
+        teacher=model,
+        calibration=ModelData((calibration[0],), calibration[1]),
+        evaluation=ModelData((evaluation[0],), evaluation[1]),
+    )
 
 
 def converted(trained, convert: str) -> torch.jit.ScriptModule:
@@ -71,7 +74,9 @@ def is_slice_of(pruned: torch.Tensor, original: torch.Tensor) -> bool:
 def test_recalibration_brings_back_the_accuracy_that_stale_statistics_destroy(trained, outcome):
     x_test, y_test = trained[2]
 
-    before, without, with_ = (accuracy(m, x_test, y_test) for m in (outcome.model, outcome.stale.model, outcome.fresh.model))
+    before, without, with_ = (
+        accuracy(m, x_test, y_test) for m in (outcome.model, outcome.stale.model, outcome.fresh.model)
+    )
 
     # over seeds and thread counts: before 0.6-0.9, without 0.09-0.12, with 0.40-0.61
     assert before > 0.5
@@ -86,7 +91,9 @@ def test_without_recalibration_the_statistics_are_only_sliced(outcome):
     original, pruned = running_stats(outcome.model), running_stats(outcome.stale.model)
 
     assert outcome.stale.details["bn_recalibration"] == {
-        "ran": False, "reason": "disabled by the step (recalibrate_bn: false)"}
+        "ran": False,
+        "reason": "disabled by the step (recalibrate_bn: false)",
+    }
     assert pruned.keys() == original.keys()
     assert all(is_slice_of(pruned[name], original[name]) for name in pruned)
     assert any(pruned[name].numel() < original[name].numel() for name in pruned)

@@ -11,8 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from tests.zoo import (FixedViewNet, InceptionNet, LoopIfNet, MobileNetStyle, SequentialCNN, TinyResNet,
-                       TransformerMLP, script, trace)
+from tests.zoo import (
+    FixedViewNet,
+    InceptionNet,
+    LoopIfNet,
+    MobileNetStyle,
+    SequentialCNN,
+    TinyResNet,
+    TransformerMLP,
+    script,
+    trace,
+)
 from worker.engines.data import ModelData
 from worker.engines.pipeline import PipelineContext, run_step
 from worker.engines.prune.dependency import find_channel_groups
@@ -150,8 +159,10 @@ def test_bn_scale_skips_groups_without_batchnorm_with_the_reason():
 
     out = prune(model, IMAGE, amount=0.5, criterion="bn_scale")
 
-    assert {"module": "fc1", "reason": "the bn_scale criterion needs a BatchNorm on the group's channels"} \
-        in out.details["skipped"]
+    assert {
+        "module": "fc1",
+        "reason": "the bn_scale criterion needs a BatchNorm on the group's channels",
+    } in out.details["skipped"]
 
 
 def test_entropy_removes_a_dead_relu_channel_that_magnitude_would_keep():
@@ -217,8 +228,7 @@ def test_excluded_modules_keep_their_group_whole():
     for name, tensor in model.named_parameters():
         if name.startswith("layer1."):
             assert kept[name].shape == tensor.shape
-    assert any(e["module"] == "stem.0" and "excluded module 'layer1." in e["reason"]
-               for e in out.details["skipped"])
+    assert any(e["module"] == "stem.0" and "excluded module 'layer1." in e["reason"] for e in out.details["skipped"])
     assert kept["layer3.0.conv1.weight"].shape[0] == 32
 
 
@@ -266,8 +276,9 @@ def test_channel_pruning_runs_on_the_gpu():
     device = torch.device("cuda")
     model, inputs = build("TinyResNet", "trace")
     model = model.to(device)
-    ctx = PipelineContext(teacher=model, calibration=ModelData((inputs,)), evaluation=ModelData((inputs,)),
-                          device=device)
+    ctx = PipelineContext(
+        teacher=model, calibration=ModelData((inputs,)), evaluation=ModelData((inputs,)), device=device
+    )
 
     out = run_step(model, {"op": "prune", "structure": "channel", "amount": 0.5, "criterion": "gradient"}, ctx)
 

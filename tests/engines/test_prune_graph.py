@@ -8,8 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.zoo import (FixedViewNet, InceptionNet, LoopIfNet, MobileNetStyle, SequentialCNN, TinyEncoder, TinyResNet,
-                       TransformerMLP, script, trace)
+from tests.zoo import (
+    FixedViewNet,
+    InceptionNet,
+    LoopIfNet,
+    MobileNetStyle,
+    SequentialCNN,
+    TinyEncoder,
+    TinyResNet,
+    TransformerMLP,
+    script,
+    trace,
+)
 from worker.engines.prune.dependency import find_channel_groups
 from worker.engines.prune.groups import IN, NORM, OUT, ParamSlice
 
@@ -30,9 +40,12 @@ def test_conv_bn_pool_conv_and_flatten_linear_blocks(convert):
     first = groups[("features.0",)]
     assert first.prunable and first.channels == 16
     assert set(first.slices) == {
-        ParamSlice("features.0", "weight", 0, OUT), ParamSlice("features.0", "bias", 0, OUT),
-        ParamSlice("features.1", "weight", 0, NORM), ParamSlice("features.1", "bias", 0, NORM),
-        ParamSlice("features.1", "running_mean", 0, NORM), ParamSlice("features.1", "running_var", 0, NORM),
+        ParamSlice("features.0", "weight", 0, OUT),
+        ParamSlice("features.0", "bias", 0, OUT),
+        ParamSlice("features.1", "weight", 0, NORM),
+        ParamSlice("features.1", "bias", 0, NORM),
+        ParamSlice("features.1", "running_mean", 0, NORM),
+        ParamSlice("features.1", "running_var", 0, NORM),
         ParamSlice("features.4", "weight", 1, IN),
     }
     # After two 2×2 pools the 32 channels are 8×8 maps, so each owns a block of 64 fc1 inputs.
@@ -59,8 +72,11 @@ def test_residual_adds_share_one_index_set_across_blocks_and_downsample(convert)
 def test_cat_maps_each_branch_to_its_offset(convert):
     groups = groups_of(InceptionNet, convert)
 
-    offsets = {producer: [s.offset for s in g.slices if s.module == "mix.0"] for (producer,), g in groups.items()
-               if producer.startswith("b")}
+    offsets = {
+        producer: [s.offset for s in g.slices if s.module == "mix.0"]
+        for (producer,), g in groups.items()
+        if producer.startswith("b")
+    }
     assert offsets == {"b1.0": [0], "b3.0": [8], "b5.0": [20]}
     assert {s.module for s in groups[("stem.0",)].slices if s.role == IN} == {"b1.0", "b3.0", "b5.0"}
 

@@ -41,8 +41,9 @@ def test_two_of_every_four_input_weights_survive_and_the_largest_are_kept(conver
         strongest_dropped = before.abs().masked_fill(kept != 0, float("-inf")).max(1).values
         assert (weakest_kept >= strongest_dropped).all()
     assert torch.equal(pruned["features.0.weight"], original["features.0.weight"])
-    assert out.details["skipped"] == [{"module": "features.0",
-                                       "reason": "its 1 input weights per output do not split into runs of 4"}]
+    assert out.details["skipped"] == [
+        {"module": "features.0", "reason": "its 1 input weights per output do not split into runs of 4"}
+    ]
     all_weights = sum(original[f"{n}.weight"].numel() for n in ("features.0", "features.4", "fc1", "fc2"))
     assert out.details["pattern_coverage"] == pytest.approx((all_weights - 144) / all_weights)
     assert "sparse kernels" in out.details["notes"][0]

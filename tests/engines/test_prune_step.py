@@ -29,17 +29,20 @@ def test_defaults_fill_the_optional_fields():
     assert PruneConfig.from_step(config.as_step()) == config
 
 
-@pytest.mark.parametrize("step,message", [
-    ({"amount": 0.5}, "structure"),
-    ({"structure": "channel", "amount": "half"}, "amount"),
-    ({"structure": "channel", "amount": 1.0}, "amount must be < 1"),
-    ({"structure": "channel", "amount": 0.5, "amonut": 0.4}, "unknown field(s) amonut"),
-    ({"structure": "n:m", "n": 4, "m": 4}, "n < m"),
-    ({"structure": "unstructured", "criterion": "entropy"}, "use it with structure 'channel'"),
-    ({"structure": "channel", "amount": 0.5, "criterion": "random"}, "criterion"),
-    ({"structure": "channel", "amount": 0.5, "scope": "model"}, "scope"),
-    ({"structure": "blocks", "amount": 0.5}, "structure"),
-])
+@pytest.mark.parametrize(
+    "step,message",
+    [
+        ({"amount": 0.5}, "structure"),
+        ({"structure": "channel", "amount": "half"}, "amount"),
+        ({"structure": "channel", "amount": 1.0}, "amount must be < 1"),
+        ({"structure": "channel", "amount": 0.5, "amonut": 0.4}, "unknown field(s) amonut"),
+        ({"structure": "n:m", "n": 4, "m": 4}, "n < m"),
+        ({"structure": "unstructured", "criterion": "entropy"}, "use it with structure 'channel'"),
+        ({"structure": "channel", "amount": 0.5, "criterion": "random"}, "criterion"),
+        ({"structure": "channel", "amount": 0.5, "scope": "model"}, "scope"),
+        ({"structure": "blocks", "amount": 0.5}, "structure"),
+    ],
+)
 def test_bad_steps_raise_an_actionable_error(step, message):
     with pytest.raises(EngineError) as error:
         PruneConfig.from_step({"op": "prune", **step})
@@ -49,15 +52,17 @@ def test_bad_steps_raise_an_actionable_error(step, message):
 
 def group_with(weights: dict[str, torch.Tensor]) -> tuple[ChannelGroup, dict[str, torch.Tensor]]:
     """Two channels: conv a's output rows, BN b's gammas, conv c's input columns."""
-    group = ChannelGroup(0, 2, [ParamSlice("a", "weight", 0, OUT), ParamSlice("b", "weight", 0, NORM),
-                                ParamSlice("c", "weight", 1, IN)])
+    group = ChannelGroup(
+        0, 2, [ParamSlice("a", "weight", 0, OUT), ParamSlice("b", "weight", 0, NORM), ParamSlice("c", "weight", 1, IN)]
+    )
     return group, {f"{name}.weight": tensor for name, tensor in weights.items()}
 
 
 def test_l1_and_l2_weigh_spread_and_peaked_channels_differently():
     # channel 0: one large weight; channel 1: many medium ones
-    group, tensors = group_with({"a": torch.tensor([[3.0, 0, 0, 0], [1.0, 1, 1, 1]]), "b": torch.zeros(2),
-                                 "c": torch.zeros(1, 2)})
+    group, tensors = group_with(
+        {"a": torch.tensor([[3.0, 0, 0, 0], [1.0, 1, 1, 1]]), "b": torch.zeros(2), "c": torch.zeros(1, 2)}
+    )
 
     l1, l2 = MagnitudeImportance(tensors, 1)(group), MagnitudeImportance(tensors, 2)(group)
 
@@ -95,8 +100,11 @@ def test_histogram_entropy_is_zero_for_constant_channels_and_maximal_for_uniform
 def test_bn_scale_penalty_sums_gammas_and_is_differentiable(convert):
     torch.manual_seed(0)
     model = trace(TinyResNet(), torch.rand(1, 1, 32, 32)) if convert == "trace" else script(TinyResNet())
-    expected = sum(p.abs().sum() for name, p in model.named_parameters() if "bn" in name and name.endswith(".weight")
-                   or ("downsample.1.weight" in name or name == "stem.1.weight"))
+    expected = sum(
+        p.abs().sum()
+        for name, p in model.named_parameters()
+        if "bn" in name and name.endswith(".weight") or ("downsample.1.weight" in name or name == "stem.1.weight")
+    )
 
     penalty = bn_scale_penalty(model)
     penalty.backward()

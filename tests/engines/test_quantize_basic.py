@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
 
 from tests.zoo import (
-    round_trip,
     LSTMClassifier,
     SequentialCNN,
     TinyEncoder,
     TransformerMLP,
+    round_trip,
     script,
     trace,
 )
@@ -53,7 +52,6 @@ def _context(model: torch.jit.ScriptModule, *inputs: torch.Tensor) -> PipelineCo
     return PipelineContext(teacher=model, calibration=None, evaluation=ModelData(inputs))
 
 
-
 def _size(model: torch.jit.ScriptModule) -> int:
     return round_trip(model)[1]
 
@@ -70,8 +68,10 @@ MODELS = {
     "traced_cnn": (lambda: trace(SequentialCNN(), torch.rand(2, 1, 32, 32)), lambda: (torch.rand(48, 1, 32, 32),)),
     "traced_mlp": (lambda: trace(TransformerMLP(), torch.randn(2, 64)), lambda: (torch.randn(48, 64),)),
     "scripted_lstm": (lambda: script(LSTMClassifier()), lambda: (torch.randint(0, 1000, (48, 12)),)),
-    "traced_encoder": (lambda: trace(TinyEncoder(), torch.randint(0, 1000, (2, 10))),
-                       lambda: (torch.randint(0, 1000, (48, 10)),)),
+    "traced_encoder": (
+        lambda: trace(TinyEncoder(), torch.randint(0, 1000, (2, 10))),
+        lambda: (torch.randint(0, 1000, (48, 10)),),
+    ),
     "scripted_gru": (lambda: script(GRUTagger()), lambda: (torch.randint(0, 500, (48, 9)),)),
 }
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -22,9 +21,10 @@ from worker.engines.quantize.onednn import (
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN int8 ops")
 
 
-
-needs_vnni = pytest.mark.skipif(not has_int8_dot_product(), reason="oneDNN int8 is used only on CPUs with "
-                                "VNNI/AMX; without them it is less accurate and never chosen")
+needs_vnni = pytest.mark.skipif(
+    not has_int8_dot_product(),
+    reason="oneDNN int8 is used only on CPUs with VNNI/AMX; without them it is less accurate and never chosen",
+)
 
 
 @needs_vnni

@@ -35,13 +35,16 @@ def _quantize(model, step, *inputs, batch_sizes=(1,)):
     return run_step(model, {"op": "quantize", "scheme": "dynamic_int8", **step}, ctx)
 
 
-@pytest.mark.parametrize("kind, bidirectional, bias", [("LSTM", False, True), ("GRU", True, True), ("LSTM", False, False)])
+@pytest.mark.parametrize(
+    "kind, bidirectional, bias", [("LSTM", False, True), ("GRU", True, True), ("LSTM", False, False)]
+)
 def test_probe_times_float_and_int8_at_each_batch(kind, bidirectional, bias):
     layer = getattr(nn, kind)(8, 16, num_layers=2, bidirectional=bidirectional, bias=bias)
     layout = RecurrentLayout(kind, 8, 16, 2, bidirectional, bias)
     backend = int8_backend()
-    timings = probe_recurrent_speed(list(layer._flat_weights), layout, True, backend, activation_reduce_range(backend),
-                                    (4, 1, 4))
+    timings = probe_recurrent_speed(
+        list(layer._flat_weights), layout, True, backend, activation_reduce_range(backend), (4, 1, 4)
+    )
     assert list(timings) == ["batch 1", "batch 4"]
     assert all(set(t) == {"float", "int8"} and min(t.values()) > 0 for t in timings.values())
 
@@ -127,8 +130,11 @@ def test_the_jobs_own_batch_sizes_decide(monkeypatch):
     """int8 faster at batch 1, slower at 32: a job served at batch 1 gets int8, one at 1 and 32 does not."""
     measured = {1: {"float": 1.38, "int8": 0.97}, 32: {"float": 2.0, "int8": 3.1}}
     asked = []
-    monkeypatch.setattr(dynamic, "probe_recurrent_speed", lambda *args: asked.append(args[5]) or {
-        f"batch {b}": measured[b] for b in args[5]})
+    monkeypatch.setattr(
+        dynamic,
+        "probe_recurrent_speed",
+        lambda *args: asked.append(args[5]) or {f"batch {b}": measured[b] for b in args[5]},
+    )
     model, tokens = script(LSTMClassifier()), torch.randint(0, 1000, (16, 12))
 
     at_one = _quantize(model, {}, tokens, batch_sizes=(1,))
@@ -138,4 +144,7 @@ def test_the_jobs_own_batch_sizes_decide(monkeypatch):
     assert "quantized_lstm" in at_one.model.code
     row = next(layer for layer in at_both.details["layers"] if layer["module"] == "lstm")
     assert row["precision"] == "float32"
-    assert row["reason"] == "int8 slower at batch 32 (3.10 ms vs 2.00 ms float), though faster at batch 1 (0.97 ms vs 1.38 ms)"
+    assert (
+        row["reason"]
+        == "int8 slower at batch 32 (3.10 ms vs 2.00 ms float), though faster at batch 1 (0.97 ms vs 1.38 ms)"
+    )

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from tests.zoo import (
-    round_trip,
     LoopIfNet,
     SequentialCNN,
     TinyResNet,
     accuracy,
     digits,
+    round_trip,
     script,
     trace,
     train_classifier,
@@ -44,7 +43,11 @@ def test_static_int8_on_trained_cnn_keeps_accuracy(trained_cnn):
     assert "quantized::conv2d_relu" in graph and "batch_norm" not in graph
     assert out.details["backend"] in ("x86", "fbgemm", "qnnpack") and out.details["weights"] == "per-channel"
     assert {layer["module"] for layer in out.details["layers"] if layer["precision"] == "int8"} == {
-        "features.0", "features.4", "fc1", "fc2"}
+        "features.0",
+        "features.4",
+        "fc1",
+        "fc2",
+    }
     assert accuracy(loaded, x_test, y_test) >= accuracy(model, x_test, y_test) - 0.01
     assert out.details["fidelity"]["metric"] == "top1_agreement"
     assert out.details["fidelity"]["top1_agreement"] >= 0.98
@@ -67,11 +70,14 @@ def test_static_int8_exclude_keeps_layers_float(trained_cnn):
     assert "quantized::conv2d" in graph and "aten::linear" in graph and "quantized::linear" not in graph
 
 
-@pytest.mark.parametrize("make, name", [
-    (lambda: script(TinyResNet()), "scripted_resnet"),
-    (lambda: trace(TinyResNet(), torch.rand(2, 1, 32, 32)), "traced_resnet"),
-    (lambda: script(LoopIfNet()), "scripted_loop_if"),
-])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: script(TinyResNet()), "scripted_resnet"),
+        (lambda: trace(TinyResNet(), torch.rand(2, 1, 32, 32)), "traced_resnet"),
+        (lambda: script(LoopIfNet()), "scripted_loop_if"),
+    ],
+)
 def test_static_int8_resnet_and_control_flow(make, name):
     model = make()
     x = torch.rand(96, 1, 32, 32)

@@ -40,14 +40,19 @@ def _expected_bytes(shape: tuple[int, ...], bits: int, group_size: int = 128) ->
         return -(-rows * groups * group // 2) + 4 * rows * groups
     return -(-rows * cols * bits // 8) + 4 * rows
 
+
 MODELS = {
     "traced_cnn": (lambda: trace(SequentialCNN(), torch.rand(2, 1, 32, 32)), lambda: (torch.rand(32, 1, 32, 32),)),
     "scripted_resnet": (lambda: script(TinyResNet()), lambda: (torch.rand(32, 1, 32, 32),)),
     "scripted_lstm": (lambda: script(LSTMClassifier()), lambda: (torch.randint(0, 1000, (32, 12)),)),
-    "traced_lstm": (lambda: trace(LSTMClassifier(), torch.randint(0, 1000, (2, 12))),
-                    lambda: (torch.randint(0, 1000, (32, 12)),)),
-    "traced_encoder": (lambda: trace(TinyEncoder(), torch.randint(0, 1000, (2, 10))),
-                       lambda: (torch.randint(0, 1000, (32, 10)),)),
+    "traced_lstm": (
+        lambda: trace(LSTMClassifier(), torch.randint(0, 1000, (2, 12))),
+        lambda: (torch.randint(0, 1000, (32, 12)),),
+    ),
+    "traced_encoder": (
+        lambda: trace(TinyEncoder(), torch.randint(0, 1000, (2, 10))),
+        lambda: (torch.randint(0, 1000, (32, 10)),),
+    ),
 }
 
 
@@ -150,8 +155,11 @@ def _unregistered_tensors(model: torch.jit.ScriptModule) -> list[str]:
     """Tensor attributes that `.to()` would leave behind: neither parameters nor buffers."""
     registered = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     attributes = torch._C._jit_debug_module_iterators(model._c)["named_attributes_r"]
-    return [name for name, value in attributes
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and name not in registered]
+    return [
+        name
+        for name, value in attributes
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and name not in registered
+    ]
 
 
 @pytest.mark.parametrize("name", ["traced_cnn", "scripted_lstm"])
@@ -160,8 +168,11 @@ def test_to_moves_packed_weights_and_repack_keeps_them_there(name, scheme):
     make_model, make_inputs = MODELS[name]
     torch.manual_seed(0)
     model, (x,) = make_model(), make_inputs()
-    out = run_step(model, {"op": "quantize", "scheme": scheme},
-                   PipelineContext(teacher=model, calibration=None, evaluation=ModelData((x,)))).model
+    out = run_step(
+        model,
+        {"op": "quantize", "scheme": scheme},
+        PipelineContext(teacher=model, calibration=None, evaluation=ModelData((x,))),
+    ).model
     assert _unregistered_tensors(out) == []
     expected = out(x)
     # a dtype move goes through the same `Module._apply` as a device move, so this CPU check
@@ -184,8 +195,11 @@ def test_to_cuda_moves_packed_weights(name):
     make_model, make_inputs = MODELS[name]
     torch.manual_seed(0)
     model, (x,) = make_model(), make_inputs()
-    out = run_step(model, {"op": "quantize", "scheme": "binary"},
-                   PipelineContext(teacher=model, calibration=None, evaluation=ModelData((x,)))).model
+    out = run_step(
+        model,
+        {"op": "quantize", "scheme": "binary"},
+        PipelineContext(teacher=model, calibration=None, evaluation=ModelData((x,))),
+    ).model
     expected = out(x)
     out.to("cuda")
     assert {p.weight.device.type for p in weight_only_layers(out)} == {"cuda"}

@@ -58,10 +58,16 @@ def redis_broker():
 def service(tmp_path_factory, pg_url, redis_broker):
     """API + worker on Postgres and Redis, the production shape."""
     data_dir = tmp_path_factory.mktemp("service")
-    env = service_env(data_dir, pg_url, redis_broker, COMPACTOR_MAX_UPLOAD_BYTES=str(64 * 1024 * 1024),
-                      COMPACTOR_JOB_TIME_LIMIT_S="120", COMPACTOR_REQUEUE_INTERVAL_S="2",
-                      COMPACTOR_JOB_MEMORY_LIMIT_BYTES=str(8 * 1024**3),
-                      COMPACTOR_REQUEUE_AFTER_S="5")
+    env = service_env(
+        data_dir,
+        pg_url,
+        redis_broker,
+        COMPACTOR_MAX_UPLOAD_BYTES=str(64 * 1024 * 1024),
+        COMPACTOR_JOB_TIME_LIMIT_S="120",
+        COMPACTOR_REQUEUE_INTERVAL_S="2",
+        COMPACTOR_JOB_MEMORY_LIMIT_BYTES=str(8 * 1024**3),
+        COMPACTOR_REQUEUE_AFTER_S="5",
+    )
     svc = Service(env, data_dir)
     svc.start_api()
     svc.start_worker()

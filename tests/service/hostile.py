@@ -3,8 +3,6 @@ any path the process can reach, in `forward` and in a scripted `__setstate__` (r
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import torch
 from torch import nn
 
@@ -18,7 +16,7 @@ class FileReader(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         data = torch.from_file(self.path, shared=False, size=self.size, dtype=torch.uint8)
-        values: List[int] = data.to(torch.int64).tolist()
+        values: list[int] = data.to(torch.int64).tolist()
         text = ""
         for value in values:
             text += chr(value)
@@ -46,14 +44,15 @@ class LoadTimeWriter(nn.Module):
         self.weight = nn.Parameter(torch.ones(1))
 
     @torch.jit.export
-    def __getstate__(self) -> Tuple[str, int, torch.Tensor, bool]:
+    def __getstate__(self) -> tuple[str, int, torch.Tensor, bool]:
         return (self.path, self.size, self.weight, self.training)
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[str, int, torch.Tensor, bool]) -> None:
+    def __setstate__(self, state: tuple[str, int, torch.Tensor, bool]) -> None:
         self.path, self.size, self.training = state[0], state[1], state[3]
-        self.weight = state[2] + torch.from_file(self.path, shared=True, size=self.size,
-                                                 dtype=torch.uint8).fill_(0).sum()
+        self.weight = (
+            state[2] + torch.from_file(self.path, shared=True, size=self.size, dtype=torch.uint8).fill_(0).sum()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.weight
@@ -85,8 +84,7 @@ class Hoarder(nn.Module):
         self.elements, self.loop = elements, loop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        held: List[torch.Tensor] = [torch.ones(self.elements)]
+        held: list[torch.Tensor] = [torch.ones(self.elements)]
         while self.loop:
             held.append(torch.ones(self.elements))
         return x + held[0].sum()
-

@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
@@ -51,9 +51,16 @@ def check_redis() -> None:
 
 def service_env(data_dir: Path, database_url: str, broker_url: str, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
-    env.update({"COMPACTOR_DATA_DIR": str(data_dir), "COMPACTOR_DATABASE_URL": database_url,
-                "COMPACTOR_BROKER_URL": broker_url, "COMPACTOR_QUEUE_NAME": f"test-{uuid.uuid4().hex[:8]}",
-                "PYTHONUNBUFFERED": "1", **extra})
+    env.update(
+        {
+            "COMPACTOR_DATA_DIR": str(data_dir),
+            "COMPACTOR_DATABASE_URL": database_url,
+            "COMPACTOR_BROKER_URL": broker_url,
+            "COMPACTOR_QUEUE_NAME": f"test-{uuid.uuid4().hex[:8]}",
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+    )
     return env
 
 
@@ -71,14 +78,47 @@ class Service:
         self.processes[name] = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def start_api(self, workers: int = 1) -> None:
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                            "--port", str(self.port), "--log-level", "warning", "--workers", str(workers)])
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--workers",
+                str(workers),
+            ],
+        )
         wait_until_up(self.url, self.processes["api"], self.log_dir / "api.log")
 
     def start_worker(self, concurrency: int = 1) -> None:
-        self._spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-                               "-P", "threads", "-c", str(concurrency), "-Q", self.env["COMPACTOR_QUEUE_NAME"],
-                               "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"])
+        self._spawn(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app:celery_app",
+                "worker",
+                "-P",
+                "threads",
+                "-c",
+                str(concurrency),
+                "-Q",
+                self.env["COMPACTOR_QUEUE_NAME"],
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"test-{uuid.uuid4().hex[:6]}@%h",
+            ],
+        )
 
     def stop(self, name: str | None = None) -> None:
         for key in [name] if name else list(self.processes):

@@ -38,25 +38,43 @@ def _put(store: LocalBlobStore, tmp_path, content: bytes, age_ns: int = 0):
 
 
 def test_collection_keeps_every_referenced_blob_and_deletes_old_orphans(session, store, tmp_path):
-    model, dataset, artifact, deleted, old_orphan = (_put(store, tmp_path, name.encode(), age_ns=2 * DAY_NS)
-                                                      for name in ("model", "dataset", "artifact", "deleted", "orphan"))
+    model, dataset, artifact, deleted, old_orphan = (
+        _put(store, tmp_path, name.encode(), age_ns=2 * DAY_NS)
+        for name in ("model", "dataset", "artifact", "deleted", "orphan")
+    )
     fresh_orphan = _put(store, tmp_path, b"written a moment ago, its row not yet committed")
     planted = store.root / "not-a-blob"
     planted.write_bytes(b"x")
     live = UploadedModel(name="m", size_bytes=5, sha256=model.sha256)
-    session.add_all([live, Dataset(name="d", file_format="npz", size_bytes=7, sha256=dataset.sha256, num_samples=1,
-                                   arrays={}),
-                     UploadedModel(name="gone", size_bytes=7, sha256=deleted.sha256, deleted_at=utcnow())])
+    session.add_all(
+        [
+            live,
+            Dataset(name="d", file_format="npz", size_bytes=7, sha256=dataset.sha256, num_samples=1, arrays={}),
+            UploadedModel(name="gone", size_bytes=7, sha256=deleted.sha256, deleted_at=utcnow()),
+        ]
+    )
     session.flush()
-    session.add(CompressionJob(model_id=live.id, spec={}, spec_hash="x", status=JobStatus.SUCCEEDED,
-                               artifact_sha256=artifact.sha256, artifact_size_bytes=8))
+    session.add(
+        CompressionJob(
+            model_id=live.id,
+            spec={},
+            spec_hash="x",
+            status=JobStatus.SUCCEEDED,
+            artifact_sha256=artifact.sha256,
+            artifact_size_bytes=8,
+        )
+    )
     session.flush()
 
     removed = blobs.collect_orphans(session, store, grace_s=3600)
 
     assert sorted(removed) == sorted([deleted.sha256, old_orphan.sha256])
-    assert {sha256 for sha256, _ in store.stored()} == {model.sha256, dataset.sha256, artifact.sha256,
-                                                         fresh_orphan.sha256}
+    assert {sha256 for sha256, _ in store.stored()} == {
+        model.sha256,
+        dataset.sha256,
+        artifact.sha256,
+        fresh_orphan.sha256,
+    }
     assert planted.exists() and list(store.tmp_dir.iterdir()) == []
     assert blobs.collect_orphans(session, store, grace_s=3600) == []
 
@@ -85,8 +103,16 @@ def test_release_deletes_only_what_this_write_created_and_nothing_references(ses
     model = UploadedModel(name="m", size_bytes=1, sha256="0" * 64)
     session.add(model)
     session.flush()
-    session.add(CompressionJob(model_id=model.id, spec={}, spec_hash="x", status=JobStatus.SUCCEEDED,
-                               artifact_sha256=referenced.sha256, artifact_size_bytes=1))
+    session.add(
+        CompressionJob(
+            model_id=model.id,
+            spec={},
+            spec_hash="x",
+            status=JobStatus.SUCCEEDED,
+            artifact_sha256=referenced.sha256,
+            artifact_size_bytes=1,
+        )
+    )
     session.flush()
     assert blobs.release(session, store, referenced) is False and store.exists(referenced.sha256)
 
@@ -94,8 +120,11 @@ def test_release_deletes_only_what_this_write_created_and_nothing_references(ses
 @pytest.fixture
 def settings_on_test_db(monkeypatch, tmp_path, migrated, pg_url):
     """This process configured on the test database, with its own blob store, as an API or a worker."""
-    for name, value in {"COMPACTOR_DATABASE_URL": pg_url, "COMPACTOR_DATA_DIR": str(tmp_path / "data"),
-                        "COMPACTOR_SANDBOX": "off"}.items():
+    for name, value in {
+        "COMPACTOR_DATABASE_URL": pg_url,
+        "COMPACTOR_DATA_DIR": str(tmp_path / "data"),
+        "COMPACTOR_SANDBOX": "off",
+    }.items():
         monkeypatch.setenv(name, value)
     caches = (get_settings, _session_factory, get_engine)
     for cache in caches:
@@ -157,12 +186,22 @@ def test_deleting_an_upload_frees_its_blob_unless_an_artifact_is_the_same_bytes(
     shared = _put(store, tmp_path, b"a model and its profile-only job's artifact", age_ns=2 * DAY_NS)
     alone = _put(store, tmp_path, b"a model nothing else holds", age_ns=2 * DAY_NS)
     with unit_of_work() as session:
-        rows = [UploadedModel(name=name, size_bytes=blob.size, sha256=blob.sha256, status="ready")
-                for name, blob in (("shared", shared), ("alone", alone))]
+        rows = [
+            UploadedModel(name=name, size_bytes=blob.size, sha256=blob.sha256, status="ready")
+            for name, blob in (("shared", shared), ("alone", alone))
+        ]
         session.add_all(rows)
         session.flush()
-        session.add(CompressionJob(model_id=rows[0].id, spec={}, spec_hash="x", status=JobStatus.SUCCEEDED,
-                                   artifact_sha256=shared.sha256, artifact_size_bytes=shared.size))
+        session.add(
+            CompressionJob(
+                model_id=rows[0].id,
+                spec={},
+                spec_hash="x",
+                status=JobStatus.SUCCEEDED,
+                artifact_sha256=shared.sha256,
+                artifact_size_bytes=shared.size,
+            )
+        )
         model_ids = [row.id for row in rows]
     for model_id in model_ids:
         with unit_of_work() as session:

@@ -28,8 +28,13 @@ def test_readme_walkthrough_against_compactor_serve(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
     env.update({"COMPACTOR_DATA_DIR": str(tmp_path / "var"), "PYTHONUNBUFFERED": "1"})
     log = open(tmp_path / "serve.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                             stdout=log, stderr=subprocess.STDOUT)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until_up(f"http://127.0.0.1:{port}", serve, tmp_path / "serve.log")
         original = zoo.trace(zoo.SequentialCNN(), torch.rand(2, 1, 32, 32))
@@ -37,12 +42,19 @@ def test_readme_walkthrough_against_compactor_serve(tmp_path):
         x, y, _, _ = zoo.digits()
         np.savez(tmp_path / "digits.npz", input=x[:32].numpy(), label=y[:32].numpy())
         try:
-            result = subprocess.run(["bash", "-euo", "pipefail", "-c", _walkthrough()], cwd=tmp_path,
-                                    capture_output=True, text=True, timeout=300,
-                                    env={**env, "BASE": f"http://127.0.0.1:{port}"})
+            result = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", _walkthrough()],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={**env, "BASE": f"http://127.0.0.1:{port}"},
+            )
         except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"the walkthrough did not finish: {exc.stderr!r}\n"
-                        + (tmp_path / "serve.log").read_text(errors="replace")[-3000:])
+            pytest.fail(
+                f"the walkthrough did not finish: {exc.stderr!r}\n"
+                + (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
+            )
         assert result.returncode == 0, result.stderr + (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
         assert re.search(r"job [0-9a-f-]+: succeeded", result.stdout), result.stdout
         assert re.search(r"[\d.]+× (faster|slower) at batch 8, [\d.]+× smaller", result.stdout), result.stdout
@@ -65,8 +77,13 @@ def test_serve_takes_its_embedded_worker_down_with_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
     env["COMPACTOR_DATA_DIR"] = str(tmp_path / "var")
     port = free_port()
-    serve = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_until_up(f"http://127.0.0.1:{port}", serve, tmp_path / "none.log")
     children = psutil.Process(serve.pid).children()
     assert any("celery" in " ".join(c.cmdline()) for c in children)

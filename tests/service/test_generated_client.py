@@ -21,8 +21,18 @@ def _generate(service, tmp_path):
     spec = tmp_path / "openapi.json"
     spec.write_bytes(httpx.get(f"{service.url}/openapi.json").content)
     out = tmp_path / "compactor_client"
-    generator = [sys.executable, "-m", "openapi_python_client", "generate", "--path", str(spec),
-                 "--output-path", str(out), "--meta", "none"]
+    generator = [
+        sys.executable,
+        "-m",
+        "openapi_python_client",
+        "generate",
+        "--path",
+        str(spec),
+        "--output-path",
+        str(out),
+        "--meta",
+        "none",
+    ]
     result = subprocess.run(generator, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0 and (out / "api" / "jobs" / "create_job.py").exists(), result.stdout + result.stderr
     sys.path.insert(0, str(tmp_path))
@@ -40,7 +50,9 @@ def test_generated_client_runs_a_job(service, tmp_path):
     assert client_pkg.__name__ == "compactor_client"
     client = Client(base_url=service.url, raise_on_unexpected_status=True)
     content = torchscript_bytes(traced_cnn())
-    form = UploadModelUploadForm(file=File(payload=io.BytesIO(content), file_name="cnn.pt"), name="from generated client")
+    form = UploadModelUploadForm(
+        file=File(payload=io.BytesIO(content), file_name="cnn.pt"), name="from generated client"
+    )
     model = upload_model.sync(client=client, body=form)
     assert isinstance(model, ModelRead) and model.name == "from generated client"
     # Errors are typed problems with their code; downloads are the stored bytes.
@@ -48,9 +60,14 @@ def test_generated_client_runs_a_job(service, tmp_path):
     assert isinstance(missing, Problem) and missing.code == "model_not_found" and missing.status == 404
     assert download_model.sync(client=client, model_id=model.id).payload.read() == content
 
-    spec = JobSpec.from_dict({"model_id": model.id, "input_spec": [{"shape": [1, 1, 32, 32]}],
-                              "steps": [QuantizeStep.from_dict({"op": "quantize", "scheme": "fp16"}).to_dict()],
-                              "benchmark": {"batch_sizes": [1], "warmup": 2, "iterations": 10}})
+    spec = JobSpec.from_dict(
+        {
+            "model_id": model.id,
+            "input_spec": [{"shape": [1, 1, 32, 32]}],
+            "steps": [QuantizeStep.from_dict({"op": "quantize", "scheme": "fp16"}).to_dict()],
+            "benchmark": {"batch_sizes": [1], "warmup": 2, "iterations": 10},
+        }
+    )
     job = create_job.sync(client=client, body=spec)
     deadline = time.monotonic() + 180
     while job.status.value in ("queued", "running") and time.monotonic() < deadline:

@@ -21,8 +21,11 @@ QUICK_BENCH = {"batch_sizes": [1], "warmup": 1, "iterations": 5}
 def _blobs(service) -> dict[str, str]:
     """Every stored blob: {path: sha256 of its bytes now}."""
     root = service.log_dir / "blobs"
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in root.rglob("*") if p.is_file() and "tmp" not in p.relative_to(root).parts}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file() and "tmp" not in p.relative_to(root).parts
+    }
 
 
 def _intact(blobs: dict[str, str]) -> None:
@@ -43,8 +46,9 @@ def _validated(api, module) -> dict:
 
 
 def _failed_job(api, model_id: str, input_spec=ONE_INPUT) -> dict:
-    response = api.post("/v1/jobs", json={"model_id": model_id, "input_spec": input_spec, "steps": [],
-                                          "benchmark": QUICK_BENCH})
+    response = api.post(
+        "/v1/jobs", json={"model_id": model_id, "input_spec": input_spec, "steps": [], "benchmark": QUICK_BENCH}
+    )
     assert response.status_code == 202, response.text
     job = wait_job(api, response.json()["id"])
     assert job["status"] == "failed", job
@@ -96,8 +100,9 @@ def test_a_model_writing_outside_its_job_leaves_nothing(api, service):
     for path in (outside, planted):
         model = _validated(api, hostile.ForwardWriter(str(path), 16))
         assert model["status"] == "ready"
-        response = api.post("/v1/jobs", json={"model_id": model["id"], "input_spec": ONE_INPUT, "steps": [],
-                                              "benchmark": QUICK_BENCH})
+        response = api.post(
+            "/v1/jobs", json={"model_id": model["id"], "input_spec": ONE_INPUT, "steps": [], "benchmark": QUICK_BENCH}
+        )
         # /tmp inside is the job's own, so writing there may even succeed: it never reaches the host's.
         assert wait_job(api, response.json()["id"])["status"] in ("succeeded", "failed")
         assert not path.exists()
@@ -128,9 +133,15 @@ def test_a_corrupted_blob_is_never_served_or_used(api, service):
 
 def test_honest_jobs_report_the_sandbox(api):
     model = upload_model(api, traced_cnn())
-    response = api.post("/v1/jobs", json={"model_id": model["id"], "input_spec": CNN_INPUT,
-                                          "steps": [{"op": "quantize", "scheme": "dynamic_int8"}],
-                                          "benchmark": QUICK_BENCH})
+    response = api.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "input_spec": CNN_INPUT,
+            "steps": [{"op": "quantize", "scheme": "dynamic_int8"}],
+            "benchmark": QUICK_BENCH,
+        },
+    )
     job = wait_job(api, response.json()["id"])
     assert job["status"] == "succeeded", job["error"]
     report = api.get(f"/v1/jobs/{job['id']}/report").json()
@@ -145,8 +156,10 @@ def test_models_that_hoard_memory_or_never_return_fail_and_the_service_stays_rea
     """7.7 TB in one allocation, allocation without end (the service fixture caps a job's address space
     at 8 GiB): each a failed job with a code, and the service takes the next job. A model that never
     returns is test_isolation's hang (a job of it would sit out the fixture's 120 s limit)."""
-    cases = ((hostile.Hoarder(1_920_000_000_000, loop=False), ("out_of_memory",)),
-             (hostile.Hoarder(64 * 1024**2, loop=True), ("out_of_memory",)))
+    cases = (
+        (hostile.Hoarder(1_920_000_000_000, loop=False), ("out_of_memory",)),
+        (hostile.Hoarder(64 * 1024**2, loop=True), ("out_of_memory",)),
+    )
     for module, codes in cases:
         model = _validated(api, module)
         assert model["status"] == "ready"
@@ -154,6 +167,7 @@ def test_models_that_hoard_memory_or_never_return_fail_and_the_service_stays_rea
         assert job["error"]["code"] in codes, job["error"]
         assert api.get("/readyz").status_code == 200
     honest = upload_model(api, traced_cnn())
-    response = api.post("/v1/jobs", json={"model_id": honest["id"], "input_spec": CNN_INPUT, "steps": [],
-                                          "benchmark": QUICK_BENCH})
+    response = api.post(
+        "/v1/jobs", json={"model_id": honest["id"], "input_spec": CNN_INPUT, "steps": [], "benchmark": QUICK_BENCH}
+    )
     assert wait_job(api, response.json()["id"])["status"] == "succeeded"

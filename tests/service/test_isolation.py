@@ -10,7 +10,9 @@ from worker.isolation import IsolatedFailure, Limits, run_isolated
 
 def test_result_and_progress_come_back():
     seen = []
-    assert run_isolated("tests.service.crashers:add", {"a": 2, "b": 3}, Limits(60), lambda m: seen.append(m) or True) == 5
+    assert (
+        run_isolated("tests.service.crashers:add", {"a": 2, "b": 3}, Limits(60), lambda m: seen.append(m) or True) == 5
+    )
     assert seen == [{"stage": "adding"}]
 
 

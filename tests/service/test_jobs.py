@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from tests import zoo
-from tests.service.conftest import (digits_arrays, scripted_loop_if, second_api, torchscript_bytes, traced_cnn, upload_dataset,
-                                    upload_model, wait_for, wait_job)
+from tests.service.conftest import (
+    digits_arrays,
+    scripted_loop_if,
+    second_api,
+    torchscript_bytes,
+    traced_cnn,
+    upload_dataset,
+    upload_model,
+    wait_for,
+    wait_job,
+)
 
 CNN_INPUT = [{"shape": [1, 1, 32, 32], "dtype": "float32", "low": 0, "high": 1}]
 QUICK_BENCH = {"batch_sizes": [1, 8], "warmup": 2, "iterations": 10}
@@ -25,8 +34,10 @@ def _job(api, **spec) -> dict:
 
 def test_spec_with_wrong_field_is_422_naming_it(api):
     model = upload_model(api, traced_cnn())
-    response = api.post("/v1/jobs", json={"model_id": model["id"], "input_spec": CNN_INPUT,
-                                          "steps": [{"op": "quantize", "schme": "fp16"}]})
+    response = api.post(
+        "/v1/jobs",
+        json={"model_id": model["id"], "input_spec": CNN_INPUT, "steps": [{"op": "quantize", "schme": "fp16"}]},
+    )
     assert response.status_code == 422
     body = response.json()
     assert body["code"] == "validation_failed"
@@ -42,14 +53,26 @@ def test_spec_refusals_say_why(api):
         ({**base, "model_id": "missing"}, ["model_id"], "invalid_job_spec"),
         ({**base, "calibration_dataset_id": "nope", "steps": []}, ["calibration_dataset_id"], "invalid_job_spec"),
         ({"model_id": model["id"]}, ["input_spec"], "validation_failed"),
-        ({**base, "steps": [{"op": "quantize", "scheme": "static_int8"}]}, ["calibration_dataset_id"],
-         "validation_failed"),
-        ({**base, "steps": [{"op": "prune", "structure": "unstructured", "criterion": "bn_scale"}]},
-         ["steps", 0, "prune", "criterion"], "validation_failed"),
-        ({**base, "steps": [{"op": "prune", "structure": "n:m", "n": 4, "m": 2}]}, ["steps", 0, "prune", "n"],
-         "validation_failed"),
-        ({**base, "steps": [{"op": "quantize", "scheme": "bf16", "exclude": ["fc*"]}]},
-         ["steps", 0, "quantize", "exclude"], "validation_failed"),
+        (
+            {**base, "steps": [{"op": "quantize", "scheme": "static_int8"}]},
+            ["calibration_dataset_id"],
+            "validation_failed",
+        ),
+        (
+            {**base, "steps": [{"op": "prune", "structure": "unstructured", "criterion": "bn_scale"}]},
+            ["steps", 0, "prune", "criterion"],
+            "validation_failed",
+        ),
+        (
+            {**base, "steps": [{"op": "prune", "structure": "n:m", "n": 4, "m": 2}]},
+            ["steps", 0, "prune", "n"],
+            "validation_failed",
+        ),
+        (
+            {**base, "steps": [{"op": "quantize", "scheme": "bf16", "exclude": ["fc*"]}]},
+            ["steps", 0, "quantize", "exclude"],
+            "validation_failed",
+        ),
     ]
     for spec, loc, code in cases:
         response = api.post("/v1/jobs", json=spec)
@@ -95,8 +118,13 @@ def test_model_that_does_not_match_inputs_fails_with_reason(api):
 
 def test_cancel_queued_and_finished(api):
     model = upload_model(api, traced_cnn())
-    job = _job(api, model_id=model["id"], input_spec=CNN_INPUT, steps=[],
-               benchmark={"batch_sizes": [1, 64], "warmup": 5, "iterations": 2000})
+    job = _job(
+        api,
+        model_id=model["id"],
+        input_spec=CNN_INPUT,
+        steps=[],
+        benchmark={"batch_sizes": [1, 64], "warmup": 5, "iterations": 2000},
+    )
     canceled = api.post(f"/v1/jobs/{job['id']}/cancel")
     assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
     final = wait_job(api, job["id"])
@@ -107,9 +135,16 @@ def test_cancel_queued_and_finished(api):
 
 def test_cancel_running_job_stops_it(api):
     model = upload_model(api, traced_cnn())
-    job = _job(api, model_id=model["id"], input_spec=CNN_INPUT, steps=[],
-               benchmark={"batch_sizes": [64], "warmup": 5, "iterations": 100000})
-    wait_for(api, f"/v1/jobs/{job['id']}", lambda j: j["status"] == "running" and j["progress"]["stage"] == "benchmark", 120)
+    job = _job(
+        api,
+        model_id=model["id"],
+        input_spec=CNN_INPUT,
+        steps=[],
+        benchmark={"batch_sizes": [64], "warmup": 5, "iterations": 100000},
+    )
+    wait_for(
+        api, f"/v1/jobs/{job['id']}", lambda j: j["status"] == "running" and j["progress"]["stage"] == "benchmark", 120
+    )
     assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
     # The worker kills the job's process and is free for the next job at once.
     follow = _job(api, model_id=model["id"], input_spec=CNN_INPUT, steps=[], benchmark=QUICK_BENCH)
@@ -136,15 +171,27 @@ def _check_metrics(metrics: dict, batch_sizes: list[int]) -> None:
         assert metrics["throughput_per_s"][b] > 0
 
 
-@pytest.mark.parametrize("factory,scheme", [(traced_cnn, "dynamic_int8"), (traced_cnn, "fp16"),
-                                            (scripted_loop_if, "dynamic_int8"), (scripted_loop_if, "fp16")])
+@pytest.mark.parametrize(
+    "factory,scheme",
+    [
+        (traced_cnn, "dynamic_int8"),
+        (traced_cnn, "fp16"),
+        (scripted_loop_if, "dynamic_int8"),
+        (scripted_loop_if, "fp16"),
+    ],
+)
 def test_quantize_end_to_end(api, factory, scheme):
     original = factory()
     model = upload_model(api, original)
     x, y, _, _ = zoo.digits()
     dataset = upload_dataset(api, **digits_arrays(64))
-    job = _job(api, model_id=model["id"], eval_dataset_id=dataset["id"], steps=[{"op": "quantize", "scheme": scheme}],
-               benchmark=QUICK_BENCH)
+    job = _job(
+        api,
+        model_id=model["id"],
+        eval_dataset_id=dataset["id"],
+        steps=[{"op": "quantize", "scheme": scheme}],
+        benchmark=QUICK_BENCH,
+    )
     done = wait_job(api, job["id"])
     assert done["status"] == "succeeded", done
     assert done["progress"]["percent"] == 100.0 and done["attempts"] == 1
@@ -168,7 +215,9 @@ def test_quantize_end_to_end(api, factory, scheme):
     assert report["result"]["fidelity"]["top1_agreement"] > 0.9
     assert 0 <= report["result"]["accuracy"]["top1"] <= 1
     assert set(report["summary"]["speedup"]) == {"1", "8"}
-    assert report["summary"]["size_ratio"] == pytest.approx(report["baseline"]["size_bytes"] / len(artifact.content), rel=1e-3)
+    assert report["summary"]["size_ratio"] == pytest.approx(
+        report["baseline"]["size_bytes"] / len(artifact.content), rel=1e-3
+    )
     assert [s["op"] for s in report["stages"]] == ["quantize"]
     assert report["environment"]["torch"].startswith("2.")
     html = api.get(f"/v1/jobs/{job['id']}/report.html")

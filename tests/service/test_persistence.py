@@ -136,6 +136,9 @@ def test_success_after_a_cancel_is_refused(migrated):
         with Session(migrated) as fresh:
             job = fresh.get(CompressionJob, job_id)
             assert (job.status, job.artifact_sha256, job.progress["message"]) == (
-                JobStatus.CANCELED, None, "canceled by request")
+                JobStatus.CANCELED,
+                None,
+                "canceled by request",
+            )
     finally:
         _drop_job(migrated, job_id)

@@ -47,9 +47,16 @@ def _run(api, spec: dict) -> tuple[dict, dict, torch.jit.ScriptModule]:
 
 def test_channel_prune_job_returns_a_smaller_faster_artifact(api, digits_ids, trained_cnn):
     model_id, calibration_id, eval_id = digits_ids
-    done, report, artifact = _run(api, {
-        "model_id": model_id, "calibration_dataset_id": calibration_id, "eval_dataset_id": eval_id,
-        "steps": [{"op": "prune", "structure": "channel", "criterion": "l1", "amount": 0.5}], "benchmark": QUICK_BENCH})
+    done, report, artifact = _run(
+        api,
+        {
+            "model_id": model_id,
+            "calibration_dataset_id": calibration_id,
+            "eval_dataset_id": eval_id,
+            "steps": [{"op": "prune", "structure": "channel", "criterion": "l1", "amount": 0.5}],
+            "benchmark": QUICK_BENCH,
+        },
+    )
     assert report["result"]["parameters"] < 0.6 * report["baseline"]["parameters"]
     assert report["result"]["macs"] < report["baseline"]["macs"]
     assert report["summary"]["size_ratio"] > 1.5
@@ -60,9 +67,16 @@ def test_channel_prune_job_returns_a_smaller_faster_artifact(api, digits_ids, tr
 
 def test_static_int8_with_calibration_dataset(api, digits_ids):
     model_id, calibration_id, eval_id = digits_ids
-    done, report, artifact = _run(api, {
-        "model_id": model_id, "calibration_dataset_id": calibration_id, "eval_dataset_id": eval_id,
-        "steps": [{"op": "quantize", "scheme": "static_int8"}], "benchmark": QUICK_BENCH})
+    done, report, artifact = _run(
+        api,
+        {
+            "model_id": model_id,
+            "calibration_dataset_id": calibration_id,
+            "eval_dataset_id": eval_id,
+            "steps": [{"op": "quantize", "scheme": "static_int8"}],
+            "benchmark": QUICK_BENCH,
+        },
+    )
     assert report["summary"]["size_ratio"] > 2.5
     assert report["summary"]["accuracy_drop"] < 0.03
     assert report["result"]["fidelity"]["top1_agreement"] > 0.95
@@ -70,12 +84,19 @@ def test_static_int8_with_calibration_dataset(api, digits_ids):
 
 def test_prune_distill_quantize_pipeline_reports_every_stage(api, digits_ids):
     model_id, calibration_id, eval_id = digits_ids
-    spec = {"model_id": model_id, "calibration_dataset_id": calibration_id, "eval_dataset_id": eval_id,
-            "name": "prune-distill-quantize",
-            "steps": [{"op": "prune", "structure": "channel", "amount": 0.5},
-                      {"op": "distill", "epochs": 2, "temperature": 4.0, "alpha": 0.7, "batch_size": 64},
-                      {"op": "quantize", "scheme": "dynamic_int8"}],
-            "benchmark": QUICK_BENCH, "target": {"max_accuracy_drop": 0.5}}
+    spec = {
+        "model_id": model_id,
+        "calibration_dataset_id": calibration_id,
+        "eval_dataset_id": eval_id,
+        "name": "prune-distill-quantize",
+        "steps": [
+            {"op": "prune", "structure": "channel", "amount": 0.5},
+            {"op": "distill", "epochs": 2, "temperature": 4.0, "alpha": 0.7, "batch_size": 64},
+            {"op": "quantize", "scheme": "dynamic_int8"},
+        ],
+        "benchmark": QUICK_BENCH,
+        "target": {"max_accuracy_drop": 0.5},
+    }
     done, report, artifact = _run(api, spec)
     assert [s["op"] for s in report["stages"]] == ["prune", "distill", "quantize"]
     for stage in report["stages"]:
@@ -86,8 +107,9 @@ def test_prune_distill_quantize_pipeline_reports_every_stage(api, digits_ids):
     assert report["summary"]["targets"]["max_accuracy_drop"]["met"] is True
     assert report["result"]["parameters"] < report["baseline"]["parameters"]
 
-    profile = api.post("/v1/jobs", json={"model_id": model_id, "eval_dataset_id": eval_id, "steps": [],
-                                         "benchmark": QUICK_BENCH}).json()
+    profile = api.post(
+        "/v1/jobs", json={"model_id": model_id, "eval_dataset_id": eval_id, "steps": [], "benchmark": QUICK_BENCH}
+    ).json()
     wait_job(api, profile["id"])
     compared = api.get("/v1/jobs/compare", params={"ids": f"{done['id']},{profile['id']}"})
     assert compared.status_code == 200

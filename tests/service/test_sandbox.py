@@ -43,8 +43,21 @@ def test_the_child_sees_no_service_files(tmp_path):
     # The checkout and the interpreter may live anywhere (CI clones elsewhere): their top directory
     # is bound, read-only, for the code; nothing else of the host's tree may show.
     code_tops = {Path(p).resolve().parts[1] for p in (ROOT, sys.prefix, sys.base_prefix)}
-    assert set(seen["root"]) <= {"bin", "dev", "etc", "job", "lib", "lib32", "lib64", "proc", "sbin", "sys", "tmp",
-                                 "usr", *code_tops}
+    assert set(seen["root"]) <= {
+        "bin",
+        "dev",
+        "etc",
+        "job",
+        "lib",
+        "lib32",
+        "lib64",
+        "proc",
+        "sbin",
+        "sys",
+        "tmp",
+        "usr",
+        *code_tops,
+    }
 
 
 def test_the_child_inherits_no_environment(monkeypatch):
@@ -69,8 +82,11 @@ def test_the_child_has_no_network():
 
 
 def test_writes_outside_the_job_go_nowhere(tmp_path):
-    for target in (tmp_path / f"escape-{uuid.uuid4().hex}", Path("/tmp") / f"escape-{uuid.uuid4().hex}",
-                   get_settings().data_dir / "blobs" / "planted"):
+    for target in (
+        tmp_path / f"escape-{uuid.uuid4().hex}",
+        Path("/tmp") / f"escape-{uuid.uuid4().hex}",
+        get_settings().data_dir / "blobs" / "planted",
+    ):
         try:
             _run("write_file", path=str(target))  # /tmp inside is the job's own temp dir
         except IsolatedFailure as failure:
@@ -94,8 +110,10 @@ def test_a_thread_bomb_is_bounded_by_the_address_space_limit():
     assert _run("start_threads", cap=5000) < 1000
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="Linux does not apply RLIMIT_NPROC to uid 0; the images run "
-                                              "workers as uid 10001, where this holds")
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="Linux does not apply RLIMIT_NPROC to uid 0; the images run workers as uid 10001, where this holds",
+)
 def test_a_fork_bomb_is_bounded_by_the_process_limit(monkeypatch):
     monkeypatch.setenv("COMPACTOR_SANDBOX_MAX_PROCESSES", "64")
     get_settings.cache_clear()
@@ -115,9 +133,9 @@ def test_landlock_alone_refuses_writes_and_tcp(tmp_path):
 import socket, sys
 from worker import landlock
 abi = landlock.restrict_self([{str(allowed)!r}])
-open({str(allowed / 'ok')!r}, 'w').write('ok')
+open({str(allowed / "ok")!r}, 'w').write('ok')
 try:
-    open({str(denied / 'no')!r}, 'w').write('no'); print('wrote')
+    open({str(denied / "no")!r}, 'w').write('no'); print('wrote')
 except PermissionError:
     print('write refused')
 try:
@@ -145,9 +163,15 @@ def test_outputs_are_checked_before_they_are_taken(tmp_path):
     assert job.output_file("/job/out/model.pt") == (job.root / "out" / "model.pt").resolve()
     (job.root / "out" / "link.pt").symlink_to("/etc/passwd")
     (job.root / "out" / "dir.pt").mkdir()
-    for bad in ("/job/out/link.pt", "/job/out/dir.pt", "/job/out/../../etc/passwd", "/job/out//etc/passwd",
-                "/etc/passwd", "/job/tmp/x",
-                None):
+    for bad in (
+        "/job/out/link.pt",
+        "/job/out/dir.pt",
+        "/job/out/../../etc/passwd",
+        "/job/out//etc/passwd",
+        "/etc/passwd",
+        "/job/tmp/x",
+        None,
+    ):
         with pytest.raises(OutputRejected):
             job.output_file(bad)
 

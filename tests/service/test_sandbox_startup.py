@@ -21,7 +21,7 @@ def test_a_worker_that_cannot_sandbox_refuses_to_start(service, tmp_path):
     try:
         exit_code = worker.processes["worker"].wait(60)
     except subprocess.TimeoutExpired:
-        raise AssertionError("the worker kept running without a sandbox: " + worker.log("worker"))
+        raise AssertionError("the worker kept running without a sandbox: " + worker.log("worker")) from None
     finally:
         worker.stop()
     log = worker.log("worker")
@@ -32,8 +32,11 @@ def test_a_worker_that_cannot_sandbox_refuses_to_start(service, tmp_path):
 def test_sandbox_off_is_shown_in_readyz_and_the_report(service, tmp_path):
     # A database of its own: the shared service's sweeper would otherwise pick the job up, sandboxed.
     with postgres_database() as database_url:
-        env = {**service_env(tmp_path, database_url, service.env["COMPACTOR_BROKER_URL"]),
-               "PATH": NO_BWRAP_PATH, "COMPACTOR_SANDBOX": "off"}
+        env = {
+            **service_env(tmp_path, database_url, service.env["COMPACTOR_BROKER_URL"]),
+            "PATH": NO_BWRAP_PATH,
+            "COMPACTOR_SANDBOX": "off",
+        }
         unsandboxed = Service(env, tmp_path)
         unsandboxed.start_api()
         unsandboxed.start_worker()
@@ -47,9 +50,15 @@ def _unsandboxed_job_is_shown(unsandboxed: Service) -> None:
     with httpx.Client(base_url=unsandboxed.url, timeout=60) as api:
         assert api.get("/readyz").json()["sandbox"] == "off"
         model = upload_model(api, traced_cnn())
-        response = api.post("/v1/jobs", json={
-            "model_id": model["id"], "input_spec": [{"shape": [1, 1, 32, 32], "dtype": "float32"}],
-            "steps": [], "benchmark": {"batch_sizes": [1], "warmup": 1, "iterations": 5}})
+        response = api.post(
+            "/v1/jobs",
+            json={
+                "model_id": model["id"],
+                "input_spec": [{"shape": [1, 1, 32, 32], "dtype": "float32"}],
+                "steps": [],
+                "benchmark": {"batch_sizes": [1], "warmup": 1, "iterations": 5},
+            },
+        )
         job = wait_job(api, response.json()["id"])
         assert job["status"] == "succeeded", job["error"]
         report = api.get(f"/v1/jobs/{job['id']}/report").json()

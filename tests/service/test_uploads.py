@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from tests import zoo
-from tests.service.conftest import (scripted_loop_if, torchscript_bytes, traced_cnn, upload_dataset,
-                                    upload_model, wait_for)
+from tests.service.conftest import (
+    scripted_loop_if,
+    torchscript_bytes,
+    traced_cnn,
+    upload_dataset,
+    upload_model,
+    wait_for,
+)
 
 
 def _blob_files(service) -> set[str]:
@@ -47,12 +53,18 @@ def test_download_with_etag_and_range(api):
     part = api.get(f"/v1/models/{model['id']}/content", headers={"Range": "bytes=10-99"})
     assert part.status_code == 206 and part.content == content[10:100]
     assert part.headers["content-range"] == f"bytes 10-99/{len(content)}"
-    assert api.get(f"/v1/models/{model['id']}/content", headers={"If-None-Match": full.headers["etag"]}).status_code == 304
-    assert api.get(f"/v1/models/{model['id']}/content", headers={"Range": f"bytes={len(content) + 5}-"}).status_code == 416
+    assert (
+        api.get(f"/v1/models/{model['id']}/content", headers={"If-None-Match": full.headers["etag"]}).status_code == 304
+    )
+    assert (
+        api.get(f"/v1/models/{model['id']}/content", headers={"Range": f"bytes={len(content) + 5}-"}).status_code == 416
+    )
     tail = api.get(f"/v1/models/{model['id']}/content", headers={"Range": "bytes=-50"})
     assert tail.status_code == 206 and tail.content == content[-50:]
     # If-Range: the range only while the file is still the one the client saw, else all of it
-    same = api.get(f"/v1/models/{model['id']}/content", headers={"Range": "bytes=0-9", "If-Range": full.headers["etag"]})
+    same = api.get(
+        f"/v1/models/{model['id']}/content", headers={"Range": "bytes=0-9", "If-Range": full.headers["etag"]}
+    )
     assert same.status_code == 206 and same.content == content[:10]
     changed = api.get(f"/v1/models/{model['id']}/content", headers={"Range": "bytes=0-9", "If-Range": '"0000"'})
     assert changed.status_code == 200 and changed.content == content
@@ -111,8 +123,10 @@ def test_oversized_chunked_upload_is_413_while_streaming(api, service):
     sent = {"bytes": 0}
 
     def body():
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.pt\"\r\n"
-               "Content-Type: application/octet-stream\r\n\r\n").encode()
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.pt"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
         chunk = b"\0" * (1 << 20)
         for _ in range(limit // len(chunk) + 64):
             sent["bytes"] += len(chunk)
@@ -120,8 +134,9 @@ def test_oversized_chunked_upload_is_413_while_streaming(api, service):
         yield f"\r\n--{boundary}--\r\n".encode()
 
     try:
-        response = api.post("/v1/models", content=body(),
-                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = api.post(
+            "/v1/models", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
     except Exception:  # the server may close the connection mid-stream after answering
         response = None
     if response is not None:
@@ -159,12 +174,15 @@ def test_datasets_npz_and_safetensors(api):
     assert api.get(f"/v1/datasets/{ds['id']}").status_code == 404
 
 
-@pytest.mark.parametrize("arrays,code", [
-    ({"input": np.zeros((4, 2)), "label": np.zeros(5, dtype=np.int64)}, "dataset_invalid"),
-    ({"weights": np.zeros((4, 2))}, "dataset_invalid"),
-    ({"input": np.array([{"a": 1}] * 4, dtype=object)}, "dataset_pickle_refused"),
-    ({"input": np.zeros((4, 2)), "label": np.zeros(4, dtype=np.float32)}, "dataset_invalid"),
-])
+@pytest.mark.parametrize(
+    "arrays,code",
+    [
+        ({"input": np.zeros((4, 2)), "label": np.zeros(5, dtype=np.int64)}, "dataset_invalid"),
+        ({"weights": np.zeros((4, 2))}, "dataset_invalid"),
+        ({"input": np.array([{"a": 1}] * 4, dtype=object)}, "dataset_pickle_refused"),
+        ({"input": np.zeros((4, 2)), "label": np.zeros(4, dtype=np.float32)}, "dataset_invalid"),
+    ],
+)
 def test_bad_datasets_are_refused(api, arrays, code):
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -173,8 +191,14 @@ def test_bad_datasets_are_refused(api, arrays, code):
 
 
 def test_unknown_ids_are_404_problems(api):
-    for path in ("/v1/models/nope", "/v1/datasets/nope", "/v1/jobs/nope", "/v1/jobs/nope/report",
-                 "/v1/jobs/nope/artifact", "/v1/models/nope/content"):
+    for path in (
+        "/v1/models/nope",
+        "/v1/datasets/nope",
+        "/v1/jobs/nope",
+        "/v1/jobs/nope/report",
+        "/v1/jobs/nope/artifact",
+        "/v1/models/nope/content",
+    ):
         response = api.get(path)
         assert response.status_code == 404, path
         assert response.headers["content-type"].startswith("application/problem+json")
@@ -197,7 +221,7 @@ def test_archives_with_entries_pointing_outside_are_refused(api, service):
                 archive.writestr(entry, source.read(entry))
             extra = zipfile.ZipInfo(name)
             if link:
-                extra.external_attr = (0o120777 << 16)
+                extra.external_attr = 0o120777 << 16
             archive.writestr(extra, "/etc/passwd" if link else "print('escaped')")
         assert "outside" in _refused(api, buffer.getvalue(), "not_torchscript")["detail"]
     assert _blob_files(service) == before

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -55,12 +55,12 @@ class ModelData:
                 labels = self.labels[start:stop].to(device) if device else self.labels[start:stop]
             yield Batch(inputs, labels)
 
-    def take(self, n: int) -> "ModelData":
+    def take(self, n: int) -> ModelData:
         """The first `n` samples (all of them when there are fewer)."""
         labels = self.labels[:n] if self.labels is not None else None
         return ModelData(tuple(t[:n] for t in self.inputs), labels)
 
-    def repeat_to(self, n: int) -> "ModelData":
+    def repeat_to(self, n: int) -> ModelData:
         """At least `n` samples, cycling through the data (to fill a benchmark batch)."""
         if self.num_samples >= n:
             return self.take(n)
@@ -85,7 +85,9 @@ def arrays_to_model_data(arrays: dict[str, np.ndarray]) -> ModelData:
     if not positional:
         raise EngineError("dataset_invalid", "the dataset has no 'input' or 'input_0' array")
     if sorted(positional) != list(range(len(positional))):
-        raise EngineError("dataset_invalid", f"input arrays must be numbered 0…k-1 without gaps, got {sorted(positional)}")
+        raise EngineError(
+            "dataset_invalid", f"input arrays must be numbered 0…k-1 without gaps, got {sorted(positional)}"
+        )
     inputs = tuple(torch.from_numpy(np.ascontiguousarray(positional[i])) for i in range(len(positional)))
     labels = None
     if "label" in arrays:
@@ -112,8 +114,13 @@ def load_dataset(path: str | Path) -> ModelData:
 
 
 _DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
 }
 
 
@@ -132,5 +139,7 @@ def synthetic_data(input_spec: list[dict], num_samples: int, seed: int = 0) -> M
             t = torch.rand(shape, generator=generator) * (high - low) + low
             tensors.append(t.to(dtype))
         else:
-            tensors.append(torch.randint(int(low), max(int(high), int(low) + 1), shape, generator=generator, dtype=dtype))
+            tensors.append(
+                torch.randint(int(low), max(int(high), int(low) + 1), shape, generator=generator, dtype=dtype)
+            )
     return ModelData(tuple(tensors), None)

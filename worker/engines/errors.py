@@ -32,4 +32,4 @@ def model_text(exc: BaseException, limit: int = MODEL_TEXT_LIMIT) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     useful = (lines[-1] if len(lines) > 1 and "Traceback" in text else lines[0]) if lines else ""
     cut = useful[:limit] + ("…" if len(useful) > limit else "")
-    return f"{type(exc).__name__}, the model's own message (cut to {limit} characters): \"{cut}\""
+    return f'{type(exc).__name__}, the model\'s own message (cut to {limit} characters): "{cut}"'

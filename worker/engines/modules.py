@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import io
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 

@@ -18,20 +18,34 @@ from worker.engines.errors import EngineError
 Config = TypeVar("Config", bound="StepConfig")
 
 
-def setting(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, ge: float | None = None,
-            gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A config field with its allowed values (`choices`) or bounds, checked on construction.
 
     Example:
         amount: float = setting(0.5, gt=0, lt=1)
     """
-    metadata = {key: value for key, value in
-                {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}.items() if value is not None}
+    metadata = {
+        key: value
+        for key, value in {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}.items()
+        if value is not None
+    }
     return dataclasses.field(default=default, metadata=metadata)
 
 
-_BOUNDS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
-           "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+_BOUNDS = {
+    "ge": (lambda v, b: v >= b, ">="),
+    "gt": (lambda v, b: v > b, ">"),
+    "le": (lambda v, b: v <= b, "<="),
+    "lt": (lambda v, b: v < b, "<"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +90,23 @@ class StepConfig:
         if unknown:
             raise EngineError("invalid_step", f"{cls.op}: unknown field(s) {', '.join(unknown)}")
         hints = typing.get_type_hints(cls)
-        values = {name: _coerce(cls.op, name, step[name], hints[name])
-                  for name in fields if step.get(name) is not None}
-        missing = [name for name, field in fields.items() if name not in values
-                   and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+        values = {name: _coerce(cls.op, name, step[name], hints[name]) for name in fields if step.get(name) is not None}
+        missing = [
+            name
+            for name, field in fields.items()
+            if name not in values
+            and field.default is dataclasses.MISSING
+            and field.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise EngineError("invalid_step", f"{cls.op} needs {', '.join(repr(m) for m in missing)}")
         return cls(**values)
 
     def as_step(self) -> dict[str, Any]:
         """The JSON-safe step dict this config stands for (`from_step(c.as_step()) == c`)."""
-        values = {name: list(value) if isinstance(value, tuple) else value
-                  for name, value in dataclasses.asdict(self).items()}
+        values = {
+            name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(self).items()
+        }
         return {"op": self.op, **values}
 
 
@@ -99,8 +118,11 @@ def _coerce(op: str, name: str, value: Any, hint: Any) -> Any:
         args = typing.get_args(hint)
     wrong = EngineError("invalid_step", f"{op}: {name}={value!r} is not valid")
     if typing.get_origin(hint) is tuple:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, args[0])
-                                                                                 for v in value):
+        if (
+            isinstance(value, str)
+            or not isinstance(value, (list, tuple))
+            or not all(isinstance(v, args[0]) for v in value)
+        ):
             raise wrong
         return tuple(value)
     if hint is bool:
@@ -108,8 +130,12 @@ def _coerce(op: str, name: str, value: Any, hint: Any) -> Any:
             raise wrong
         return value
     if hint in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or (hint is int and value != int(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or (hint is int and value != int(value))
+        ):
             raise wrong
         return hint(value)
     if not isinstance(value, hint):

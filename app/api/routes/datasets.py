@@ -6,19 +6,25 @@ from fastapi import APIRouter, Request, Response
 
 from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.openapi import COMMON_PROBLEMS, created_responses, problems, upload_body
+from app.multipart import receive_upload
 from app.schemas.common import Page
 from app.schemas.resources import DatasetRead
 from app.services import datasets as service
-from app.multipart import receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problems(*COMMON_PROBLEMS))
 
 
-@router.post("", status_code=201, operation_id="upload_dataset", response_model=DatasetRead,
-             responses={201: created_responses("dataset"), **problems(413, 415)},
-             openapi_extra=upload_body("An .npz (no pickles) or .safetensors file with 'input'/'input_k' and optional 'label'."))
-async def upload_dataset(request: Request, response: Response, session: SessionDep, tenant: TenantDep,
-                         store: StoreDep, settings: SettingsDep) -> DatasetRead:
+@router.post(
+    "",
+    status_code=201,
+    operation_id="upload_dataset",
+    response_model=DatasetRead,
+    responses={201: created_responses("dataset"), **problems(413, 415)},
+    openapi_extra=upload_body("An .npz (no pickles) or .safetensors file with 'input'/'input_k' and optional 'label'."),
+)
+async def upload_dataset(
+    request: Request, response: Response, session: SessionDep, tenant: TenantDep, store: StoreDep, settings: SettingsDep
+) -> DatasetRead:
     """Upload a dataset (multipart `file`, optional `name`)."""
     upload = await receive_upload(request, store, settings.max_upload_bytes)
     dataset = service.create_dataset(session, store, tenant, upload)

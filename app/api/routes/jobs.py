@@ -25,22 +25,47 @@ def to_read(job: CompressionJob) -> JobRead:
     artifact = None
     if job.artifact_sha256:
         artifact = ArtifactInfo(size_bytes=job.artifact_size_bytes, sha256=job.artifact_sha256)
-    return JobRead(id=job.id, name=job.name, model_id=job.model_id, status=job.status, spec=job.spec,
-                   progress=job.progress, error=job.error, attempts=job.attempts, created_at=job.created_at,
-                   started_at=job.started_at, finished_at=job.finished_at, artifact=artifact)
+    return JobRead(
+        id=job.id,
+        name=job.name,
+        model_id=job.model_id,
+        status=job.status,
+        spec=job.spec,
+        progress=job.progress,
+        error=job.error,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        artifact=artifact,
+    )
 
 
 _CREATED_JOB = created_responses("job")
 _CREATED_JOB["headers"]["Idempotent-Replayed"] = {
-    "description": "`true` when an earlier request with this Idempotency-Key made the job.", "schema": {"type": "string"}}
+    "description": "`true` when an earlier request with this Idempotency-Key made the job.",
+    "schema": {"type": "string"},
+}
 
 
-@router.post("", status_code=202, operation_id="create_job", response_model=JobRead,
-             responses={202: _CREATED_JOB, **problems(409)})
-def create_job(spec: Annotated[JobSpec, Body(openapi_examples=JOB_SPEC_EXAMPLES)], response: Response,
-               session: SessionDep, tenant: TenantDep,
-               idempotency_key: Annotated[str | None, Header(max_length=255)] = None):
-    """Submit a compression job; it is queued for a worker. Replays with the same Idempotency-Key return the same job."""
+@router.post(
+    "",
+    status_code=202,
+    operation_id="create_job",
+    response_model=JobRead,
+    responses={202: _CREATED_JOB, **problems(409)},
+)
+def create_job(
+    spec: Annotated[JobSpec, Body(openapi_examples=JOB_SPEC_EXAMPLES)],
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+):
+    """Submit a compression job; it is queued for a worker.
+
+    Replays with the same Idempotency-Key return the same job.
+    """
     job, created = service.create_job(session, tenant, spec, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
@@ -49,17 +74,23 @@ def create_job(spec: Annotated[JobSpec, Body(openapi_examples=JOB_SPEC_EXAMPLES)
 
 
 @router.get("", operation_id="list_jobs", response_model=Page[JobRead])
-def list_jobs(session: ReadSessionDep, tenant: TenantDep, limit: LimitQuery = 50, cursor: CursorQuery = None,
-              status: JobStatus | None = None,
-              model_id: str | None = None):
+def list_jobs(
+    session: ReadSessionDep,
+    tenant: TenantDep,
+    limit: LimitQuery = 50,
+    cursor: CursorQuery = None,
+    status: JobStatus | None = None,
+    model_id: str | None = None,
+):
     """List jobs, newest first, optionally by status or model."""
     rows, next_cursor = service.list_jobs(session, tenant, limit, cursor, status, model_id)
     return Page[JobRead](items=[to_read(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/compare", operation_id="compare_jobs", response_model=list[JobComparison], responses=problems(404))
-def compare_jobs(session: ReadSessionDep, tenant: TenantDep,
-                 ids: Annotated[str, Query(description="Comma-separated job ids.")]):
+def compare_jobs(
+    session: ReadSessionDep, tenant: TenantDep, ids: Annotated[str, Query(description="Comma-separated job ids.")]
+):
     """Compare jobs' summaries side by side, to choose between recipes."""
     job_ids = [i.strip() for i in ids.split(",") if i.strip()]
     return service.compare_jobs(session, tenant, job_ids)
@@ -84,15 +115,19 @@ def get_report(job_id: str, session: ReadSessionDep, tenant: TenantDep):
     return service.get_report(session, tenant, job_id)
 
 
-@router.get("/{job_id}/report.html", operation_id="get_report_html", response_class=HTMLResponse,
-            responses=problems(404, 409))
+@router.get(
+    "/{job_id}/report.html", operation_id="get_report_html", response_class=HTMLResponse, responses=problems(404, 409)
+)
 def get_report_html(job_id: str, session: ReadSessionDep, tenant: TenantDep):
     """The report as one self-contained HTML page with tables and charts (409 before success)."""
     return HTMLResponse(render_report_html(service.get_report(session, tenant, job_id)))
 
 
-@router.get("/{job_id}/artifact", operation_id="download_artifact",
-            responses=download_responses("The compressed TorchScript file"))
+@router.get(
+    "/{job_id}/artifact",
+    operation_id="download_artifact",
+    responses=download_responses("The compressed TorchScript file"),
+)
 def download_artifact(job_id: str, request: Request, session: ReadSessionDep, tenant: TenantDep, store: StoreDep):
     """Download the compressed TorchScript artifact (ETag = sha256, Range supported)."""
     job = service.get_artifact(session, tenant, job_id)

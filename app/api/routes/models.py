@@ -7,19 +7,25 @@ from fastapi import APIRouter, Request, Response
 from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.files import blob_response
 from app.api.openapi import COMMON_PROBLEMS, created_responses, download_responses, problems, upload_body
+from app.multipart import receive_upload
 from app.schemas.common import Page
 from app.schemas.resources import ModelRead
 from app.services import models as service
-from app.multipart import receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=problems(*COMMON_PROBLEMS))
 
 
-@router.post("", status_code=201, operation_id="upload_model", response_model=ModelRead,
-             responses={201: created_responses("model"), **problems(413, 415)},
-             openapi_extra=upload_body("A TorchScript archive (torch.jit.save)."))
-async def upload_model(request: Request, response: Response, session: SessionDep, tenant: TenantDep,
-                       store: StoreDep, settings: SettingsDep) -> ModelRead:
+@router.post(
+    "",
+    status_code=201,
+    operation_id="upload_model",
+    response_model=ModelRead,
+    responses={201: created_responses("model"), **problems(413, 415)},
+    openapi_extra=upload_body("A TorchScript archive (torch.jit.save)."),
+)
+async def upload_model(
+    request: Request, response: Response, session: SessionDep, tenant: TenantDep, store: StoreDep, settings: SettingsDep
+) -> ModelRead:
     """Upload a TorchScript model (multipart `file`, optional `name`); it is validated by a worker."""
     upload = await receive_upload(request, store, settings.max_upload_bytes)
     model = service.create_model(session, store, tenant, upload)
@@ -47,8 +53,7 @@ def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, store: S
     return Response(status_code=204)
 
 
-@router.get("/{model_id}/content", operation_id="download_model",
-            responses=download_responses("The original bytes"))
+@router.get("/{model_id}/content", operation_id="download_model", responses=download_responses("The original bytes"))
 def download_model(model_id: str, request: Request, session: ReadSessionDep, tenant: TenantDep, store: StoreDep):
     """Download the original bytes of a model (ETag = sha256, Range supported)."""
     model = service.get_model(session, tenant, model_id)

@@ -38,7 +38,15 @@ def distill_step(model: torch.jit.ScriptModule, config: DistillConfig, ctx: Pipe
         if ctx.load_model is None:
             raise EngineError("student_unavailable", "this worker cannot load an uploaded student model")
         student, source = ctx.load_model(config.student_model_id), f"uploaded model {config.student_model_id}"
-    result = distill(ctx.teacher, student, ctx.training_data(), ctx.evaluation, config,
-                     device=ctx.device, progress=ctx.progress, seed=ctx.seed)
+    result = distill(
+        ctx.teacher,
+        student,
+        ctx.training_data(),
+        ctx.evaluation,
+        config,
+        device=ctx.device,
+        progress=ctx.progress,
+        seed=ctx.seed,
+    )
     result.details["student"] = source
     return StageOutput(result.model, result.details)

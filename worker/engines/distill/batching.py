@@ -39,7 +39,7 @@ class BatchSize:
         """
         position = 0
         while position < len(order):
-            indices = order[position:position + self.value]
+            indices = order[position : position + self.value]
             try:
                 step(indices)
             except torch.OutOfMemoryError:
@@ -89,8 +89,14 @@ class TeacherTargets:
     mode, safe to use in a loss that is backpropagated.
     """
 
-    def __init__(self, teacher: torch.jit.ScriptModule, data: ModelData, device: torch.device,
-                 batch_size: BatchSize, progress: Callable[[str], None]):
+    def __init__(
+        self,
+        teacher: torch.jit.ScriptModule,
+        data: ModelData,
+        device: torch.device,
+        batch_size: BatchSize,
+        progress: Callable[[str], None],
+    ):
         self.teacher = teacher
         self.data = data
         self.device = device
@@ -127,4 +133,3 @@ class TeacherTargets:
         batch_size.run(torch.arange(total), step)
         with torch.inference_mode():
             return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
-

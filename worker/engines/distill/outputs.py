@@ -36,7 +36,9 @@ def flatten_output(output: Any, batch: int) -> tuple[str, list[torch.Tensor]]:
     for path, leaf in output_leaves(output):
         if not isinstance(leaf, torch.Tensor):
             where = f" at {path}" if path else ""
-            raise EngineError("unsupported_output", f"cannot distill a model output of type {type(leaf).__name__}{where}")
+            raise EngineError(
+                "unsupported_output", f"cannot distill a model output of type {type(leaf).__name__}{where}"
+            )
         dims = ["B" if i == 0 and size == batch else str(size) for i, size in enumerate(leaf.shape)]
         parts.append(f"{path + ': ' if path else ''}Tensor[{', '.join(dims)}]")
         leaves.append(leaf)
@@ -103,7 +105,9 @@ def _mse(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> to
 
 
 _LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
-    "kl": _kl, "cosine": _cosine, "mse": _mse,
+    "kl": _kl,
+    "cosine": _cosine,
+    "mse": _mse,
 }
 
 
@@ -123,8 +127,9 @@ class DistillationLoss:
     alpha: float
     use_labels: bool
 
-    def __call__(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
-                 labels: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self, student: list[torch.Tensor], teacher: list[torch.Tensor], labels: torch.Tensor | None
+    ) -> torch.Tensor:
         """The batch loss (a scalar with the student's graph)."""
         total = student[0].new_zeros((), dtype=torch.float32)
         for index, (kind, s, t) in enumerate(zip(self.kinds, student, teacher, strict=True)):

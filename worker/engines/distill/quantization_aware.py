@@ -67,8 +67,9 @@ class LatentWeights:
         """Write `fake_quantize(latent)` into the tensors the model's forward graph reads."""
         for entry in self.entries:
             packed = entry.packed
-            entry.packed.weight.copy_(fake_quantize(entry.latent, packed.scheme, per_channel=packed.per_channel,
-                                                    group_size=packed.group_size))
+            entry.packed.weight.copy_(
+                fake_quantize(entry.latent, packed.scheme, per_channel=packed.per_channel, group_size=packed.group_size)
+            )
             entry.packed.weight.grad = None
 
     def pass_gradients(self) -> None:

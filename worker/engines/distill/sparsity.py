@@ -58,4 +58,3 @@ class SparsityMasks:
             {"parameter": name, "zero_fraction": round(1.0 - float(keep.float().mean()), 4)}
             for name, (_, keep) in self.masks.items()
         ]
-

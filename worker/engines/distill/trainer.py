@@ -24,7 +24,6 @@ from worker.engines.distill.batching import (
 )
 from worker.engines.distill.batchnorm import make_batchnorm_mode_aware
 from worker.engines.distill.config import DistillConfig
-from worker.engines.prune.regularization import bn_scale_penalty
 from worker.engines.distill.outputs import (
     DistillationLoss,
     ValidationMeter,
@@ -37,6 +36,7 @@ from worker.engines.distill.quantization_aware import LatentWeights
 from worker.engines.distill.sparsity import SparsityMasks
 from worker.engines.errors import EngineError, model_text
 from worker.engines.modules import clone_model, module_kind
+from worker.engines.prune.regularization import bn_scale_penalty
 
 ProgressFn = Callable[[float, str], None]
 
@@ -53,9 +53,17 @@ class _Diverged(Exception):
     """The training loss stopped being finite."""
 
 
-def distill(teacher: torch.jit.ScriptModule, student: torch.jit.ScriptModule, train_data: ModelData,
-            eval_data: ModelData, config: DistillConfig, *, device: torch.device | str = "cpu",
-            progress: ProgressFn = lambda fraction, message: None, seed: int = 0) -> DistillResult:
+def distill(
+    teacher: torch.jit.ScriptModule,
+    student: torch.jit.ScriptModule,
+    train_data: ModelData,
+    eval_data: ModelData,
+    config: DistillConfig,
+    *,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn = lambda fraction, message: None,
+    seed: int = 0,
+) -> DistillResult:
     """Train `student` to imitate `teacher` on `train_data`, validating on `eval_data` each epoch.
 
     The teacher is only read (eval mode, no gradients); the student is trained (in place, or on a
@@ -91,17 +99,27 @@ def distill(teacher: torch.jit.ScriptModule, student: torch.jit.ScriptModule, tr
     # keeps changing requires_grad/mode is wasted work (training is no slower on CPU without it).
     with _rng_scope(device, seed), _eval_mode(teacher), torch.jit.optimized_execution(False):
         student, batchnorm = make_batchnorm_mode_aware(student.to(device))
-        run = _DistillRun(_on_device(teacher, device), student, batchnorm, train_data, eval_data, config,
-                          device, progress, seed)
+        run = _DistillRun(
+            _on_device(teacher, device), student, batchnorm, train_data, eval_data, config, device, progress, seed
+        )
         return run.fit()
 
 
 class _DistillRun:
     """State of one distillation: models, targets, optimiser, schedule and history."""
 
-    def __init__(self, teacher: torch.jit.ScriptModule, student: torch.jit.ScriptModule, batchnorm: dict,
-                 train_data: ModelData, eval_data: ModelData, config: DistillConfig, device: torch.device,
-                 progress: ProgressFn, seed: int):
+    def __init__(
+        self,
+        teacher: torch.jit.ScriptModule,
+        student: torch.jit.ScriptModule,
+        batchnorm: dict,
+        train_data: ModelData,
+        eval_data: ModelData,
+        config: DistillConfig,
+        device: torch.device,
+        progress: ProgressFn,
+        seed: int,
+    ):
         self.teacher, self.student, self.batchnorm = teacher, student, batchnorm
         self.train_data, self.eval_data = train_data, eval_data
         self.config, self.device, self.report = config, device, progress
@@ -109,7 +127,9 @@ class _DistillRun:
         self.latents = LatentWeights.from_model(student)
         # the quantized tensors are written from their latents, never stepped themselves
         quantized = set(self.latents.tensor_names()) if self.latents else set()
-        self.params = [p for name, p in student.named_parameters() if p.dtype.is_floating_point and name not in quantized]
+        self.params = [
+            p for name, p in student.named_parameters() if p.dtype.is_floating_point and name not in quantized
+        ]
         if not self.params and self.latents is None:
             raise EngineError("student_not_trainable", "the student has no floating-point parameters to train")
         for param in self.params:
@@ -120,10 +140,12 @@ class _DistillRun:
             raise EngineError("not_distillable", "the teacher has no floating-point output to distill on")
         self.skipped = [
             {"module": f"output[{i}]", "reason": "non-floating output: not differentiable"}
-            for i, kind in enumerate(kinds) if kind is None
+            for i, kind in enumerate(kinds)
+            if kind is None
         ]
-        self.train_loss = DistillationLoss(kinds, config.temperature, config.alpha,
-                                           _uses_labels(train_data, kinds, teacher_leaves))
+        self.train_loss = DistillationLoss(
+            kinds, config.temperature, config.alpha, _uses_labels(train_data, kinds, teacher_leaves)
+        )
         self.val_loss = dataclasses.replace(self.train_loss, use_labels=_uses_labels(eval_data, kinds, teacher_leaves))
         self.batch_size = BatchSize(min(config.batch_size, train_data.num_samples), device)
         self.masks = SparsityMasks.from_model(student, exclude=quantized)
@@ -138,10 +160,16 @@ class _DistillRun:
         self.history: list[dict[str, Any]] = []
 
     def fit(self) -> DistillResult:
-        self.train_targets = TeacherTargets(self.teacher, self.train_data, self.device, self.batch_size,
-                                            lambda message: self.report(0.0, message))
-        self.eval_targets = self.train_targets if self.eval_data is self.train_data else TeacherTargets(
-            self.teacher, self.eval_data, self.device, self.batch_size, lambda message: self.report(0.0, message))
+        self.train_targets = TeacherTargets(
+            self.teacher, self.train_data, self.device, self.batch_size, lambda message: self.report(0.0, message)
+        )
+        self.eval_targets = (
+            self.train_targets
+            if self.eval_data is self.train_data
+            else TeacherTargets(
+                self.teacher, self.eval_data, self.device, self.batch_size, lambda message: self.report(0.0, message)
+            )
+        )
         started = time.perf_counter()
         validation_started = time.perf_counter()
         score, val_loss = self._validate()
@@ -171,8 +199,9 @@ class _DistillRun:
         self.student.eval()
         self.optimizer.zero_grad(set_to_none=True)
         self.report(1.0, f"done: best epoch {best_epoch} val {best_key[0]:.4f}")
-        return DistillResult(self.student, self._details(best_epoch, best_key[0], stop_reason,
-                                                         time.perf_counter() - started))
+        return DistillResult(
+            self.student, self._details(best_epoch, best_key[0], stop_reason, time.perf_counter() - started)
+        )
 
     def _check_structure(self) -> list[torch.Tensor]:
         """Run both models on two samples; refuse a student whose outputs differ from the teacher's."""
@@ -207,9 +236,10 @@ class _DistillRun:
             batches = math.ceil(num_samples / self.batch_size.value)
             batch = math.ceil(seen / self.batch_size.value)
             val = f" val {self.last_score:.4f}" if self.last_score is not None else ""
-            self.report(min(self.samples_done / self.total_samples, 0.99),
-                        f"epoch {self.epoch}/{self.config.epochs} batch {batch}/{batches} "
-                        f"loss {loss_sum / seen:.4f}{val}")
+            self.report(
+                min(self.samples_done / self.total_samples, 0.99),
+                f"epoch {self.epoch}/{self.config.epochs} batch {batch}/{batches} loss {loss_sum / seen:.4f}{val}",
+            )
 
         self.batch_size.run(order, step)
         return loss_sum / max(seen, 1)
@@ -262,22 +292,27 @@ class _DistillRun:
         self.batch_size.run(torch.arange(self.eval_data.num_samples), step)
         score, val_loss = meter.result()
         self.last_score = score
-        self.report(min(self.samples_done / self.total_samples, 0.99),
-                    f"epoch {self.epoch}/{self.config.epochs} validation {score:.4f}")
+        self.report(
+            min(self.samples_done / self.total_samples, 0.99),
+            f"epoch {self.epoch}/{self.config.epochs} validation {score:.4f}",
+        )
         return score, (val_loss if math.isfinite(val_loss) else math.inf)
 
-    def _record(self, train_loss: float | None, train_seconds: float, score: float, val_loss: float,
-                val_seconds: float) -> None:
-        self.history.append({
-            "epoch": self.epoch,
-            "train_loss": None if train_loss is None else round(train_loss, 6),
-            "val_score": round(score, 6),
-            "val_loss": round(val_loss, 6) if math.isfinite(val_loss) else None,
-            "lr_end": self.optimizer.param_groups[0]["lr"] if train_loss is not None else None,
-            "train_seconds": round(train_seconds, 3),
-            "val_seconds": round(val_seconds, 3),
-            "batch_size": self.batch_size.value,
-        })
+    def _record(
+        self, train_loss: float | None, train_seconds: float, score: float, val_loss: float, val_seconds: float
+    ) -> None:
+        self.history.append(
+            {
+                "epoch": self.epoch,
+                "train_loss": None if train_loss is None else round(train_loss, 6),
+                "val_score": round(score, 6),
+                "val_loss": round(val_loss, 6) if math.isfinite(val_loss) else None,
+                "lr_end": self.optimizer.param_groups[0]["lr"] if train_loss is not None else None,
+                "train_seconds": round(train_seconds, 3),
+                "val_seconds": round(val_seconds, 3),
+                "batch_size": self.batch_size.value,
+            }
+        )
 
     def _snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         model = {name: tensor.detach().clone() for name, tensor in _state(self.student)}
@@ -328,8 +363,11 @@ class _DistillRun:
             "batchnorm": self.batchnorm,
             "sparsity_masks": self.masks.describe(),
             "quantization_aware": {
-                "estimator": "straight-through", "tensors": self.latents.describe(),
-            } if self.latents else None,
+                "estimator": "straight-through",
+                "tensors": self.latents.describe(),
+            }
+            if self.latents
+            else None,
             "sparsity_regularization": self.config.sparsity_regularization,
             "device": str(self.device),
             "mixed_precision": None if amp is None else str(amp).removeprefix("torch."),
@@ -343,8 +381,9 @@ def _uses_labels(data: ModelData, kinds: tuple[str | None, ...], teacher_leaves:
         return False
     classes = int(teacher_leaves[0].shape[1])
     if data.num_samples and (int(data.labels.min()) < 0 or int(data.labels.max()) >= classes):
-        raise EngineError("labels_mismatch", f"dataset labels must be class ids in [0, {classes}) "
-                                             f"for a model with {classes} outputs")
+        raise EngineError(
+            "labels_mismatch", f"dataset labels must be class ids in [0, {classes}) for a model with {classes} outputs"
+        )
     return True
 
 

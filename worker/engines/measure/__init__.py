@@ -11,6 +11,14 @@ from worker.engines.measure.quality import FidelityAccumulator, fidelity, top1_a
 from worker.engines.measure.size import file_size, weight_stats
 
 __all__ = [
-    "BenchmarkConfig", "FidelityAccumulator", "MacCount", "Measurement",
-    "count_macs", "fidelity", "file_size", "measure_models", "top1_accuracy", "weight_stats",
+    "BenchmarkConfig",
+    "FidelityAccumulator",
+    "MacCount",
+    "Measurement",
+    "count_macs",
+    "fidelity",
+    "file_size",
+    "measure_models",
+    "top1_accuracy",
+    "weight_stats",
 ]

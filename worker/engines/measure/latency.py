@@ -85,8 +85,12 @@ class LatencyResult:
     round_medians_ms: dict[str, dict[int, list[float]]] = field(default_factory=dict)
 
 
-def time_interleaved(calls: dict[int, dict[str, Call]], config: BenchmarkConfig, device: torch.device,
-                     progress: Callable[[float, str], None] = lambda f, m: None) -> LatencyResult:
+def time_interleaved(
+    calls: dict[int, dict[str, Call]],
+    config: BenchmarkConfig,
+    device: torch.device,
+    progress: Callable[[float, str], None] = lambda f, m: None,
+) -> LatencyResult:
     """Time each model's call per batch size, interleaved over `config.rounds` rounds.
 
     Args:
@@ -123,7 +127,9 @@ def time_interleaved(calls: dict[int, dict[str, Call]], config: BenchmarkConfig,
     return result
 
 
-def _time_block(call: Call, count: int, timer: Callable[[Call, torch.device], float], device: torch.device) -> list[float]:
+def _time_block(
+    call: Call, count: int, timer: Callable[[Call, torch.device], float], device: torch.device
+) -> list[float]:
     # A garbage collection inside a timed call would be charged to whichever model was running.
     gc_was_enabled = gc.isenabled()
     gc.disable()

@@ -128,18 +128,32 @@ def _conv_weight(args: Sequence[Any]) -> torch.Tensor:
 
 
 @_counts(
-    "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::mkldnn_convolution", "aten::cudnn_convolution",
-    "quantized::conv1d", "quantized::conv2d", "quantized::conv3d",
-    "quantized::conv1d_relu", "quantized::conv2d_relu", "quantized::conv3d_relu",
-    "quantized::conv2d_add", "quantized::conv2d_add_relu",
+    "aten::conv1d",
+    "aten::conv2d",
+    "aten::conv3d",
+    "aten::mkldnn_convolution",
+    "aten::cudnn_convolution",
+    "quantized::conv1d",
+    "quantized::conv2d",
+    "quantized::conv3d",
+    "quantized::conv1d_relu",
+    "quantized::conv2d_relu",
+    "quantized::conv3d_relu",
+    "quantized::conv2d_add",
+    "quantized::conv2d_add_relu",
 )
 def _conv(overload: str, args: Sequence[Any], output: Any) -> int:
     return _conv_macs(args[0], _conv_weight(args), output, transposed=False)
 
 
 @_counts(
-    "aten::conv_transpose1d", "aten::conv_transpose2d", "aten::conv_transpose3d", "aten::cudnn_convolution_transpose",
-    "quantized::conv_transpose1d", "quantized::conv_transpose2d", "quantized::conv_transpose3d",
+    "aten::conv_transpose1d",
+    "aten::conv_transpose2d",
+    "aten::conv_transpose3d",
+    "aten::cudnn_convolution_transpose",
+    "quantized::conv_transpose1d",
+    "quantized::conv_transpose2d",
+    "quantized::conv_transpose3d",
 )
 def _conv_transpose(overload: str, args: Sequence[Any], output: Any) -> int:
     return _conv_macs(args[0], _conv_weight(args), output, transposed=True)
@@ -158,10 +172,21 @@ def _conv_macs(x: torch.Tensor, weight: torch.Tensor, output: Any, transposed: b
 
 
 @_counts(
-    "aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::mv", "aten::mkldnn_linear",
-    "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-    "quantized::linear", "quantized::linear_relu", "quantized::linear_dynamic",
-    "quantized::linear_relu_dynamic", "quantized::linear_dynamic_fp16", "quantized::linear_relu_dynamic_fp16",
+    "aten::linear",
+    "aten::matmul",
+    "aten::mm",
+    "aten::bmm",
+    "aten::mv",
+    "aten::mkldnn_linear",
+    "aten::_weight_int8pack_mm",
+    "aten::_weight_int4pack_mm",
+    "aten::_weight_int4pack_mm_for_cpu",
+    "quantized::linear",
+    "quantized::linear_relu",
+    "quantized::linear_dynamic",
+    "quantized::linear_relu_dynamic",
+    "quantized::linear_dynamic_fp16",
+    "quantized::linear_relu_dynamic_fp16",
     "quantized::linear_with_input_q_dq_qweight_dq_output_fp32",
     "quantized::linear_with_input_q_dq_qweight_dq_relu_output_fp32",
 )
@@ -206,9 +231,12 @@ def _einsum(overload: str, args: Sequence[Any], output: Any) -> int | None:
 
 
 @_counts(
-    "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_attention_math",
-    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::scaled_dot_product_attention",
+    "aten::_scaled_dot_product_attention_math",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
 )
 def _attention(overload: str, args: Sequence[Any], output: Any) -> int:
     # Q·Kᵀ is L×S dot products of length E per head, and A·V is L×S multiply-adds per value column.

@@ -111,8 +111,9 @@ def measure_models(
         for name in models:
             metrics[name]["peak_memory_bytes"] = peaks.get(name)
         progress(0.35, "measured peak memory")
-        speedup = _latency(models, timed, reference, data, config, device, metrics,
-                           lambda f, m: progress(0.35 + 0.65 * f, m))
+        speedup = _latency(
+            models, timed, reference, data, config, device, metrics, lambda f, m: progress(0.35 + 0.65 * f, m)
+        )
         return Measurement(_json_safe(metrics), _json_safe(speedup), _environment(device, config), notes)
     finally:
         torch.set_num_threads(previous_threads)
@@ -147,8 +148,14 @@ def _static_metrics(model: torch.nn.Module, path: Path | None, data: ModelData, 
     }
 
 
-def _quality(models: Mapping[str, torch.nn.Module], reference: str, data: ModelData, config: BenchmarkConfig,
-             device: torch.device, notes: list[str]) -> dict[str, dict[str, Any]]:
+def _quality(
+    models: Mapping[str, torch.nn.Module],
+    reference: str,
+    data: ModelData,
+    config: BenchmarkConfig,
+    device: torch.device,
+    notes: list[str],
+) -> dict[str, dict[str, Any]]:
     """Accuracy (when labelled) and fidelity to the reference, in one pass over the data."""
     if config.eval_samples is not None:
         data = data.take(config.eval_samples)
@@ -176,8 +183,15 @@ def _quality(models: Mapping[str, torch.nn.Module], reference: str, data: ModelD
     }
 
 
-def _peak_memory(models: Mapping[str, torch.nn.Module], files: Mapping[str, Path], timed: list[str], data: ModelData,
-                 config: BenchmarkConfig, device: torch.device, notes: list[str]) -> dict[str, int | None]:
+def _peak_memory(
+    models: Mapping[str, torch.nn.Module],
+    files: Mapping[str, Path],
+    timed: list[str],
+    data: ModelData,
+    config: BenchmarkConfig,
+    device: torch.device,
+    notes: list[str],
+) -> dict[str, int | None]:
     """Peak memory at the largest batch size, for the timed models."""
     if not config.measure_memory or not timed:
         return {}
@@ -188,13 +202,22 @@ def _peak_memory(models: Mapping[str, torch.nn.Module], files: Mapping[str, Path
     peaks = cpu_peak_memory(probed, inputs, torch.get_num_threads())
     failed = sorted(name for name in timed if peaks.get(name) is None)
     if failed:
-        notes.append(f"peak memory could not be measured for {', '.join(failed)} (no file, or the probe process failed)")
+        notes.append(
+            f"peak memory could not be measured for {', '.join(failed)} (no file, or the probe process failed)"
+        )
     return peaks
 
 
-def _latency(models: Mapping[str, torch.nn.Module], timed: list[str], reference: str, data: ModelData,
-             config: BenchmarkConfig, device: torch.device, metrics: dict[str, dict[str, Any]],
-             progress: ProgressFn) -> dict[str, dict[str, dict[str, float | int]]]:
+def _latency(
+    models: Mapping[str, torch.nn.Module],
+    timed: list[str],
+    reference: str,
+    data: ModelData,
+    config: BenchmarkConfig,
+    device: torch.device,
+    metrics: dict[str, dict[str, Any]],
+    progress: ProgressFn,
+) -> dict[str, dict[str, dict[str, float | int]]]:
     """Fill latency and throughput into `metrics`; return the paired speed-ups."""
     for name in models:
         metrics[name]["latency_ms"], metrics[name]["throughput_per_s"] = {}, {}

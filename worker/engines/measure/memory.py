@@ -66,7 +66,9 @@ def cpu_peak_memory(files: dict[str, Path], inputs: Sequence[torch.Tensor], thre
         probes = {
             name: subprocess.Popen(
                 [sys.executable, "-c", _CPU_PROBE, str(path), str(inputs_path), str(threads)],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
             )
             for name, path in files.items()
         }

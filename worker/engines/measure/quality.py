@@ -36,8 +36,9 @@ def output_leaves(outputs: Any, path: str = "") -> list[tuple[str, Any]]:
         output_leaves((logits, {"features": f}))  # [("tuple[0]", logits), ("tuple[1]dict['features']", f)]
     """
     if isinstance(outputs, dict) and outputs:
-        return [leaf for key in sorted(outputs, key=str)
-                for leaf in output_leaves(outputs[key], f"{path}dict[{key!r}]")]
+        return [
+            leaf for key in sorted(outputs, key=str) for leaf in output_leaves(outputs[key], f"{path}dict[{key!r}]")
+        ]
     if isinstance(outputs, (tuple, list)) and outputs:
         kind = type(outputs).__name__
         return [leaf for index, item in enumerate(outputs) for leaf in output_leaves(item, f"{path}{kind}[{index}]")]
@@ -93,7 +94,8 @@ class FidelityAccumulator:
         references, compared = flatten_outputs(reference_outputs), flatten_outputs(outputs)
         if len(references) != len(compared):
             raise EngineError(
-                "output_mismatch", f"the model returns {len(compared)} tensors where the original returns {len(references)}"
+                "output_mismatch",
+                f"the model returns {len(compared)} tensors where the original returns {len(references)}",
             )
         for ref, out in zip(references, compared):
             if ref.shape != out.shape:
@@ -203,8 +205,10 @@ class FidelityProbe:
         self.device = device
         self.class_scores = data.labels is not None
         with torch.inference_mode():
-            self._outputs = [[t.cpu() for t in flatten_outputs(reference(*batch.inputs))]
-                             for batch in data.batches(self.BATCH_SIZE, device)]
+            self._outputs = [
+                [t.cpu() for t in flatten_outputs(reference(*batch.inputs))]
+                for batch in data.batches(self.BATCH_SIZE, device)
+            ]
 
     @property
     def num_samples(self) -> int:

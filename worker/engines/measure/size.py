@@ -87,8 +87,11 @@ def _hidden_weights(model: torch.nn.Module) -> Iterator[torch.Tensor]:
         if isinstance(value, torch.Tensor):
             if name not in registered and value.dim() > 0:
                 yield value
-        elif isinstance(value, torch.ScriptObject) and not isinstance(value, torch._C.ScriptModule) \
-                and value._has_method("unpack"):
+        elif (
+            isinstance(value, torch.ScriptObject)
+            and not isinstance(value, torch._C.ScriptModule)
+            and value._has_method("unpack")
+        ):
             yield from (t for t in value.unpack() if isinstance(t, torch.Tensor))
 
 

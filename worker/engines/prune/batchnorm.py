@@ -8,8 +8,8 @@ to chance until they are re-estimated."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Collection, Mapping
 
 import torch
 
@@ -93,8 +93,9 @@ def batchnorm_calls(graph: torch._C.Graph) -> dict[RunningStats, list[torch._C.N
     return calls
 
 
-def batchnorm_input_moments(model: torch.jit.ScriptModule, wanted: Collection[RunningStats], data: ModelData,
-                            device: torch.device) -> dict[RunningStats, Moments]:
+def batchnorm_input_moments(
+    model: torch.jit.ScriptModule, wanted: Collection[RunningStats], data: ModelData, device: torch.device
+) -> dict[RunningStats, Moments]:
     """Per-channel moments of the inputs of the given BatchNorms over `data`, every call counted.
 
     Each call's input is cloned (later in-place ops cannot alter it) and appended to a list; the
@@ -126,7 +127,9 @@ def batchnorm_input_moments(model: torch.jit.ScriptModule, wanted: Collection[Ru
         captured.insertBefore(top)
         for node in calls[stats]:
             with graph.insert_point_guard(node):
-                graph.insert("aten::append", [captured.output(), graph.insert("aten::clone", [argument(node, "input")])])
+                graph.insert(
+                    "aten::append", [captured.output(), graph.insert("aten::clone", [argument(node, "input")])]
+                )
         graph.registerOutput(captured.output())
     torch._C._jit_pass_dce(graph)
     graph.makeMultiOutputIntoTuple()
@@ -139,8 +142,13 @@ def batchnorm_input_moments(model: torch.jit.ScriptModule, wanted: Collection[Ru
     return moments
 
 
-def recalibrate_after_pruning(original: torch.jit.ScriptModule, pruned: torch.jit.ScriptModule, config: PruneConfig,
-                              ctx: PipelineContext, kept: Mapping[str, torch.Tensor] | None = None) -> dict:
+def recalibrate_after_pruning(
+    original: torch.jit.ScriptModule,
+    pruned: torch.jit.ScriptModule,
+    config: PruneConfig,
+    ctx: PipelineContext,
+    kept: Mapping[str, torch.Tensor] | None = None,
+) -> dict:
     """The `bn_recalibration` part of a prune step: `recalibrate_batchnorm` on the job's calibration
     data unless the step disables it (`recalibrate_bn: false`) or the job has none.
 
@@ -161,9 +169,14 @@ def recalibrate_after_pruning(original: torch.jit.ScriptModule, pruned: torch.ji
     return recalibrate_batchnorm(pruned, original, ctx.calibration, ctx.device, kept)
 
 
-def recalibrate_batchnorm(pruned: torch.jit.ScriptModule, original: torch.jit.ScriptModule, data: ModelData,
-                          device: torch.device, kept: Mapping[str, torch.Tensor] | None = None,
-                          samples: int = BN_SAMPLES) -> dict:
+def recalibrate_batchnorm(
+    pruned: torch.jit.ScriptModule,
+    original: torch.jit.ScriptModule,
+    data: ModelData,
+    device: torch.device,
+    kept: Mapping[str, torch.Tensor] | None = None,
+    samples: int = BN_SAMPLES,
+) -> dict:
     """Replace stale BatchNorm running statistics of a pruned model, in place, in program order.
 
     A BatchNorm channel is stale when its input on the calibration data differs from the
@@ -214,8 +227,14 @@ def recalibrate_batchnorm(pruned: torch.jit.ScriptModule, original: torch.jit.Sc
     finally:
         for model, training in modes.items():
             model.train(training)
-    return {"ran": True, "samples": data.num_samples, "updated": len(updated), "updated_modules": updated,
-            "unchanged_modules": unchanged, "unreached_modules": unreached}
+    return {
+        "ran": True,
+        "samples": data.num_samples,
+        "updated": len(updated),
+        "updated_modules": updated,
+        "unchanged_modules": unchanged,
+        "unreached_modules": unreached,
+    }
 
 
 def _stale_channels(current: Moments, reference: Moments | None, kept: torch.Tensor | None) -> torch.Tensor:
@@ -233,8 +252,9 @@ def _stale_channels(current: Moments, reference: Moments | None, kept: torch.Ten
     return (shift > TOLERANCE) | (stretch > 2 * TOLERANCE)
 
 
-def _set_running_stats(model: torch.jit.ScriptModule, stats: RunningStats, moments: Moments,
-                       channels: torch.Tensor) -> None:
+def _set_running_stats(
+    model: torch.jit.ScriptModule, stats: RunningStats, moments: Moments, channels: torch.Tensor
+) -> None:
     buffers = dict(model.named_buffers())
     with torch.no_grad():
         for name, value in ((stats.mean, moments.mean), (stats.var, moments.var)):

@@ -4,7 +4,8 @@ loss over the calibration data, and per-channel activation entropy read from ins
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +60,13 @@ def saliency_loss(output: Any, labels: torch.Tensor | None, teacher_output: Call
     return distance if float(distance) > 0.0 else 0.5 * prediction.pow(2).mean()
 
 
-def accumulate_gradients(model: torch.jit.ScriptModule, data: ModelData, teacher: torch.jit.ScriptModule,
-                         device: torch.device, samples: int = CALIBRATION_SAMPLES) -> dict[str, torch.Tensor]:
+def accumulate_gradients(
+    model: torch.jit.ScriptModule,
+    data: ModelData,
+    teacher: torch.jit.ScriptModule,
+    device: torch.device,
+    samples: int = CALIBRATION_SAMPLES,
+) -> dict[str, torch.Tensor]:
     """Gradients of `saliency_loss` summed over the first `samples` calibration samples.
 
     Args:
@@ -93,9 +99,15 @@ def accumulate_gradients(model: torch.jit.ScriptModule, data: ModelData, teacher
             p.requires_grad_(flags[name])
 
 
-def channel_entropy(model: torch.jit.ScriptModule, graph: torch._C.Graph, groups: Sequence[ChannelGroup],
-                    data: ModelData, device: torch.device, samples: int = CALIBRATION_SAMPLES,
-                    seed: int = 0) -> dict[int, torch.Tensor]:
+def channel_entropy(
+    model: torch.jit.ScriptModule,
+    graph: torch._C.Graph,
+    groups: Sequence[ChannelGroup],
+    data: ModelData,
+    device: torch.device,
+    samples: int = CALIBRATION_SAMPLES,
+    seed: int = 0,
+) -> dict[int, torch.Tensor]:
     """Shannon entropy of each channel's activations over the calibration data, per group.
 
     The group's activation sites (values of `graph`, the inlined forward graph the groups were
@@ -134,8 +146,11 @@ def channel_entropy(model: torch.jit.ScriptModule, graph: torch._C.Graph, groups
                 columns = torch.randperm(per_channel.shape[1], generator=generator)[:take]
                 collected[unique].append(per_channel[:, columns])
 
-    entropies = {unique: _histogram_entropy(torch.cat(parts, 1)[:, :SAMPLES_PER_CHANNEL])
-                 for unique, parts in collected.items() if parts}
+    entropies = {
+        unique: _histogram_entropy(torch.cat(parts, 1)[:, :SAMPLES_PER_CHANNEL])
+        for unique, parts in collected.items()
+        if parts
+    }
     result = {}
     for group in groups:
         scores = [entropies[value.unique()] for value, _ in group.sites if value.unique() in entropies]

@@ -4,8 +4,8 @@ some groups were left alone."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import chain
-from typing import Callable
 
 import torch
 
@@ -16,14 +16,21 @@ from worker.engines.prune.calibration import accumulate_gradients, channel_entro
 from worker.engines.prune.config import PruneConfig
 from worker.engines.prune.dependency import find_channel_groups
 from worker.engines.prune.groups import ChannelGroup
-from worker.engines.prune.importance import (BNScaleImportance, EntropyImportance, Importance,
-                                             MagnitudeImportance, TaylorImportance)
+from worker.engines.prune.importance import (
+    BNScaleImportance,
+    EntropyImportance,
+    Importance,
+    MagnitudeImportance,
+    TaylorImportance,
+)
 from worker.engines.prune.selection import channels_to_remove
 from worker.engines.prune.shrink import planned_drops, remove_channels_checked
 
 EXAMPLE_BATCH = 2
-STALE_CONSTANTS_NOTE = ("TorchScript keeps compile-time constants such as out_channels or in_features at their "
-                        "pre-pruning values; the parameter shapes define the computation.")
+STALE_CONSTANTS_NOTE = (
+    "TorchScript keeps compile-time constants such as out_channels or in_features at their "
+    "pre-pruning values; the parameter shapes define the computation."
+)
 
 ImportanceFactory = Callable[[torch.jit.ScriptModule, torch._C.Graph, list[ChannelGroup], PipelineContext], Importance]
 
@@ -37,9 +44,11 @@ IMPORTANCE: dict[str, ImportanceFactory] = {
     "l2": lambda model, graph, groups, ctx: MagnitudeImportance(_tensors(model), p=2),
     "bn_scale": lambda model, graph, groups, ctx: BNScaleImportance(_tensors(model)),
     "gradient": lambda model, graph, groups, ctx: TaylorImportance(
-        _tensors(model), accumulate_gradients(model, ctx.training_data(), ctx.teacher, ctx.device)),
+        _tensors(model), accumulate_gradients(model, ctx.training_data(), ctx.teacher, ctx.device)
+    ),
     "entropy": lambda model, graph, groups, ctx: EntropyImportance(
-        channel_entropy(model, graph, groups, ctx.training_data(), ctx.device, seed=ctx.seed)),
+        channel_entropy(model, graph, groups, ctx.training_data(), ctx.device, seed=ctx.seed)
+    ),
 }
 
 
@@ -84,15 +93,21 @@ def prune_channels(model: torch.jit.ScriptModule, config: PruneConfig, ctx: Pipe
     plan = {gid: channels for gid, channels in plan.items() if gid not in reverted and channels}
     recalibration = recalibrate_after_pruning(model, pruned, config, ctx, _kept_rows(model, groups, plan))
     ctx.progress(1.0, "channel pruning done")
-    return StageOutput(pruned, {**_details(model, pruned, groups, plan, skipped, config),
-                                "bn_recalibration": recalibration})
+    return StageOutput(
+        pruned, {**_details(model, pruned, groups, plan, skipped, config), "bn_recalibration": recalibration}
+    )
 
 
-def _kept_rows(model: torch.jit.ScriptModule, groups: list[ChannelGroup], plan: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+def _kept_rows(
+    model: torch.jit.ScriptModule, groups: list[ChannelGroup], plan: dict[int, list[int]]
+) -> dict[str, torch.Tensor]:
     """For each tensor that lost entries along dim 0, the original indices it kept."""
     tensors = _tensors(model)
-    return {name: torch.tensor([i for i in range(tensors[name].shape[0]) if i not in dims[0]])
-            for name, dims in planned_drops(groups, plan).items() if 0 in dims}
+    return {
+        name: torch.tensor([i for i in range(tensors[name].shape[0]) if i not in dims[0]])
+        for name, dims in planned_drops(groups, plan).items()
+        if 0 in dims
+    }
 
 
 def _why_not_prunable(group: ChannelGroup, model: torch.jit.ScriptModule, config: PruneConfig) -> str:
@@ -113,29 +128,46 @@ def _shared_code_reason(group: ChannelGroup, model: torch.jit.ScriptModule) -> s
         return ""
     types = {name: module._c._type().qualified_name() for name, module in model.named_modules()}
     for name in group.depthwise:
-        sharing = [other for other, qualified in types.items()
-                   if qualified == types[name] and other not in group.depthwise]
+        sharing = [
+            other for other, qualified in types.items() if qualified == types[name] and other not in group.depthwise
+        ]
         if sharing:
             return f"the depthwise '{name}' shares its compiled code (and groups constant) with '{sharing[0]}'"
     return ""
 
 
-def _details(model: torch.jit.ScriptModule, pruned: torch.jit.ScriptModule, groups: list[ChannelGroup],
-             plan: dict[int, list[int]], skipped: dict[int, str], config: PruneConfig) -> dict:
+def _details(
+    model: torch.jit.ScriptModule,
+    pruned: torch.jit.ScriptModule,
+    groups: list[ChannelGroup],
+    plan: dict[int, list[int]],
+    skipped: dict[int, str],
+    config: PruneConfig,
+) -> dict:
     by_id = {g.id: g for g in groups}
     before, after = _tensors(model), _tensors(pruned)
     modules = dict(model.named_modules())
     touched = sorted({s.module for gid in plan for s in by_id[gid].slices})
-    layers = [{
-        "module": name, "kind": module_kind(modules[name]),
-        "weight_shape_before": list(before[f"{name}.weight"].shape),
-        "weight_shape_after": list(after[f"{name}.weight"].shape),
-    } for name in touched if f"{name}.weight" in before]
+    layers = [
+        {
+            "module": name,
+            "kind": module_kind(modules[name]),
+            "weight_shape_before": list(before[f"{name}.weight"].shape),
+            "weight_shape_after": list(after[f"{name}.weight"].shape),
+        }
+        for name in touched
+        if f"{name}.weight" in before
+    ]
     return {
         "layers": layers,
-        "skipped": [{"module": producer, "reason": reason}
-                    for gid, reason in sorted(skipped.items()) for producer in by_id[gid].producers],
-        "groups": [by_id[gid].describe(kept=by_id[gid].channels - len(channels)) for gid, channels in sorted(plan.items())],
+        "skipped": [
+            {"module": producer, "reason": reason}
+            for gid, reason in sorted(skipped.items())
+            for producer in by_id[gid].producers
+        ],
+        "groups": [
+            by_id[gid].describe(kept=by_id[gid].channels - len(channels)) for gid, channels in sorted(plan.items())
+        ],
         "criterion": config.criterion,
         "scope": config.scope,
         "amount": config.amount,

@@ -8,8 +8,8 @@ op rules (see `rules`) do not understand blocks the spaces it touches, with a re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import chain
-from typing import Sequence
 
 import torch
 
@@ -232,7 +232,9 @@ class ChannelAnalysis:
         first = layouts[0]
         others = [s for s in tensors if s is not first]
         compatible = all(
-            isinstance(s, Layout) and s.axis == first.axis and s.flat == first.flat
+            isinstance(s, Layout)
+            and s.axis == first.axis
+            and s.flat == first.flat
             and [size for _, size in s.segments] == [size for _, size in first.segments]
             for s in others
         )
@@ -256,20 +258,31 @@ class ChannelAnalysis:
             if not any(s.role == OUT for s in slices):
                 continue
             size = self.spaces.size[root]
-            reasons = list(self.spaces.reasons[root]) + sorted({
-                f"'{s.key}' is also used by {self._foreign_uses[s.key]}" for s in slices if s.key in self._foreign_uses})
+            reasons = list(self.spaces.reasons[root]) + sorted(
+                {
+                    f"'{s.key}' is also used by {self._foreign_uses[s.key]}"
+                    for s in slices
+                    if s.key in self._foreign_uses
+                }
+            )
             activations = [(v, axis) for v, axis, act in self.spaces.sites[root] if act]
             outputs = [(v, axis) for v, axis, act in self.spaces.sites[root] if not act]
-            groups.append(ChannelGroup(
-                id=len(groups), channels=size or 0, slices=sorted(slices),
-                depthwise=sorted(self.spaces.depthwise[root]), reasons=reasons,
-                sites=activations or outputs,
-            ))
+            groups.append(
+                ChannelGroup(
+                    id=len(groups),
+                    channels=size or 0,
+                    slices=sorted(slices),
+                    depthwise=sorted(self.spaces.depthwise[root]),
+                    reasons=reasons,
+                    sites=activations or outputs,
+                )
+            )
         return groups
 
 
-def find_channel_groups(model: torch.jit.ScriptModule,
-                        example_inputs: Sequence[torch.Tensor] = ()) -> tuple[list[ChannelGroup], torch._C.Graph]:
+def find_channel_groups(
+    model: torch.jit.ScriptModule, example_inputs: Sequence[torch.Tensor] = ()
+) -> tuple[list[ChannelGroup], torch._C.Graph]:
     """The channel groups of a TorchScript model, and the inlined graph their `sites` belong to.
 
     Args:

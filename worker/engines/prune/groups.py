@@ -3,8 +3,8 @@ dependency analysis, and how one group's channel indices map onto each tensor's 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 
@@ -88,8 +88,12 @@ class ChannelGroup:
 
     def describe(self, kept: int | None = None) -> dict:
         """A JSON-safe summary for the report."""
-        summary = {"group": self.id, "channels": self.channels, "producers": self.producers,
-                   "consumers": sorted({s.module for s in self.slices if s.role == IN})}
+        summary = {
+            "group": self.id,
+            "channels": self.channels,
+            "producers": self.producers,
+            "consumers": sorted({s.module for s in self.slices if s.role == IN}),
+        }
         if kept is not None:
             summary["kept"] = kept
         return summary

@@ -4,7 +4,7 @@ channel of a group (higher means keep), so the selection code never asks which c
 from __future__ import annotations
 
 import abc
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -67,8 +67,9 @@ class BNScaleImportance(Importance):
         gammas = [s for s in _weight_slices(group) if s.role == NORM]
         if not gammas:
             return None
-        return sum(s.per_channel(self.tensors[s.key].detach().float().cpu(), group.channels).abs().sum(1)
-                   for s in gammas)
+        return sum(
+            s.per_channel(self.tensors[s.key].detach().float().cpu(), group.channels).abs().sum(1) for s in gammas
+        )
 
 
 class TaylorImportance(Importance):

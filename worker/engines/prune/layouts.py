@@ -35,7 +35,7 @@ class Layout:
         sizes = [size for _, size in self.segments]
         return None if None in sizes else sum(sizes)
 
-    def moved(self, position: int, rank: int, flat: bool | None = None) -> "Layout":
+    def moved(self, position: int, rank: int, flat: bool | None = None) -> Layout:
         """The same channels at another axis position of a tensor of another rank."""
         return replace(self, axis=position - rank, rank=rank, flat=self.flat if flat is None else flat)
 

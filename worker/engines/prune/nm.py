@@ -11,9 +11,11 @@ from worker.engines.prune.batchnorm import recalibrate_after_pruning
 from worker.engines.prune.config import PruneConfig
 from worker.engines.prune.weights import WEIGHT_LAYER_KINDS, apply_masks, size_details, weight_layers, weight_scores
 
-SPEED_NOTE = ("N:M sparsity only speeds a model up on sparse kernels (CUDA semi-structured 2:4 sparsity on "
-              "Ampere or newer GPUs); TorchScript runs these weights as dense tensors, so expect no speed-up "
-              "from this step alone, only the pattern ready for such kernels and a smaller compressed size.")
+SPEED_NOTE = (
+    "N:M sparsity only speeds a model up on sparse kernels (CUDA semi-structured 2:4 sparsity on "
+    "Ampere or newer GPUs); TorchScript runs these weights as dense tensors, so expect no speed-up "
+    "from this step alone, only the pattern ready for such kernels and a smaller compressed size."
+)
 
 
 def prune_n_m(model: torch.jit.ScriptModule, config: PruneConfig, ctx: PipelineContext) -> StageOutput:
@@ -41,7 +43,9 @@ def prune_n_m(model: torch.jit.ScriptModule, config: PruneConfig, ctx: PipelineC
     for name, module in layers:
         width = module.weight.shape[1]
         if width % config.m:
-            skipped.append({"module": name, "reason": f"its {width} input weights per output do not split into runs of {config.m}"})
+            skipped.append(
+                {"module": name, "reason": f"its {width} input weights per output do not split into runs of {config.m}"}
+            )
         else:
             fitting.append((name, module))
     ctx.progress(0.1, f"applying {config.n}:{config.m} to {len(fitting)} layers")
@@ -53,16 +57,19 @@ def prune_n_m(model: torch.jit.ScriptModule, config: PruneConfig, ctx: PipelineC
     covered = sum(d["parameters"] for d in details)
     recalibration = recalibrate_after_pruning(model, pruned, config, ctx)
     ctx.progress(1.0, "n:m pruning done")
-    return StageOutput(pruned, {
-        "layers": details,
-        "skipped": skipped,
-        "pattern": f"{config.n}:{config.m}",
-        "pattern_coverage": covered / all_weights if all_weights else 0.0,
-        "criterion": config.criterion,
-        **size_details(model, pruned),
-        "bn_recalibration": recalibration,
-        "notes": [SPEED_NOTE],
-    })
+    return StageOutput(
+        pruned,
+        {
+            "layers": details,
+            "skipped": skipped,
+            "pattern": f"{config.n}:{config.m}",
+            "pattern_coverage": covered / all_weights if all_weights else 0.0,
+            "criterion": config.criterion,
+            **size_details(model, pruned),
+            "bn_recalibration": recalibration,
+            "notes": [SPEED_NOTE],
+        },
+    )
 
 
 def n_m_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -20,8 +20,11 @@ def bn_scale_penalty(model: torch.nn.Module) -> torch.Tensor:
     Example:
         loss = task_loss + 1e-4 * bn_scale_penalty(student)
     """
-    gammas = [m.weight.abs().sum() for _, m in named_modules_of_kind(model, BATCH_NORM_KINDS)
-              if getattr(m, "weight", None) is not None]
+    gammas = [
+        m.weight.abs().sum()
+        for _, m in named_modules_of_kind(model, BATCH_NORM_KINDS)
+        if getattr(m, "weight", None) is not None
+    ]
     if not gammas:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return torch.zeros((), device=device)

@@ -8,7 +8,8 @@ blocks every channel space it touches (`not_understood`), so unknown code is nev
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -52,12 +53,14 @@ def _constant_or_none(value: torch._C.Value | None):
         return None
 
 
-def not_understood(node: Node, a: "ChannelAnalysis") -> None:
+def not_understood(node: Node, a: ChannelAnalysis) -> None:
     """The fallback: channels flowing into an op nobody wrote a rule for cannot be pruned."""
     namespace = node.kind().split("::")[0]
     what = node.kind() if namespace in ("aten", "prim") else f"the custom op {node.kind()}"
-    a.block(Items(tuple(a.state(v) for v in node.inputs())),
-            f"consumed by {what}{where(node)}, which channel pruning does not understand")
+    a.block(
+        Items(tuple(a.state(v) for v in node.inputs())),
+        f"consumed by {what}{where(node)}, which channel pruning does not understand",
+    )
     for out in node.outputs():
         if is_tensor(out):
             a.set(out, Opaque(node.kind(), static_rank(out)))
@@ -65,8 +68,9 @@ def not_understood(node: Node, a: "ChannelAnalysis") -> None:
 
 # -- values, attributes, containers --------------------------------------------------------------
 
+
 @rule("prim::GetAttr")
-def _get_attr(node: Node, a: "ChannelAnalysis") -> None:
+def _get_attr(node: Node, a: ChannelAnalysis) -> None:
     owner, out, name = a.module_path(node.input()), node.output(), node.s("name")
     if owner is None:
         not_understood(node, a)
@@ -81,7 +85,7 @@ def _get_attr(node: Node, a: "ChannelAnalysis") -> None:
 
 
 @rule("prim::Constant")
-def _constant(node: Node, a: "ChannelAnalysis") -> None:
+def _constant(node: Node, a: ChannelAnalysis) -> None:
     out = node.output()
     if is_tensor(out) and out.type().kind() == "TensorType":
         value = out.toIValue()
@@ -89,12 +93,12 @@ def _constant(node: Node, a: "ChannelAnalysis") -> None:
 
 
 @rule("prim::ListConstruct", "prim::TupleConstruct")
-def _construct(node: Node, a: "ChannelAnalysis") -> None:
+def _construct(node: Node, a: ChannelAnalysis) -> None:
     a.set(node.output(), Items(tuple(a.state(v) for v in node.inputs())))
 
 
 @rule("prim::ListUnpack", "prim::TupleUnpack")
-def _unpack(node: Node, a: "ChannelAnalysis") -> None:
+def _unpack(node: Node, a: ChannelAnalysis) -> None:
     items = a.state(node.input())
     if not isinstance(items, Items) or len(items.states) != node.outputsSize():
         not_understood(node, a)
@@ -104,7 +108,7 @@ def _unpack(node: Node, a: "ChannelAnalysis") -> None:
 
 
 @rule("prim::TupleIndex", "aten::__getitem__")
-def _index(node: Node, a: "ChannelAnalysis") -> None:
+def _index(node: Node, a: ChannelAnalysis) -> None:
     items, index = a.state(node.inputsAt(0)), _constant_or_none(node.inputsAt(1))
     if isinstance(items, Items) and isinstance(index, int) and -len(items.states) <= index < len(items.states):
         a.set(node.output(), items.states[index])
@@ -112,41 +116,114 @@ def _index(node: Node, a: "ChannelAnalysis") -> None:
         not_understood(node, a)
 
 
-@rule("prim::unchecked_cast", "aten::contiguous", "aten::clone", "aten::detach", "aten::to", "aten::type_as",
-      "aten::dropout", "aten::dropout_", "aten::feature_dropout", "aten::alpha_dropout", "aten::softmax",
-      "aten::log_softmax", "aten::alias", "aten::float", "aten::half")
-def _same_shape(node: Node, a: "ChannelAnalysis") -> None:
+@rule(
+    "prim::unchecked_cast",
+    "aten::contiguous",
+    "aten::clone",
+    "aten::detach",
+    "aten::to",
+    "aten::type_as",
+    "aten::dropout",
+    "aten::dropout_",
+    "aten::feature_dropout",
+    "aten::alpha_dropout",
+    "aten::softmax",
+    "aten::log_softmax",
+    "aten::alias",
+    "aten::float",
+    "aten::half",
+)
+def _same_shape(node: Node, a: ChannelAnalysis) -> None:
     a.set(node.output(), a.state(node.inputsAt(0)))
 
 
-@rule(*_in_place("relu", "relu6", "hardtanh", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-                 "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "threshold", "neg", "abs", "exp", "log",
-                 "sqrt", "rsqrt", "square", "reciprocal", "erf"))
-def _activation(node: Node, a: "ChannelAnalysis") -> None:
+@rule(
+    *_in_place(
+        "relu",
+        "relu6",
+        "hardtanh",
+        "gelu",
+        "silu",
+        "sigmoid",
+        "tanh",
+        "hardswish",
+        "hardsigmoid",
+        "leaky_relu",
+        "elu",
+        "selu",
+        "celu",
+        "mish",
+        "softplus",
+        "threshold",
+        "neg",
+        "abs",
+        "exp",
+        "log",
+        "sqrt",
+        "rsqrt",
+        "square",
+        "reciprocal",
+        "erf",
+    )
+)
+def _activation(node: Node, a: ChannelAnalysis) -> None:
     state = a.state(node.inputsAt(0))
     a.set(node.output(), state)
     if isinstance(state, Layout):
         a.site(state, node.output(), activation=True)
 
 
-@rule(*_in_place("add", "sub", "rsub", "mul", "div", "pow", "maximum", "minimum", "clamp", "clamp_min",
-                 "clamp_max", "masked_fill", "where", "eq", "ne", "lt", "le", "gt", "ge", "floor_divide", "remainder"))
-def _elementwise(node: Node, a: "ChannelAnalysis") -> None:
+@rule(
+    *_in_place(
+        "add",
+        "sub",
+        "rsub",
+        "mul",
+        "div",
+        "pow",
+        "maximum",
+        "minimum",
+        "clamp",
+        "clamp_min",
+        "clamp_max",
+        "masked_fill",
+        "where",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "floor_divide",
+        "remainder",
+    )
+)
+def _elementwise(node: Node, a: ChannelAnalysis) -> None:
     tensors = [a.state(v) for v in node.inputs() if is_tensor(v)]
     if tensors and is_tensor(node.output()):
         a.set(node.output(), a.unify(tensors, f"combined by {node.kind()}{where(node)}"))
 
 
-@rule("aten::dim", "aten::len", "prim::dtype", "prim::device", "aten::is_floating_point", "aten::__is__",
-      "aten::__isnot__", "prim::layout", "aten::format", "prim::RaiseException")
-def _reads_metadata(node: Node, a: "ChannelAnalysis") -> None:
+@rule(
+    "aten::dim",
+    "aten::len",
+    "prim::dtype",
+    "prim::device",
+    "aten::is_floating_point",
+    "aten::__is__",
+    "aten::__isnot__",
+    "prim::layout",
+    "aten::format",
+    "prim::RaiseException",
+)
+def _reads_metadata(node: Node, a: ChannelAnalysis) -> None:
     """Reads that do not depend on how many channels there are."""
     for value in node.inputs():
         a.claim(value)
 
 
 @rule("aten::size")
-def _size(node: Node, a: "ChannelAnalysis") -> None:
+def _size(node: Node, a: ChannelAnalysis) -> None:
     state = a.state(node.inputsAt(0))
     if not isinstance(state, Layout):
         return
@@ -175,8 +252,9 @@ def _reads_other_axis(user: Node, state: Layout) -> bool:
 
 # -- layers ---------------------------------------------------------------------------------------
 
+
 @rule("aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d")
-def _convolution(node: Node, a: "ChannelAnalysis") -> None:
+def _convolution(node: Node, a: ChannelAnalysis) -> None:
     source, out = argument(node, "input"), node.output()
     state, param = a.state(source), a.parameter(argument(node, "weight"))
     groups = _constant_or_none(argument(node, "groups"))
@@ -219,7 +297,7 @@ def _convolution(node: Node, a: "ChannelAnalysis") -> None:
 
 
 @rule("aten::linear")
-def _linear(node: Node, a: "ChannelAnalysis") -> None:
+def _linear(node: Node, a: ChannelAnalysis) -> None:
     source, out = argument(node, "input"), node.output()
     state, param = a.state(source), a.parameter(argument(node, "weight"))
     weight = a.tensor(*param) if param else None
@@ -241,7 +319,7 @@ def _linear(node: Node, a: "ChannelAnalysis") -> None:
 
 
 @rule("aten::batch_norm")
-def _batch_norm(node: Node, a: "ChannelAnalysis") -> None:
+def _batch_norm(node: Node, a: ChannelAnalysis) -> None:
     state = a.state(argument(node, "input"))
     a.set(node.output(), state)
     if not isinstance(state, Layout):
@@ -257,7 +335,7 @@ def _batch_norm(node: Node, a: "ChannelAnalysis") -> None:
 
 
 @rule("aten::layer_norm")
-def _layer_norm(node: Node, a: "ChannelAnalysis") -> None:
+def _layer_norm(node: Node, a: ChannelAnalysis) -> None:
     state = a.state(argument(node, "input"))
     shape = _constant_or_none(argument(node, "normalized_shape"))
     a.set(node.output(), state)
@@ -267,8 +345,9 @@ def _layer_norm(node: Node, a: "ChannelAnalysis") -> None:
 
 # -- shape changes ----------------------------------------------------------------------------------
 
+
 @rule("aten::flatten")
-def _flatten(node: Node, a: "ChannelAnalysis") -> None:
+def _flatten(node: Node, a: ChannelAnalysis) -> None:
     state, out = a.state(argument(node, "self")), node.output()
     start, end = _constant_or_none(argument(node, "start_dim")), _constant_or_none(argument(node, "end_dim"))
     rank = a.rank(argument(node, "self"))
@@ -294,7 +373,7 @@ def _flatten(node: Node, a: "ChannelAnalysis") -> None:
 
 
 @rule("aten::view", "aten::reshape")
-def _reshape(node: Node, a: "ChannelAnalysis") -> None:
+def _reshape(node: Node, a: ChannelAnalysis) -> None:
     source, out = node.inputsAt(0), node.output()
     state, dims = a.state(source), _shape_items(node.inputsAt(1), source)
     if not isinstance(state, Layout):
@@ -302,7 +381,10 @@ def _reshape(node: Node, a: "ChannelAnalysis") -> None:
         return
     position = state.position
     flattens_from_channels = (
-        dims is not None and position is not None and len(dims) == position + 1 and dims[-1] == -1
+        dims is not None
+        and position is not None
+        and len(dims) == position + 1
+        and dims[-1] == -1
         and all(d == f"size({i})" or isinstance(d, int) and d >= 0 for i, d in enumerate(dims[:-1]))
     )
     if flattens_from_channels:
@@ -334,7 +416,7 @@ def _shape_items(shape: torch._C.Value, source: torch._C.Value) -> list | None:
 
 
 @rule("aten::cat", "aten::concat")
-def _cat(node: Node, a: "ChannelAnalysis") -> None:
+def _cat(node: Node, a: ChannelAnalysis) -> None:
     items, dim = a.state(argument(node, "tensors")), _constant_or_none(argument(node, "dim"))
     states = list(items.states) if isinstance(items, Items) else []
     layouts = [s for s in states if isinstance(s, Layout)]
@@ -361,12 +443,26 @@ def _cat(node: Node, a: "ChannelAnalysis") -> None:
 _SPATIAL = re.compile(r"(\d)d(_with_indices)?$")
 
 
-@rule(*(f"aten::{op}{k}d{suffix}" for op in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool",
-                                               "upsample_nearest", "upsample_bilinear", "reflection_pad",
-                                               "replication_pad")
-        for k in (1, 2, 3) for suffix in ("", "_with_indices")),
-      "aten::constant_pad_nd", "aten::pad")
-def _spatial(node: Node, a: "ChannelAnalysis") -> None:
+@rule(
+    *(
+        f"aten::{op}{k}d{suffix}"
+        for op in (
+            "max_pool",
+            "avg_pool",
+            "adaptive_avg_pool",
+            "adaptive_max_pool",
+            "upsample_nearest",
+            "upsample_bilinear",
+            "reflection_pad",
+            "replication_pad",
+        )
+        for k in (1, 2, 3)
+        for suffix in ("", "_with_indices")
+    ),
+    "aten::constant_pad_nd",
+    "aten::pad",
+)
+def _spatial(node: Node, a: ChannelAnalysis) -> None:
     """Pooling, resizing and padding act on the trailing spatial dims only."""
     state = a.state(node.inputsAt(0))
     match = _SPATIAL.search(node.kind())
@@ -379,9 +475,21 @@ def _spatial(node: Node, a: "ChannelAnalysis") -> None:
         a.set(out, state)
 
 
-@rule("aten::mean", "aten::sum", "aten::amax", "aten::amin", "aten::std", "aten::var", "aten::nansum",
-      "aten::logsumexp", "aten::prod", "aten::max", "aten::min", "aten::norm")
-def _reduction(node: Node, a: "ChannelAnalysis") -> None:
+@rule(
+    "aten::mean",
+    "aten::sum",
+    "aten::amax",
+    "aten::amin",
+    "aten::std",
+    "aten::var",
+    "aten::nansum",
+    "aten::logsumexp",
+    "aten::prod",
+    "aten::max",
+    "aten::min",
+    "aten::norm",
+)
+def _reduction(node: Node, a: ChannelAnalysis) -> None:
     if argument(node, "other") is not None:
         _elementwise(node, a)
         return
@@ -408,7 +516,7 @@ def _reduction(node: Node, a: "ChannelAnalysis") -> None:
         a.set(out, result if is_tensor(out) else None)
 
 
-def _moved_axis(node: Node, a: "ChannelAnalysis", move: Callable[[int, int], tuple[int, int] | None]) -> None:
+def _moved_axis(node: Node, a: ChannelAnalysis, move: Callable[[int, int], tuple[int, int] | None]) -> None:
     """Shared by ops that move or drop axes: `move(position, rank)` gives the channel axis's new
     (position, rank), or None when the op touches the channel axis itself."""
     state = a.state(node.inputsAt(0))
@@ -425,9 +533,8 @@ def _moved_axis(node: Node, a: "ChannelAnalysis", move: Callable[[int, int], tup
         a.set(node.output(), state.moved(target[0], target[1]))
 
 
-@rule("aten::transpose", "aten::permute", "aten::t", "aten::unsqueeze", "aten::squeeze", "aten::select",
-      "aten::slice")
-def _axes(node: Node, a: "ChannelAnalysis") -> None:
+@rule("aten::transpose", "aten::permute", "aten::t", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice")
+def _axes(node: Node, a: ChannelAnalysis) -> None:
     kind = node.kind()
     dim = _constant_or_none(argument(node, "dim"))
 
@@ -460,7 +567,8 @@ def _axes(node: Node, a: "ChannelAnalysis") -> None:
 
 # -- control flow ------------------------------------------------------------------------------------
 
-def _join(a: "ChannelAnalysis", states: list, reason: str):
+
+def _join(a: ChannelAnalysis, states: list, reason: str):
     if states and all(isinstance(s, Items) for s in states) and len({len(s.states) for s in states}) == 1:
         return Items(tuple(_join(a, list(parts), reason) for parts in zip(*(s.states for s in states))))
     if all(s is None for s in states):
@@ -469,7 +577,7 @@ def _join(a: "ChannelAnalysis", states: list, reason: str):
 
 
 @rule("prim::If")
-def _if(node: Node, a: "ChannelAnalysis") -> None:
+def _if(node: Node, a: ChannelAnalysis) -> None:
     blocks = list(node.blocks())
     condition = node.inputsAt(0).node()
     if condition.kind() == "prim::GetAttr" and condition.s("name") == "training":
@@ -487,7 +595,7 @@ def _if(node: Node, a: "ChannelAnalysis") -> None:
 
 
 @rule("prim::Loop")
-def _loop(node: Node, a: "ChannelAnalysis") -> None:
+def _loop(node: Node, a: ChannelAnalysis) -> None:
     block = next(iter(node.blocks()))
     carried_in = list(node.inputs())[2:]
     for param, value in zip(list(block.inputs())[1:], carried_in):

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -36,8 +36,10 @@ def channels_to_remove(scores: Mapping[int, torch.Tensor], amount: float, scope:
         channels_to_remove({0: torch.tensor([0.1, 3.0, 0.2, 2.0])}, 0.5, "layer")  # {0: [0, 2]}
     """
     if scope == "layer":
-        return {gid: sorted(torch.argsort(s, stable=True)[:layer_removal_count(len(s), amount)].tolist())
-                for gid, s in scores.items()}
+        return {
+            gid: sorted(torch.argsort(s, stable=True)[: layer_removal_count(len(s), amount)].tolist())
+            for gid, s in scores.items()
+        }
     total = sum(len(s) for s in scores.values())
     budget = round(amount * total)
     ranked = []

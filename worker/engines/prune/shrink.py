@@ -5,7 +5,8 @@ the original's output shapes, or the offending groups are put back."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,9 @@ def planned_drops(groups: Sequence[ChannelGroup], plan: Plan) -> dict[str, dict[
     return drops
 
 
-def remove_channels(model: torch.jit.ScriptModule, groups: Sequence[ChannelGroup], plan: Plan) -> torch.jit.ScriptModule:
+def remove_channels(
+    model: torch.jit.ScriptModule, groups: Sequence[ChannelGroup], plan: Plan
+) -> torch.jit.ScriptModule:
     """A copy of `model` without the planned channels; the original is left untouched.
 
     Args:
@@ -60,8 +63,12 @@ def remove_channels(model: torch.jit.ScriptModule, groups: Sequence[ChannelGroup
     pruned = clone_model(model)
     modules = dict(pruned.named_modules())
     by_id = {group.id: group for group in groups}
-    new_groups = {module: by_id[group_id].channels - len(set(channels))
-                  for group_id, channels in plan.items() if channels for module in by_id[group_id].depthwise}
+    new_groups = {
+        module: by_id[group_id].channels - len(set(channels))
+        for group_id, channels in plan.items()
+        if channels
+        for module in by_id[group_id].depthwise
+    }
 
     for key, dims in planned_drops(groups, plan).items():
         module_name, _, attr = key.rpartition(".")
@@ -69,8 +76,9 @@ def remove_channels(model: torch.jit.ScriptModule, groups: Sequence[ChannelGroup
         tensor = getattr(module, attr)
         smaller = tensor.detach()
         for dim, drop in dims.items():
-            keep = torch.tensor([i for i in range(smaller.shape[dim]) if i not in drop], dtype=torch.long,
-                                device=smaller.device)
+            keep = torch.tensor(
+                [i for i in range(smaller.shape[dim]) if i not in drop], dtype=torch.long, device=smaller.device
+            )
             smaller = smaller.index_select(dim, keep)
         if isinstance(tensor, nn.Parameter):
             setattr(module, attr, nn.Parameter(smaller.clone(), requires_grad=tensor.requires_grad))
@@ -94,8 +102,9 @@ def run_check(model: torch.jit.ScriptModule, example_inputs: Sequence[torch.Tens
     return None
 
 
-def remove_channels_checked(model: torch.jit.ScriptModule, groups: Sequence[ChannelGroup], plan: Plan,
-                            example_inputs: Sequence[torch.Tensor]) -> tuple[torch.jit.ScriptModule, dict[int, str]]:
+def remove_channels_checked(
+    model: torch.jit.ScriptModule, groups: Sequence[ChannelGroup], plan: Plan, example_inputs: Sequence[torch.Tensor]
+) -> tuple[torch.jit.ScriptModule, dict[int, str]]:
     """`remove_channels`, verified on an example batch; groups that break the model are reverted.
 
     The whole plan is tried first; if the shrunk model fails, each group is tried alone and the

@@ -11,8 +11,10 @@ from worker.engines.prune.batchnorm import recalibrate_after_pruning
 from worker.engines.prune.config import PruneConfig
 from worker.engines.prune.weights import apply_masks, size_details, weight_layers, weight_scores
 
-DENSE_NOTE = ("Zeros are stored densely in TorchScript, so the saved file keeps its size and the model its "
-              "speed; the deflate-compressed size shows what the sparsity saves in storage or transfer.")
+DENSE_NOTE = (
+    "Zeros are stored densely in TorchScript, so the saved file keeps its size and the model its "
+    "speed; the deflate-compressed size shows what the sparsity saves in storage or transfer."
+)
 
 
 def prune_unstructured(model: torch.jit.ScriptModule, config: PruneConfig, ctx: PipelineContext) -> StageOutput:
@@ -35,23 +37,29 @@ def prune_unstructured(model: torch.jit.ScriptModule, config: PruneConfig, ctx: 
     layers, skipped = weight_layers(pruned, config.exclude)
     ctx.progress(0.1, f"scoring the weights of {len(layers)} layers by {config.criterion}")
     scores = weight_scores(pruned, layers, config.criterion, ctx)
-    masks = _global_masks(scores, config.amount) if config.scope == "global" else {
-        name: _keep_mask(score, round(config.amount * score.numel())) for name, score in scores.items()}
+    masks = (
+        _global_masks(scores, config.amount)
+        if config.scope == "global"
+        else {name: _keep_mask(score, round(config.amount * score.numel())) for name, score in scores.items()}
+    )
 
     details = apply_masks(layers, masks)
     total = sum(d["parameters"] for d in details)
     recalibration = recalibrate_after_pruning(model, pruned, config, ctx)
     ctx.progress(1.0, "unstructured pruning done")
-    return StageOutput(pruned, {
-        "layers": details,
-        "skipped": skipped,
-        "sparsity": sum(d["sparsity"] * d["parameters"] for d in details) / total if total else 0.0,
-        "criterion": config.criterion,
-        "scope": config.scope,
-        **size_details(model, pruned),
-        "bn_recalibration": recalibration,
-        "notes": [DENSE_NOTE],
-    })
+    return StageOutput(
+        pruned,
+        {
+            "layers": details,
+            "skipped": skipped,
+            "sparsity": sum(d["sparsity"] * d["parameters"] for d in details) / total if total else 0.0,
+            "criterion": config.criterion,
+            "scope": config.scope,
+            **size_details(model, pruned),
+            "bn_recalibration": recalibration,
+            "notes": [DENSE_NOTE],
+        },
+    )
 
 
 def _keep_mask(score: torch.Tensor, remove: int) -> torch.Tensor:
@@ -69,6 +77,6 @@ def _global_masks(scores: dict[str, torch.Tensor], amount: float) -> dict[str, t
     masks, start = {}, 0
     for name in names:
         size = scores[name].numel()
-        masks[name] = keep[start:start + size].view_as(scores[name]).to(scores[name].device)
+        masks[name] = keep[start : start + size].view_as(scores[name]).to(scores[name].device)
         start += size
     return masks

@@ -15,7 +15,9 @@ from worker.engines.prune.calibration import accumulate_gradients
 WEIGHT_LAYER_KINDS = ("Conv1d", "Conv2d", "Conv3d", "Linear")
 
 
-def weight_layers(model: torch.jit.ScriptModule, exclude: tuple[str, ...]) -> tuple[list[tuple[str, torch.nn.Module]], list[dict]]:
+def weight_layers(
+    model: torch.jit.ScriptModule, exclude: tuple[str, ...]
+) -> tuple[list[tuple[str, torch.nn.Module]], list[dict]]:
     """Conv and linear layers that may be pruned, and the excluded ones as report entries.
 
     Example:
@@ -30,8 +32,9 @@ def weight_layers(model: torch.jit.ScriptModule, exclude: tuple[str, ...]) -> tu
     return layers, skipped
 
 
-def weight_scores(model: torch.jit.ScriptModule, layers: list[tuple[str, torch.nn.Module]], criterion: str,
-                  ctx: PipelineContext) -> dict[str, torch.Tensor]:
+def weight_scores(
+    model: torch.jit.ScriptModule, layers: list[tuple[str, torch.nn.Module]], criterion: str, ctx: PipelineContext
+) -> dict[str, torch.Tensor]:
     """One saliency score per weight entry (higher = keep), shaped like each layer's weight.
 
     l1 scores |w| and l2 scores w², which rank single weights identically; gradient scores the
@@ -42,8 +45,10 @@ def weight_scores(model: torch.jit.ScriptModule, layers: list[tuple[str, torch.n
     """
     if criterion == "gradient":
         gradients = accumulate_gradients(model, ctx.training_data(), ctx.teacher, ctx.device)
-        return {name: (m.weight.detach() * gradients.get(f"{name}.weight", torch.zeros_like(m.weight))).abs()
-                for name, m in layers}
+        return {
+            name: (m.weight.detach() * gradients.get(f"{name}.weight", torch.zeros_like(m.weight))).abs()
+            for name, m in layers
+        }
     power = 1 if criterion == "l1" else 2
     return {name: m.weight.detach().abs().pow(power) for name, m in layers}
 
@@ -54,8 +59,14 @@ def apply_masks(layers: list[tuple[str, torch.nn.Module]], masks: dict[str, torc
     with torch.no_grad():
         for name, module in layers:
             module.weight.mul_(masks[name].to(module.weight.dtype))
-            rows.append({"module": name, "kind": module_kind(module), "parameters": module.weight.numel(),
-                         "sparsity": float((module.weight == 0).float().mean())})
+            rows.append(
+                {
+                    "module": name,
+                    "kind": module_kind(module),
+                    "parameters": module.weight.numel(),
+                    "sparsity": float((module.weight == 0).float().mean()),
+                }
+            )
     return rows
 
 
@@ -71,5 +82,9 @@ def size_details(before: torch.jit.ScriptModule, after: torch.jit.ScriptModule) 
     """Report fields comparing the saved and deflate-compressed sizes of two artifacts."""
     raw_before, deflated_before = artifact_sizes(before)
     raw_after, deflated_after = artifact_sizes(after)
-    return {"size_bytes_before": raw_before, "size_bytes_after": raw_after,
-            "deflate_bytes_before": deflated_before, "deflate_bytes_after": deflated_after}
+    return {
+        "size_bytes_before": raw_before,
+        "size_bytes_after": raw_after,
+        "deflate_bytes_before": deflated_before,
+        "deflate_bytes_after": deflated_after,
+    }

@@ -39,5 +39,7 @@ class QuantizeConfig(StepConfig):
 
     def check(self) -> None:
         if self.exclude and self.scheme in WHOLE_MODEL_SCHEMES:
-            raise self.invalid(f"{self.scheme} converts the whole model behind float32 boundary casts; "
-                               "'exclude' is not supported for half precision")
+            raise self.invalid(
+                f"{self.scheme} converts the whole model behind float32 boundary casts; "
+                "'exclude' is not supported for half precision"
+            )

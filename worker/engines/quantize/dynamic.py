@@ -62,8 +62,11 @@ class DynamicInt8(Int8Scheme):
         with quantized_engine(self.backend), quiet_quantized_tensors():
             for site in sites:
                 if site.module in converter.keep_float:
-                    kept_float[site.module] = {"module": site.module, "kind": site.kind,
-                                               "reason": converter.keep_float[site.module]}
+                    kept_float[site.module] = {
+                        "module": site.module,
+                        "kind": site.kind,
+                        "reason": converter.keep_float[site.module],
+                    }
                     continue
                 if modules is not None and site.module not in modules:
                     continue
@@ -74,11 +77,22 @@ class DynamicInt8(Int8Scheme):
                     skipped.append({"module": site.module, "reason": reason})
         graph.finish(converted)
         onednn = sorted(converter.onednn_layers & set(converted))
-        return Conversion(graph.model, list(converted.values()), skipped,
-                          {"linear_kernels": {"onednn": onednn, self.backend: sorted(
-                              layer.module for layer in converted.values()
-                              if layer.kind == "Linear" and layer.module not in converter.onednn_layers)},
-                           KEPT_FLOAT: list(kept_float.values())})
+        return Conversion(
+            graph.model,
+            list(converted.values()),
+            skipped,
+            {
+                "linear_kernels": {
+                    "onednn": onednn,
+                    self.backend: sorted(
+                        layer.module
+                        for layer in converted.values()
+                        if layer.kind == "Linear" and layer.module not in converter.onednn_layers
+                    ),
+                },
+                KEPT_FLOAT: list(kept_float.values()),
+            },
+        )
 
     def _check_recurrent_speed(self, graph: ForwardGraph, sites: list[Site], converter: _SiteConverter) -> None:
         """Time each recurrent layout once (float against int8) and keep those int8 does not speed up in float."""
@@ -94,7 +108,8 @@ class DynamicInt8(Int8Scheme):
             if layout not in self._recurrent_probes:
                 self.ctx.progress(0.0, f"timing {layout.label} in float and int8")
                 self._recurrent_probes[layout] = probe_recurrent_speed(
-                    weights, layout, self.config.per_channel, self.backend, self.reduce_range, self.ctx.batch_sizes)
+                    weights, layout, self.config.per_channel, self.backend, self.reduce_range, self.ctx.batch_sizes
+                )
             reason = int8_slower(self._recurrent_probes[layout])
             if reason is not None:
                 converter.keep_float[site.module] = reason
@@ -119,19 +134,21 @@ class DynamicInt8(Int8Scheme):
             "weights": "per-channel" if self.config.per_channel else "per-tensor",
             "embeddings": "uint8 rows, float scale and offset per row",
             "compute": "cpu",
-            "linear_kernel_probe_ms": {f"{n_in}x{n_out}": {k: round(v, 3) for k, v in timings.items()}
-                                       for (n_in, n_out), timings in sorted(self._kernel_probes.items())},
-            "recurrent_probe_ms": {layout.label: {where: {k: round(v, 3) for k, v in t.items()}
-                                                  for where, t in timings.items()}
-                                   for layout, timings in self._recurrent_probes.items()},
+            "linear_kernel_probe_ms": {
+                f"{n_in}x{n_out}": {k: round(v, 3) for k, v in timings.items()}
+                for (n_in, n_out), timings in sorted(self._kernel_probes.items())
+            },
+            "recurrent_probe_ms": {
+                layout.label: {where: {k: round(v, 3) for k, v in t.items()} for where, t in timings.items()}
+                for layout, timings in self._recurrent_probes.items()
+            },
         }
 
 
 class _SiteConverter:
     """Rewrites one graph site at a time, packing each module's weights once."""
 
-    def __init__(self, graph: ForwardGraph, per_channel: bool, reduce_range: bool,
-                 onednn_shapes: set[tuple[int, int]]):
+    def __init__(self, graph: ForwardGraph, per_channel: bool, reduce_range: bool, onednn_shapes: set[tuple[int, int]]):
         self.graph = graph
         self.per_channel = per_channel
         self.reduce_range = reduce_range
@@ -161,19 +178,34 @@ class _SiteConverter:
             return "its bias is computed in the graph"
         weight = weights[0]
         if weight.dim() == 2 and (weight.shape[1], weight.shape[0]) in self.onednn_shapes:
-            name = self._attribute(site, lambda: torch.jit.script(OnednnDynamicLinear(
-                weight, None if bias is None else bias, self.per_channel))._c)
-            call = self.graph.insert("prim::CallMethod", [self.graph.read_attribute(name, node), node.inputsAt(0)],
-                                     node, [node.output().type()])
+            name = self._attribute(
+                site,
+                lambda: (
+                    torch.jit.script(OnednnDynamicLinear(weight, None if bias is None else bias, self.per_channel))._c
+                ),
+            )
+            call = self.graph.insert(
+                "prim::CallMethod",
+                [self.graph.read_attribute(name, node), node.inputsAt(0)],
+                node,
+                [node.output().type()],
+            )
             call.s_("name", "forward")
             node.output().replaceAllUsesWith(call.output())
             node.destroy()
             self.onednn_layers.add(site.module)
             return None
-        name = self._attribute(site, lambda: torch.ops.quantized.linear_prepack(
-            quantize_weight_int8(weight, self.per_channel), None if bias is None else bias.float().cpu()))
-        self.graph.replace(node, "quantized::linear_dynamic", [
-            node.inputsAt(0), self.graph.read_attribute(name, node), self.graph.constant(self.reduce_range, node)])
+        name = self._attribute(
+            site,
+            lambda: torch.ops.quantized.linear_prepack(
+                quantize_weight_int8(weight, self.per_channel), None if bias is None else bias.float().cpu()
+            ),
+        )
+        self.graph.replace(
+            node,
+            "quantized::linear_dynamic",
+            [node.inputsAt(0), self.graph.read_attribute(name, node), self.graph.constant(self.reduce_range, node)],
+        )
         return None
 
     def _embedding(self, site: Site, weights: list[torch.Tensor]) -> str | None:
@@ -183,9 +215,14 @@ class _SiteConverter:
         name = self._attribute(site, lambda: torch.ops.quantized.embedding_bag_prepack(quantize_rows_uint8(weights[0])))
         indices = node.inputsAt(1)
         # the kernel needs contiguous ids; sliced position-id buffers (BERT) are not
-        contiguous = self.graph.insert("aten::contiguous", [indices, self.graph.constant(0, node)], node, [indices.type()])
-        self.graph.replace(node, "quantized::embedding_byte", [
-            self.graph.read_attribute(name, node), contiguous.output(), self.graph.constant(False, node)])
+        contiguous = self.graph.insert(
+            "aten::contiguous", [indices, self.graph.constant(0, node)], node, [indices.type()]
+        )
+        self.graph.replace(
+            node,
+            "quantized::embedding_byte",
+            [self.graph.read_attribute(name, node), contiguous.output(), self.graph.constant(False, node)],
+        )
         return None
 
     def _lstm(self, site: Site, weights: list[torch.Tensor]) -> str | None:
@@ -209,8 +246,9 @@ class _SiteConverter:
         return None
 
 
-def recurrent_layout(graph: ForwardGraph, site: Site,
-                     weights: list[torch.Tensor]) -> tuple[RecurrentLayout | None, str | None]:
+def recurrent_layout(
+    graph: ForwardGraph, site: Site, weights: list[torch.Tensor]
+) -> tuple[RecurrentLayout | None, str | None]:
     """The layout of an `aten::lstm` / `aten::gru` site, or why the int8 kernels cannot run it."""
     # inputs: input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first
     has_biases, num_layers, bidirectional = (site.node.inputsAt(i).toIValue() for i in (3, 4, 7))
@@ -220,5 +258,6 @@ def recurrent_layout(graph: ForwardGraph, site: Site,
     if len(weights) != cells * (4 if has_biases else 2):
         return None, "projections (proj_size > 0) have no int8 recurrent kernel"
     hidden = weights[1].shape[1]
-    return RecurrentLayout(site.kind, int(weights[0].shape[1]), int(hidden), int(num_layers), bool(bidirectional),
-                           bool(has_biases)), None
+    return RecurrentLayout(
+        site.kind, int(weights[0].shape[1]), int(hidden), int(num_layers), bool(bidirectional), bool(has_biases)
+    ), None

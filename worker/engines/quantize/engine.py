@@ -80,8 +80,11 @@ def quantize_model(model: torch.jit.ScriptModule, config: QuantizeConfig, ctx: P
     eligible = [layer for layer in candidates if layer.module not in excluded]
     if not eligible:
         why = "every convertible layer is excluded" if candidates else "the model has no layer this scheme converts"
-        raise EngineError("nothing_quantized", f"{config.scheme}: {why}" + "".join(
-            f"; {s['module']}: {s['reason']}" for s in (kept_by_scheme + everything.skipped)[:5]))
+        raise EngineError(
+            "nothing_quantized",
+            f"{config.scheme}: {why}"
+            + "".join(f"; {s['module']}: {s['reason']}" for s in (kept_by_scheme + everything.skipped)[:5]),
+        )
 
     probe = FidelityProbe(model, ctx.evaluation, ctx.device)
     ctx.progress(0.1, f"{config.scheme}: converting {len(eligible)} layers")
@@ -92,15 +95,25 @@ def quantize_model(model: torch.jit.ScriptModule, config: QuantizeConfig, ctx: P
     search: dict = {}
     if config.min_fidelity is not None:
         target = min(config.min_fidelity + FIDELITY_MARGIN, 1.0)
-        proxies = {layer.module: weight_error(model, layer.module, layer.kind, config.per_channel) for layer in eligible}
-        search = {"proxy": "relative RMS error of the layer's weights rounded to int8", "target": target,
-                  "margin": FIDELITY_MARGIN, "conversions": 1, "tried": {"0": _score(result)}}
+        proxies = {
+            layer.module: weight_error(model, layer.module, layer.kind, config.per_channel) for layer in eligible
+        }
+        search = {
+            "proxy": "relative RMS error of the layer's weights rounded to int8",
+            "target": target,
+            "margin": FIDELITY_MARGIN,
+            "conversions": 1,
+            "tried": {"0": _score(result)},
+        }
         if _score(result) < target:
             metric = fidelity_score(result.fidelity)[0]
-            result, kept_for_fidelity, measured = _hold_fidelity(scheme, model, eligible, proxies, probe, metric,
-                                                                 target, ctx, search)
-            search["measured"] = (f"drop of {metric} on "
-                                  f"{min(SENSITIVITY_SAMPLES, probe.num_samples)} samples with the layer alone converted")
+            result, kept_for_fidelity, measured = _hold_fidelity(
+                scheme, model, eligible, proxies, probe, metric, target, ctx, search
+            )
+            search["measured"] = (
+                f"drop of {metric} on "
+                f"{min(SENSITIVITY_SAMPLES, probe.num_samples)} samples with the layer alone converted"
+            )
 
     ctx.progress(1.0, f"{config.scheme}: done")
     conversion = result.conversion
@@ -110,9 +123,12 @@ def quantize_model(model: torch.jit.ScriptModule, config: QuantizeConfig, ctx: P
     kept = _names(kept_for_fidelity)
     layers = []
     for layer in candidates:
-        row = {"module": layer.module, "kind": layer.kind,
-               "precision": scheme.precision if layer.module in converted else "float32",
-               "sensitivity": measured.get(layer.module)}
+        row = {
+            "module": layer.module,
+            "kind": layer.kind,
+            "precision": scheme.precision if layer.module in converted else "float32",
+            "sensitivity": measured.get(layer.module),
+        }
         if proxies:
             row["sensitivity_proxy"] = proxies.get(layer.module)
         if layer.module in excluded:
@@ -123,18 +139,32 @@ def quantize_model(model: torch.jit.ScriptModule, config: QuantizeConfig, ctx: P
             row["reason"] = failed.get(layer.module, "not converted")
         layers.append(row)
     for row in kept_by_scheme:
-        reason = "excluded by the step's exclude patterns" if is_excluded(row["module"], config.exclude) else row["reason"]
-        layers.append({"module": row["module"], "kind": row["kind"], "precision": "float32", "sensitivity": None,
-                       "reason": reason})
+        reason = (
+            "excluded by the step's exclude patterns" if is_excluded(row["module"], config.exclude) else row["reason"]
+        )
+        layers.append(
+            {
+                "module": row["module"],
+                "kind": row["kind"],
+                "precision": "float32",
+                "sensitivity": None,
+                "reason": reason,
+            }
+        )
     metric, score = fidelity_score(result.fidelity)
     details = {
         "scheme": config.scheme,
         "layers": layers,
         "skipped": skipped,
         "quantized_layers": len(converted),
-        "fidelity": {**result.fidelity, "metric": metric, "score": score, "reference": "this step's input model",
-                     "measured_on": "the step's output after torch.jit.save and torch.jit.load, as downloaded",
-                     "samples": probe.num_samples},
+        "fidelity": {
+            **result.fidelity,
+            "metric": metric,
+            "score": score,
+            "reference": "this step's input model",
+            "measured_on": "the step's output after torch.jit.save and torch.jit.load, as downloaded",
+            "samples": probe.num_samples,
+        },
         **({"fidelity_search": search} if search else {}),
         **scheme.notes(),
         **{key: value for key, value in conversion.details.items() if key != KEPT_FLOAT},
@@ -171,8 +201,9 @@ def _unique(rows: list[dict]) -> list[dict]:
     return list(seen.values())
 
 
-def _measured_sensitivities(scheme: Scheme, model: torch.jit.ScriptModule, layers: list[Layer],
-                            probe: FidelityProbe, ctx: PipelineContext) -> dict[str, float]:
+def _measured_sensitivities(
+    scheme: Scheme, model: torch.jit.ScriptModule, layers: list[Layer], probe: FidelityProbe, ctx: PipelineContext
+) -> dict[str, float]:
     """Each layer's measured sensitivity: how much the fidelity score drops when it alone is
     converted, on a smaller slice of the data (one conversion per layer)."""
     small = probe.subset(SENSITIVITY_SAMPLES)
@@ -183,9 +214,17 @@ def _measured_sensitivities(scheme: Scheme, model: torch.jit.ScriptModule, layer
     return result
 
 
-def _hold_fidelity(scheme: Scheme, model: torch.jit.ScriptModule, layers: list[Layer],
-                   proxies: dict[str, float | None], probe: FidelityProbe, metric: str, target: float,
-                   ctx: PipelineContext, search: dict) -> tuple[_Candidate, list[Layer], dict[str, float]]:
+def _hold_fidelity(
+    scheme: Scheme,
+    model: torch.jit.ScriptModule,
+    layers: list[Layer],
+    proxies: dict[str, float | None],
+    probe: FidelityProbe,
+    metric: str,
+    target: float,
+    ctx: PipelineContext,
+    search: dict,
+) -> tuple[_Candidate, list[Layer], dict[str, float]]:
     """Keep the k top-ranked layers in float, for the smallest k that holds `target`, then hand back
     to int8 those of them that turn out not to matter.
 
@@ -200,8 +239,9 @@ def _hold_fidelity(scheme: Scheme, model: torch.jit.ScriptModule, layers: list[L
     Returns:
         the chosen candidate, the layers kept in float, and the measured sensitivities.
     """
-    order = sorted(layers, key=lambda layer: -1.0 if proxies[layer.module] is None else proxies[layer.module],
-                   reverse=True)
+    order = sorted(
+        layers, key=lambda layer: -1.0 if proxies[layer.module] is None else proxies[layer.module], reverse=True
+    )
     if len(order) < 2:
         _unreachable(metric, target, order[-1])
 
@@ -244,7 +284,9 @@ def _hold_fidelity(scheme: Scheme, model: torch.jit.ScriptModule, layers: list[L
 
 
 def _unreachable(metric: str, target: float, last: Layer) -> None:
-    raise EngineError("fidelity_unreachable",
-                      f"{metric} {target:g} (min_fidelity with its margin for other kernels) is "
-                      f"not reached even with only the lowest-ranked layer quantized ({last.module or 'the model'}); "
-                      "lower min_fidelity or use another scheme")
+    raise EngineError(
+        "fidelity_unreachable",
+        f"{metric} {target:g} (min_fidelity with its margin for other kernels) is "
+        f"not reached even with only the lowest-ranked layer quantized ({last.module or 'the model'}); "
+        "lower min_fidelity or use another scheme",
+    )

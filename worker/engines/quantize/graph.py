@@ -94,9 +94,14 @@ class ForwardGraph:
                 weights = self._weight_paths(node.inputsAt(index))
                 if weights is None:
                     origin = self._origin(node.inputsAt(index))
-                    skipped.append({"module": _owner(origin) if origin else f"{op} in forward",
-                                    "reason": f"{kind} weight computed in the graph"
-                                              + (f" from {origin}" if origin else "") + ", not read as stored"})
+                    skipped.append(
+                        {
+                            "module": _owner(origin) if origin else f"{op} in forward",
+                            "reason": f"{kind} weight computed in the graph"
+                            + (f" from {origin}" if origin else "")
+                            + ", not read as stored",
+                        }
+                    )
                     continue
                 if kind == "Conv":
                     transposed = node.inputsAt(6).toIValue()
@@ -179,8 +184,9 @@ class ForwardGraph:
         out.node().moveBefore(before)
         return out
 
-    def insert(self, kind: str, inputs: list[torch._C.Value], before: torch._C.Node,
-               output_types: list[torch._C.Type]) -> torch._C.Node:
+    def insert(
+        self, kind: str, inputs: list[torch._C.Value], before: torch._C.Node, output_types: list[torch._C.Type]
+    ) -> torch._C.Node:
         """A new `kind` node with `inputs`, inserted before `before`, with the given output types."""
         node = self.graph.create(kind, inputs, len(output_types))
         for out, out_type in zip(node.outputs(), output_types):
@@ -269,4 +275,3 @@ def _owner(path: str) -> str:
     if parts[-1].isdigit():
         parts = parts[:-1]
     return ".".join(parts[:-1])
-

@@ -47,8 +47,12 @@ class HalfPrecision(Scheme):
             faster = "this CPU has native bf16 (AVX512-BF16/AMX): may be faster, see the measured latency"
         else:
             faster = "not on this CPU (no native half arithmetic): smaller file, no speed-up expected"
-        return {"dtype": self.config.scheme, "compute": str(device), "faster_on": faster,
-                "boundary": "float32 inputs cast in, half outputs cast back to float32"}
+        return {
+            "dtype": self.config.scheme,
+            "compute": str(device),
+            "faster_on": faster,
+            "boundary": "float32 inputs cast in, half outputs cast back to float32",
+        }
 
 
 def retarget_float32(graph: ForwardGraph, dtype: torch.dtype) -> int:
@@ -116,10 +120,14 @@ def cast_boundary(inner: torch.jit.ScriptModule, dtype: torch.dtype) -> torch.ji
     schema = inner.forward.schema
     wrapper = torch.jit.script(_Boundary(inner))
     name = {torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}[dtype]
-    wrapper.define(f"def _cast_in(self, x: Tensor) -> Tensor:\n"
-                   f"    if x.dtype == torch.float32:\n        return x.to({name})\n    return x\n")
-    wrapper.define(f"def _cast_out(self, x: Tensor) -> Tensor:\n"
-                   f"    if x.dtype == {name}:\n        return x.to(torch.float32)\n    return x\n")
+    wrapper.define(
+        f"def _cast_in(self, x: Tensor) -> Tensor:\n"
+        f"    if x.dtype == torch.float32:\n        return x.to({name})\n    return x\n"
+    )
+    wrapper.define(
+        f"def _cast_out(self, x: Tensor) -> Tensor:\n"
+        f"    if x.dtype == {name}:\n        return x.to(torch.float32)\n    return x\n"
+    )
     params, call_args = [], []
     for arg in schema.arguments[1:]:
         annotation = arg.type.annotation_str
@@ -127,14 +135,18 @@ def cast_boundary(inner: torch.jit.ScriptModule, dtype: torch.dtype) -> torch.ji
         params.append(f"{arg.name}: {annotation}{default}")
         call_args.append(_cast(arg.name, arg.type, "_cast_in"))
     returns = schema.returns[0].type
-    source = (f"def forward(self, {', '.join(params)}) -> {returns.annotation_str}:\n"
-              f"    out = self.inner({', '.join(call_args)})\n"
-              f"    return {_cast('out', returns, '_cast_out')}\n")
+    source = (
+        f"def forward(self, {', '.join(params)}) -> {returns.annotation_str}:\n"
+        f"    out = self.inner({', '.join(call_args)})\n"
+        f"    return {_cast('out', returns, '_cast_out')}\n"
+    )
     try:
         wrapper.define(source)
     except RuntimeError as exc:
-        raise EngineError("unsupported_signature",
-                          f"cannot re-create the model's forward signature for the half-precision boundary: {model_text(exc)}") from exc
+        raise EngineError(
+            "unsupported_signature",
+            f"cannot re-create the model's forward signature for the half-precision boundary: {model_text(exc)}",
+        ) from exc
     return wrapper
 
 

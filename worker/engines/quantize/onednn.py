@@ -75,9 +75,21 @@ class OnednnDynamicLinear(torch.nn.Module):
         # uint8 asymmetric, range from this call's min/max: what `quantized::linear_dynamic` does
         q = torch.quantize_per_tensor_dynamic(rows, torch.quint8, False)
         no_args: List[Optional[Union[int, float, complex]]] = []
-        y = torch.ops.onednn.qlinear_pointwise(q.int_repr(), q.q_scale(), q.q_zero_point(), self.packed,
-                                               self.scales, self.zero_points, self.bias, 1.0, 0, torch.float32,
-                                               "none", no_args, "")
+        y = torch.ops.onednn.qlinear_pointwise(
+            q.int_repr(),
+            q.q_scale(),
+            q.q_zero_point(),
+            self.packed,
+            self.scales,
+            self.zero_points,
+            self.bias,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            no_args,
+            "",
+        )
         shape = x.shape[:-1] + [self.out_features]
         return y.reshape(shape)
 

@@ -40,12 +40,15 @@ class RecurrentLayout:
     @property
     def label(self) -> str:
         """`LSTM 64→128 ×2 layers` (`bi-` prefixed when bidirectional)."""
-        return (f"{'bi-' if self.bidirectional else ''}{self.kind} {self.input_size}→{self.hidden_size} "
-                f"×{self.num_layers} layers")
+        return (
+            f"{'bi-' if self.bidirectional else ''}{self.kind} {self.input_size}→{self.hidden_size} "
+            f"×{self.num_layers} layers"
+        )
 
 
-def pack_recurrent_cells(weights: list[torch.Tensor], layout: RecurrentLayout, per_channel: bool,
-                         reduce_range: bool) -> list:
+def pack_recurrent_cells(
+    weights: list[torch.Tensor], layout: RecurrentLayout, per_channel: bool, reduce_range: bool
+) -> list:
     """The per-cell int8 parameters `quantized_lstm` / `quantized_gru` take, from the float weights.
 
     Args:
@@ -66,18 +69,28 @@ def pack_recurrent_cells(weights: list[torch.Tensor], layout: RecurrentLayout, p
     for c in range(len(weights) // per_cell):
         w_ih, w_hh = weights[c * per_cell], weights[c * per_cell + 1]
         if layout.has_biases:
-            b_ih, b_hh = weights[c * per_cell + 2].detach().float().cpu(), weights[c * per_cell + 3].detach().float().cpu()
+            b_ih, b_hh = (
+                weights[c * per_cell + 2].detach().float().cpu(),
+                weights[c * per_cell + 3].detach().float().cpu(),
+            )
         else:
             b_ih, b_hh = torch.zeros(w_ih.shape[0]), torch.zeros(w_hh.shape[0])
         packed_ih = torch.ops.quantized.linear_prepack(quantize_weight_int8(w_ih, per_channel), b_ih)
         packed_hh = torch.ops.quantized.linear_prepack(quantize_weight_int8(w_hh, per_channel), b_hh)
-        params.append(torch.ops.quantized.make_quantized_cell_params_dynamic(
-            packed_ih, packed_hh, b_ih, b_hh, reduce_range))
+        params.append(
+            torch.ops.quantized.make_quantized_cell_params_dynamic(packed_ih, packed_hh, b_ih, b_hh, reduce_range)
+        )
     return params
 
 
-def probe_recurrent_speed(weights: list[torch.Tensor], layout: RecurrentLayout, per_channel: bool, backend: str,
-                          reduce_range: bool, batch_sizes: tuple[int, ...] = (1,)) -> dict[str, dict[str, float]]:
+def probe_recurrent_speed(
+    weights: list[torch.Tensor],
+    layout: RecurrentLayout,
+    per_channel: bool,
+    backend: str,
+    reduce_range: bool,
+    batch_sizes: tuple[int, ...] = (1,),
+) -> dict[str, dict[str, float]]:
     """Milliseconds per call of the layer in float and in int8, at each of `batch_sizes` (the
     job's own: the decision is made for the batches the model will be served at).
 
@@ -101,21 +114,27 @@ def probe_recurrent_speed(weights: list[torch.Tensor], layout: RecurrentLayout, 
         for batch in sorted(set(batch_sizes)):
             x = torch.randn(PROBE_STEPS, batch, layout.input_size)
             h = torch.zeros(layout.num_layers * directions, batch, layout.hidden_size)
-            result[f"batch {batch}"] = fastest_ms(_calls(layout, x, h, weights, params), warmup=1, repeats=PROBE_REPEATS)
+            result[f"batch {batch}"] = fastest_ms(
+                _calls(layout, x, h, weights, params), warmup=1, repeats=PROBE_REPEATS
+            )
     return result
 
 
-def _calls(layout: RecurrentLayout, x: torch.Tensor, h: torch.Tensor, weights: list[torch.Tensor],
-           params: list) -> dict[str, Callable[[], object]]:
+def _calls(
+    layout: RecurrentLayout, x: torch.Tensor, h: torch.Tensor, weights: list[torch.Tensor], params: list
+) -> dict[str, Callable[[], object]]:
     """The float and the int8 call of the layer on `x`, as the converted graph makes them."""
     # num_layers, dropout, train, bidirectional, batch_first; the int8 cells always hold biases
     args = (layout.num_layers, 0.0, False, layout.bidirectional, False)
     if layout.kind == "LSTM":
-        return {"float": lambda: torch.lstm(x, (h, h), weights, layout.has_biases, *args),
-                "int8": lambda: torch.quantized_lstm(x, (h, h), params, True, *args, dtype=torch.qint8,
-                                                     use_dynamic=True)}
-    return {"float": lambda: torch.gru(x, h, weights, layout.has_biases, *args),
-            "int8": lambda: torch.quantized_gru(x, h, params, True, *args)}
+        return {
+            "float": lambda: torch.lstm(x, (h, h), weights, layout.has_biases, *args),
+            "int8": lambda: torch.quantized_lstm(x, (h, h), params, True, *args, dtype=torch.qint8, use_dynamic=True),
+        }
+    return {
+        "float": lambda: torch.gru(x, h, weights, layout.has_biases, *args),
+        "int8": lambda: torch.quantized_gru(x, h, params, True, *args),
+    }
 
 
 def int8_slower(timings: dict[str, dict[str, float]]) -> str | None:

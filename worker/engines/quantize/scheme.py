@@ -68,7 +68,7 @@ class Scheme(abc.ABC):
         """Where the converted model computes (the int8 kernels exist on CPU only)."""
         return self.ctx.device
 
-    def check(self, model: torch.jit.ScriptModule) -> None:
+    def check(self, model: torch.jit.ScriptModule) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Raise EngineError when the step cannot run at all (e.g. no calibration data)."""
 
     @abc.abstractmethod

@@ -43,9 +43,11 @@ class StaticInt8(Int8Scheme):
 
     def check(self, model: torch.jit.ScriptModule) -> None:
         if self.ctx.calibration is None:
-            raise EngineError("calibration_required",
-                              "static_int8 needs a calibration dataset (calibration_dataset_id): activation "
-                              "ranges from synthetic inputs would silently cost accuracy")
+            raise EngineError(
+                "calibration_required",
+                "static_int8 needs a calibration dataset (calibration_dataset_id): activation "
+                "ranges from synthetic inputs would silently cost accuracy",
+            )
 
     def qconfig(self) -> QConfig:
         """Histogram-calibrated activations; symmetric int8 weights per channel (or per tensor)."""
@@ -93,12 +95,16 @@ class StaticInt8(Int8Scheme):
             except RuntimeError as exc:
                 error = exc
         if len(wanted) <= 1:
-            return Conversion(self.fresh_copy(model), [], skipped + [{"module": layer.module, "reason": _reason(error)}
-                                                                 for layer in wanted])
+            return Conversion(
+                self.fresh_copy(model),
+                [],
+                skipped + [{"module": layer.module, "reason": _reason(error)} for layer in wanted],
+            )
         return self._degrade(model, wanted, candidates, skipped)
 
-    def _degrade(self, model: torch.jit.ScriptModule, wanted: list[Layer], candidates: list[Layer],
-                 skipped: list[dict]) -> Conversion:
+    def _degrade(
+        self, model: torch.jit.ScriptModule, wanted: list[Layer], candidates: list[Layer], skipped: list[dict]
+    ) -> Conversion:
         """Graph mode failed on the whole set: add the layers one at a time, keeping those that work."""
         skipped = list(skipped)
         kept: list[Layer] = []
@@ -111,8 +117,9 @@ class StaticInt8(Int8Scheme):
                 skipped.append({"module": layer.module, "reason": _reason(exc)})
         return Conversion(result, kept, skipped)
 
-    def _quantize(self, model: torch.jit.ScriptModule, wanted: list[Layer], candidates: list[Layer],
-                  whole_graph: bool) -> torch.jit.ScriptModule:
+    def _quantize(
+        self, model: torch.jit.ScriptModule, wanted: list[Layer], candidates: list[Layer], whole_graph: bool
+    ) -> torch.jit.ScriptModule:
         qconfig = self.qconfig()
         chosen = {layer.module for layer in wanted}
         # every candidate is named (the deepest name wins), so a layer left out stays float even
@@ -130,10 +137,11 @@ class StaticInt8(Int8Scheme):
         return {
             "backend": self.backend,
             "activations": "int8, ranges calibrated with histogram observers"
-                           + (" (7-bit range: this CPU lacks VNNI)" if self.reduce_range else ""),
+            + (" (7-bit range: this CPU lacks VNNI)" if self.reduce_range else ""),
             "weights": "per-channel" if self.config.per_channel else "per-tensor",
             "calibration_samples": min(CALIBRATION_SAMPLES, self.ctx.calibration.num_samples)
-            if self.ctx.calibration is not None else 0,
+            if self.ctx.calibration is not None
+            else 0,
             "fusion": "conv-BN folded, ReLU fused into the int8 kernels",
             "frozen": True,
             "compute": "cpu",
@@ -147,8 +155,10 @@ def _prepare(model: torch.jit.ScriptModule, qconfig_dict: dict[str, QConfig | No
     look differently configured, get cloned types, and a parent shared by them fails to type-check.
     """
     scripted: dict[int, Any] = {}
-    shared = {name: None if qconfig is None else scripted.setdefault(id(qconfig), script_qconfig(qconfig))
-              for name, qconfig in qconfig_dict.items()}
+    shared = {
+        name: None if qconfig is None else scripted.setdefault(id(qconfig), script_qconfig(qconfig))
+        for name, qconfig in qconfig_dict.items()
+    }
     model = fuse_conv_bn_jit(model)
     return wrap_cpp_module(torch._C._jit_pass_insert_observers(model._c, "forward", shared, False, QuantType.STATIC))
 

@@ -29,8 +29,18 @@ from worker.engines.quantize.graph import ForwardGraph, Site
 from worker.engines.quantize.scheme import Conversion, Layer, Scheme, register_scheme
 
 BITS = {"weight_int8": 8, "weight_int4": 4, "binary": 1}
-KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-         "Embedding", "LSTM", "GRU")
+KINDS = (
+    "Linear",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "Embedding",
+    "LSTM",
+    "GRU",
+)
 
 
 def pack_weight(weight: Tensor, bits: int, group_size: int, per_channel: bool) -> tuple[Tensor, Tensor]:
@@ -74,8 +84,9 @@ def pack_weight(weight: Tensor, bits: int, group_size: int, per_channel: bool) -
     return (signs << shifts).sum(dim=1).to(torch.uint8), scales
 
 
-def unpack_weight(packed: Tensor, scales: Tensor, shape: list[int], bits: int, group_size: int,
-                  per_channel: bool) -> Tensor:
+def unpack_weight(
+    packed: Tensor, scales: Tensor, shape: list[int], bits: int, group_size: int, per_channel: bool
+) -> Tensor:
     """The float32 weight of `shape` that `pack_weight` packed (see there for the layouts)."""
     rows = shape[0]
     cols = 1
@@ -116,13 +127,23 @@ class PackedWeight(torch.nn.Module):
         self.parameter = parameter
         self.shape = list(weight.shape)
         self.weight = torch.nn.Parameter(
-            fake_quantize(weight, scheme, per_channel=per_channel, group_size=group_size), requires_grad=False)
+            fake_quantize(weight, scheme, per_channel=per_channel, group_size=group_size), requires_grad=False
+        )
 
     @torch.jit.export
     def __getstate__(self) -> tuple[Tensor, Tensor, list[int], str, int, bool, str, str, bool]:
         packed, scales = pack_weight(self.weight, self.bits, self.group_size, self.per_channel)
-        return (packed, scales, self.shape, self.scheme, self.group_size, self.per_channel,
-                self.module, self.parameter, self.training)
+        return (
+            packed,
+            scales,
+            self.shape,
+            self.scheme,
+            self.group_size,
+            self.per_channel,
+            self.module,
+            self.parameter,
+            self.training,
+        )
 
     @torch.jit.export
     def __setstate__(self, state: tuple[Tensor, Tensor, list[int], str, int, bool, str, str, bool]) -> None:
@@ -152,8 +173,9 @@ class KeptFloat(torch.nn.Module):
         return self.value
 
 
-def fake_quantize(weight: Tensor, scheme: str, *, per_channel: bool = True, group_size: int = 128,
-                  straight_through: bool = False) -> Tensor:
+def fake_quantize(
+    weight: Tensor, scheme: str, *, per_channel: bool = True, group_size: int = 128, straight_through: bool = False
+) -> Tensor:
     """The quantize → dequantize round trip of `weight` under a weight-only scheme.
 
     Args:
@@ -171,8 +193,13 @@ def fake_quantize(weight: Tensor, scheme: str, *, per_channel: bool = True, grou
         w_q = fake_quantize(layer.weight, "weight_int4", group_size=64, straight_through=True)
         loss = criterion(torch.nn.functional.linear(x, w_q, layer.bias), y)
     """
-    restored = unpack_weight(*pack_weight(weight, BITS[scheme], group_size, per_channel), list(weight.shape),
-                             BITS[scheme], group_size, per_channel).to(weight.dtype)
+    restored = unpack_weight(
+        *pack_weight(weight, BITS[scheme], group_size, per_channel),
+        list(weight.shape),
+        BITS[scheme],
+        group_size,
+        per_channel,
+    ).to(weight.dtype)
     if straight_through:
         return weight + (restored - weight).detach()
     return restored
@@ -209,12 +236,26 @@ def weight_only_layers(model: torch.jit.ScriptModule) -> list[WeightOnlyParam]:
     found = []
     # the C++ module lists attributes added since the Python wrapper was made; `dir()` does not
     for name, value in torch._C._jit_debug_module_iterators(model._c)["named_attributes"]:
-        if not (name.startswith("_q_") and isinstance(value, torch._C.ScriptModule)
-                and value.hasattr("bits") and value.hasattr("scheme")):
+        if not (
+            name.startswith("_q_")
+            and isinstance(value, torch._C.ScriptModule)
+            and value.hasattr("bits")
+            and value.hasattr("scheme")
+        ):
             continue
         get = value.getattr
-        found.append(WeightOnlyParam(name, get("module"), get("parameter"), get("scheme"), get("group_size"),
-                                     get("per_channel"), tuple(get("shape")), get("weight")))
+        found.append(
+            WeightOnlyParam(
+                name,
+                get("module"),
+                get("parameter"),
+                get("scheme"),
+                get("group_size"),
+                get("per_channel"),
+                tuple(get("shape")),
+                get("weight"),
+            )
+        )
     return found
 
 
@@ -263,8 +304,12 @@ def _storage(model: torch.jit.ScriptModule) -> dict[str, Any]:
         packed, scales = pack_weight(p.weight, BITS[p.scheme], p.group_size, p.per_channel)
         float_bytes += p.weight.numel() * 4
         packed_bytes += packed.numel() * packed.element_size() + scales.numel() * scales.element_size()
-    return {"count": len(weight_only_layers(model)), "float32_bytes": float_bytes, "stored_bytes": packed_bytes,
-            "ratio": float_bytes / packed_bytes if packed_bytes else None}
+    return {
+        "count": len(weight_only_layers(model)),
+        "float32_bytes": float_bytes,
+        "stored_bytes": packed_bytes,
+        "ratio": float_bytes / packed_bytes if packed_bytes else None,
+    }
 
 
 def _read_tensor(graph: ForwardGraph, holder: str, name: str, before: torch._C.Node) -> torch._C.Value:
@@ -309,8 +354,16 @@ class WeightOnly(Scheme):
                 # an element of a scripted RNN's `_flat_weights`: name it by the RNN's parameter
                 module = module.rpartition(".")[0]
                 parameter = graph.resolve(module)._flat_weights_names[int(parameter)]
-            holder = torch.jit.script(PackedWeight(graph.tensor(path), self.config.scheme, self.config.group_size,
-                                                   self.config.per_channel, module, parameter))
+            holder = torch.jit.script(
+                PackedWeight(
+                    graph.tensor(path),
+                    self.config.scheme,
+                    self.config.group_size,
+                    self.config.per_channel,
+                    module,
+                    parameter,
+                )
+            )
             holders[path] = graph.add_attribute(f"{module}_{parameter}", holder._c)
         return holders[path]
 
