@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.migrate import upgrade
 from tests import zoo
-from tests.service.servers import REDIS_URL, Service, check_redis, postgres_database, service_env
+from tests.service.servers import REDIS_URL, Service, api_client, check_redis, postgres_database, service_env
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +88,7 @@ def second_api(service, log_dir, **settings: str):
 
 @pytest.fixture
 def api(service):
-    with httpx.Client(base_url=service.url, timeout=60) as client:
+    with api_client(service.url) as client:
         yield client
 
 

@@ -20,6 +20,15 @@ REDIS_URL = os.environ.get("COMPACTOR_TEST_REDIS", "redis://127.0.0.1:6379")
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def api_client(url: str, **kwargs) -> httpx.Client:
+    """An HTTP client for a test server that never reuses a connection the server may be closing.
+
+    uvicorn closes idle keep-alive connections after 5 s, which is also httpx's default expiry: a
+    request sent on a connection at that moment is reset by the peer. Expiring ours first avoids it.
+    """
+    return httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(keepalive_expiry=1.0), **kwargs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import httpx
-
 from tests.service.conftest import second_api, torchscript_bytes, traced_cnn
+from tests.service.servers import api_client
 
 
 def test_tenants_are_isolated(service, tmp_path):
     with second_api(service, tmp_path, COMPACTOR_API_KEYS='["acme:key-a", "globex:key-b"]') as url:
-        with httpx.Client(base_url=url, timeout=60) as anonymous:
+        with api_client(url) as anonymous:
             response = anonymous.get("/v1/models")
             assert response.status_code == 401 and response.json()["code"] == "unauthorized"
             assert anonymous.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
             assert anonymous.get("/healthz").status_code == 200
-        a = httpx.Client(base_url=url, timeout=60, headers={"Authorization": "Bearer key-a"})
-        b = httpx.Client(base_url=url, timeout=60, headers={"Authorization": "Bearer key-b"})
+        a = api_client(url, headers={"Authorization": "Bearer key-a"})
+        b = api_client(url, headers={"Authorization": "Bearer key-b"})
         with a, b:
             model = a.post("/v1/models", files={"file": ("m.pt", torchscript_bytes(traced_cnn()))}).json()
             assert a.get(f"/v1/models/{model['id']}").status_code == 200

@@ -21,6 +21,7 @@ from tests.service.conftest import (
     wait_for,
     wait_job,
 )
+from tests.service.servers import api_client
 
 CNN_INPUT = [{"shape": [1, 1, 32, 32], "dtype": "float32", "low": 0, "high": 1}]
 QUICK_BENCH = {"batch_sizes": [1, 8], "warmup": 2, "iterations": 10}
@@ -237,10 +238,9 @@ def test_profile_only_job(api):
 
 def test_job_accepted_while_broker_is_down_is_sent_later(service, tmp_path):
     """The API commits the job even when it cannot reach the broker; the worker's sweeper sends it."""
-    import httpx
 
     with second_api(service, tmp_path, COMPACTOR_BROKER_URL="redis://127.0.0.1:1/0") as url:
-        with httpx.Client(base_url=url, timeout=60) as client:
+        with api_client(url) as client:
             model = upload_model(client, traced_cnn())
             job = _job(client, model_id=model["id"], input_spec=CNN_INPUT, steps=[], benchmark=QUICK_BENCH)
             assert client.get("/readyz").status_code == 503

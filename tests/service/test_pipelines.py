@@ -11,6 +11,7 @@ import torch
 
 from tests import zoo
 from tests.service.conftest import digits_arrays, upload_dataset, upload_model, wait_job
+from tests.service.servers import api_client
 
 QUICK_BENCH = {"batch_sizes": [1, 8], "warmup": 2, "iterations": 10}
 
@@ -25,9 +26,8 @@ def trained_cnn():
 
 @pytest.fixture(scope="module")
 def digits_ids(service, trained_cnn):
-    import httpx
 
-    with httpx.Client(base_url=service.url, timeout=60) as client:
+    with api_client(service.url) as client:
         model = upload_model(client, trained_cnn)
         calibration = upload_dataset(client, **digits_arrays(256))
         x, y, xt, yt = zoo.digits()

@@ -6,10 +6,8 @@ from __future__ import annotations
 import subprocess
 import uuid
 
-import httpx
-
 from tests.service.conftest import traced_cnn, upload_model, wait_job
-from tests.service.servers import Service, postgres_database, service_env
+from tests.service.servers import Service, api_client, postgres_database, service_env
 
 NO_BWRAP_PATH = "/nonexistent"  # bubblewrap cannot be found, as on a host without the package
 
@@ -47,7 +45,7 @@ def test_sandbox_off_is_shown_in_readyz_and_the_report(service, tmp_path):
 
 
 def _unsandboxed_job_is_shown(unsandboxed: Service) -> None:
-    with httpx.Client(base_url=unsandboxed.url, timeout=60) as api:
+    with api_client(unsandboxed.url) as api:
         assert api.get("/readyz").json()["sandbox"] == "off"
         model = upload_model(api, traced_cnn())
         response = api.post(
