@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import subprocess
 import sys
+from typing import Annotated
+
+import typer
 
 from app.settings import get_settings
+
+cli = typer.Typer(name="compactor", help=__doc__, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False)
 
 
 def _worker_command(concurrency: int, loglevel: str) -> list[str]:
@@ -29,8 +34,15 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Migrate, start an embedded worker (unless --no-worker), and serve the API until stopped."""
+@cli.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[int, typer.Option(help="API processes")] = 1,
+    concurrency: Annotated[int, typer.Option(help="jobs the embedded worker runs at once")] = 1,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="serve the API only")] = False,
+) -> None:
+    """API plus an embedded worker (SQLite and local files by default)."""
     import uvicorn
 
     from app.migrate import upgrade
@@ -38,10 +50,10 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO)
     upgrade()
     worker = None
-    if not args.no_worker:
-        worker = subprocess.Popen(_worker_command(args.concurrency, "WARNING"), preexec_fn=_die_with_parent)
+    if not no_worker:
+        worker = subprocess.Popen(_worker_command(concurrency, "WARNING"), preexec_fn=_die_with_parent)
     try:
-        uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_level="warning")
+        uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="warning")
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
@@ -49,46 +61,30 @@ def serve(args: argparse.Namespace) -> int:
                 worker.wait(20)
             except subprocess.TimeoutExpired:
                 worker.kill()
-    return 0
 
 
-def run_worker(args: argparse.Namespace) -> int:
-    """Run a standalone worker (the production shape: point COMPACTOR_* at Postgres and Redis)."""
+@cli.command("worker")
+def run_worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
+    """A Celery worker that runs compression jobs (point COMPACTOR_* at Postgres and Redis)."""
     if get_settings().auto_migrate:
         from app.migrate import upgrade
 
         upgrade()
-    return subprocess.call(_worker_command(args.concurrency, args.loglevel))
+    raise typer.Exit(subprocess.call(_worker_command(concurrency, loglevel)))
 
 
-def migrate(_: argparse.Namespace) -> int:
+@cli.command()
+def migrate() -> None:
     """Upgrade the database schema to the newest revision."""
     from app.migrate import upgrade
 
     upgrade()
     print("database schema is up to date")
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="compactor", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="API plus an embedded worker (SQLite and local files by default)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="API processes")
-    p.add_argument("--concurrency", type=int, default=1, help="jobs the embedded worker runs at once")
-    p.add_argument("--no-worker", action="store_true", help="serve the API only")
-    p.set_defaults(func=serve)
-    p = sub.add_parser("worker", help="a Celery worker that runs compression jobs")
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--loglevel", default="INFO")
-    p.set_defaults(func=run_worker)
-    p = sub.add_parser("migrate", help="upgrade the database schema")
-    p.set_defaults(func=migrate)
-    args = parser.parse_args(argv)
-    return args.func(args)
+def main() -> None:
+    cli(prog_name="compactor")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
