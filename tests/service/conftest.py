@@ -112,7 +112,7 @@ def upload_model(api: httpx.Client, module: torch.jit.ScriptModule | bytes, name
         response = api.post("/v1/models", files={"file": (name, content, "application/octet-stream")})
     except httpx.ReadError:
         # Seen only in full-suite runs (never alone): the API resets this connection before any
-        # response, so nothing was stored. The cause is still open (see issue 19's note); one retry.
+        # response, so nothing was stored. The cause is still open; one retry.
         response = api.post("/v1/models", files={"file": (name, content, "application/octet-stream")})
     assert response.status_code == 201, response.text
     return response.json()
