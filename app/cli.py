@@ -37,8 +37,8 @@ cli.add_typer(jobs, name="jobs")
 # ---- the service ----
 
 
-def _worker_command(concurrency: int, loglevel: str) -> list[str]:
-    settings = get_settings()
+def worker_command(concurrency: int, loglevel: str, queue: str | None = None, name: str | None = None) -> list[str]:
+    """The Celery worker command line (the test harness starts workers with it too)."""
     # Threads, not prefork: each job's torch work already runs in its own spawned process, and a
     # prefork child (a daemon) may not start processes of its own.
     return [
@@ -53,11 +53,11 @@ def _worker_command(concurrency: int, loglevel: str) -> list[str]:
         "-c",
         str(concurrency),
         "-Q",
-        settings.queue_name,
+        queue or get_settings().queue_name,
         "--loglevel",
         loglevel,
         "-n",
-        f"compactor-{os.getpid()}@%h",
+        name or f"compactor-{os.getpid()}@%h",
     ]
 
 
@@ -87,7 +87,7 @@ def serve(
     upgrade()
     worker = None
     if not no_worker:
-        worker = subprocess.Popen(_worker_command(concurrency, "WARNING"), preexec_fn=_die_with_parent)
+        worker = subprocess.Popen(worker_command(concurrency, "WARNING"), preexec_fn=_die_with_parent)
     try:
         uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="warning")
     finally:
@@ -106,7 +106,7 @@ def run_worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
         from app.migrate import upgrade
 
         upgrade()
-    raise typer.Exit(subprocess.call(_worker_command(concurrency, loglevel)))
+    raise typer.Exit(subprocess.call(worker_command(concurrency, loglevel)))
 
 
 @cli.command()

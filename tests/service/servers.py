@@ -107,43 +107,31 @@ class Service:
         wait_until_up(self.url, self.processes["api"], self.log_dir / "api.log")
 
     def start_worker(self, concurrency: int = 1) -> None:
-        self._spawn(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app:celery_app",
-                "worker",
-                "-P",
-                "threads",
-                "-c",
-                str(concurrency),
-                "-Q",
-                self.env["COMPACTOR_QUEUE_NAME"],
-                "--loglevel",
-                "INFO",
-                "-n",
-                f"test-{uuid.uuid4().hex[:6]}@%h",
-            ],
-        )
+        from app.cli import worker_command
+
+        queue, name = self.env["COMPACTOR_QUEUE_NAME"], f"test-{uuid.uuid4().hex[:6]}@%h"
+        self._spawn("worker", worker_command(concurrency, "INFO", queue, name))
 
     def stop(self, name: str | None = None) -> None:
         for key in [name] if name else list(self.processes):
             process = self.processes.pop(key, None)
             if process is None:
                 continue
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, 20)
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from app.client import CompactorClient, DownloadMismatch, ProblemError
 from tests import zoo
-from tests.service.servers import ROOT, free_port, wait_until_up
+from tests.service.servers import ROOT, free_port, stop_process, wait_until_up
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,7 @@ def server(tmp_path_factory):
         wait_until_up(f"http://127.0.0.1:{port}", serve, tmp / "serve.log")
         yield {**env, "COMPACTOR_URL": f"http://127.0.0.1:{port}"}
     finally:
-        serve.terminate()
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve)
         log.close()
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests import zoo
-from tests.service.servers import ROOT, free_port, wait_until_up
+from tests.service.servers import ROOT, free_port, stop_process, wait_until_up
 
 
 def _walkthrough() -> str:
@@ -64,11 +64,7 @@ def test_readme_walkthrough_against_compactor_serve(tmp_path):
         assert "<html" in (tmp_path / "report.html").read_text().lower()
         assert (tmp_path / "var" / "compactor.sqlite").exists() and (tmp_path / "var" / "broker.sqlite").exists()
     finally:
-        serve.terminate()
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve)
 
 
 def test_serve_takes_its_embedded_worker_down_with_it(tmp_path):
