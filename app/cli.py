@@ -89,7 +89,10 @@ def serve(
     if not no_worker:
         worker = subprocess.Popen(worker_command(concurrency, "WARNING"), preexec_fn=_die_with_parent)
     try:
-        uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="warning")
+        # Event streams stay open until their job ends: shutdown closes them after 5 s, not never.
+        uvicorn.run(
+            "app.main:app", host=host, port=port, workers=workers, log_level="warning", timeout_graceful_shutdown=5
+        )
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
@@ -233,7 +236,7 @@ def _read_spec(spec_file: str) -> dict:
 
 
 def _follow(client: CompactorClient, job_id: str) -> dict:
-    """Poll a job to its end behind a progress bar on stderr (stdout stays for ids and JSON)."""
+    """Follow a job's events to its end behind a progress bar on stderr (stdout stays for ids and JSON)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 

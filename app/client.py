@@ -6,12 +6,14 @@ It speaks only the contract of docs/api.md: no database, no storage, no torch.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import connect_sse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 ACTIVE_JOB_STATUSES = ("queued", "running")
@@ -115,16 +117,37 @@ class CompactorClient:
         return self._json("POST", f"/v1/jobs/{job_id}/cancel")
 
     def wait_for_job(
-        self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None, interval: float = 1.0
+        self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None, reconnects: int = 5
     ) -> dict[str, Any]:
-        """Poll a job until it leaves `queued`/`running`, calling `on_update` with every answer."""
+        """Follow a job's events (`GET /v1/jobs/{id}/events`) to its end, calling `on_update` with
+        each state (`status`, `progress`, `error`); returns the finished job.
+
+        A broken stream is resumed with `Last-Event-ID`, so no newer state is missed; `Unreachable`
+        after `reconnects` failures in a row.
+        """
+        last_event_id: str | None = None
+        failures = 0
         while True:
-            job = self.get_job(job_id)
-            if on_update is not None:
-                on_update(job)
-            if job["status"] not in ACTIVE_JOB_STATUSES:
-                return job
-            time.sleep(interval)
+            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+            try:
+                with connect_sse(self._http, "GET", f"/v1/jobs/{job_id}/events", headers=headers) as source:
+                    if source.response.is_error:
+                        source.response.read()
+                        raise _problem(source.response)
+                    for event in source.iter_sse():
+                        if not event.data:  # a keep-alive ping
+                            continue
+                        last_event_id, failures = event.id, 0
+                        if on_update is not None:
+                            on_update(json.loads(event.data))
+                job = self.get_job(job_id)  # the server ends the stream once the job has ended
+                if job["status"] not in ACTIVE_JOB_STATUSES:
+                    return job
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > reconnects:
+                    raise Unreachable(f"{self.base_url}: {exc}") from exc
+                time.sleep(min(2.0**failures, 10.0))
 
     def get_report(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}/report")

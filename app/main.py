@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.openapi import contract_openapi
-from app.api.routes import datasets, health, jobs, models
+from app.api.routes import datasets, health, jobs, models, webhooks
 from app.errors import install_error_handlers
 from app.settings import get_settings
 
@@ -35,11 +35,12 @@ def create_app() -> FastAPI:
             {"name": "models", "description": "Uploaded TorchScript models."},
             {"name": "datasets", "description": "Calibration, training and evaluation data."},
             {"name": "jobs", "description": "Compression pipelines, reports and artifacts."},
+            {"name": "webhooks", "description": "The secret webhooks are signed with."},
             {"name": "service", "description": "Health probes."},
         ],
     )
     install_error_handlers(app)
-    for module in (models, datasets, jobs, health):
+    for module in (models, datasets, jobs, webhooks, health):
         app.include_router(module.router)
     app.openapi = lambda: contract_openapi(app)
     return app

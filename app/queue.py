@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 RUN_JOB = "compactor.run_job"
 VALIDATE_MODEL = "compactor.validate_model"
+DELIVER_WEBHOOK = "compactor.deliver_webhook"
 
 
 def make_celery(include: Sequence[str] = ()) -> Celery:
@@ -53,11 +54,12 @@ def _celery() -> Celery:
     return _client
 
 
-def send(task: str, *args: str) -> bool:
-    """Send a task; False (logged) when the broker is unreachable — the sweeper re-sends later."""
+def send(task: str, *args: str, countdown: float | None = None) -> bool:
+    """Send a task (to run `countdown` seconds from now, if given); False (logged) when the broker
+    is unreachable — the sweeper re-sends later."""
     client = _celery()
     try:
-        client.send_task(task, args=list(args), queue=client.conf.task_default_queue)
+        client.send_task(task, args=list(args), queue=client.conf.task_default_queue, countdown=countdown)
         return True
     except Exception:
         log.exception("could not enqueue %s%s; it will be re-sent", task, args)

@@ -67,6 +67,21 @@ class Settings(BaseSettings):
         description="RLIMIT_NPROC of a sandboxed job: processes and threads "
         "of the worker's user (Linux does not apply it to uid 0).",
     )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow callback URLs on loopback, link-local and private addresses "
+        "(off: no webhook can reach into the operator's own network).",
+    )
+    webhook_retry_delays_s: list[float] = Field(
+        [5, 300, 1800, 7200, 18000, 36000, 36000],
+        description="Waits between a webhook's attempts (the Standard Webhooks schedule); "
+        "no attempt is made after webhook_retry_window_s.",
+    )
+    webhook_retry_window_s: float = Field(86400.0, description="How long a webhook is retried before it is failed.")
+    webhook_timeout_s: float = Field(10.0, description="Time a receiver has to answer one webhook attempt.")
+    events_poll_interval_s: float = Field(
+        0.5, gt=0, description="How often an open event stream (GET /v1/jobs/{id}/events) looks for changes."
+    )
     environment: str = Field("development", description="'production' refuses insecure defaults.")
 
     @model_validator(mode="after")

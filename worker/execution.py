@@ -18,7 +18,7 @@ from app.inspection import check_torchscript_archive
 from app.models import CompressionJob, Dataset, UploadedModel
 from app.models.job import JobStatus, job_progress
 from app.reports.html import headline
-from app.services import blobs, lifecycle
+from app.services import blobs, lifecycle, webhooks
 from app.settings import get_settings
 from app.storage import BlobCorrupted, get_blob_store
 from worker.isolation import IsolatedFailure, current_sandbox, job_limits, run_isolated
@@ -188,8 +188,8 @@ def _job_files(spec: dict, model_id: str, job: JobDir) -> dict:
 
 
 def resend_lost_work() -> list[str]:
-    """Find queued jobs whose message was lost, running jobs whose worker died, and validations that
-    never ran; send them again. Returns the ids sent."""
+    """Find queued jobs whose message was lost, running jobs whose worker died, validations that
+    never ran and webhook attempts whose message was lost; send them again. Returns the ids sent."""
     from app import queue
 
     settings = get_settings()
@@ -201,11 +201,23 @@ def resend_lost_work() -> list[str]:
             max_attempts=settings.max_attempts,
         )
         model_ids = lifecycle.models_to_revalidate(session, settings.requeue_after_s)
+        delivery_ids = webhooks.lost_deliveries(session, settings.requeue_after_s)
     for job_id in job_ids:
         queue.send(queue.RUN_JOB, job_id)
     for model_id in model_ids:
         queue.send(queue.VALIDATE_MODEL, model_id)
-    return job_ids + model_ids
+    for delivery_id in delivery_ids:
+        queue.send(queue.DELIVER_WEBHOOK, delivery_id)
+    return job_ids + model_ids + delivery_ids
+
+
+def deliver_webhook(delivery_id: str) -> None:
+    """One attempt at a webhook; the next, if one is due, is sent to run when its wait is over."""
+    from app import queue
+
+    delay = webhooks.attempt(delivery_id)
+    if delay is not None:
+        queue.send(queue.DELIVER_WEBHOOK, delivery_id, countdown=delay)
 
 
 def collect_orphan_blobs() -> list[str]:

@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from app.schemas.common import Problem
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+EVENT_STREAM = "text/event-stream"
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _PROBLEM_TEXT = {
     401: "Missing or wrong API key",
@@ -115,6 +116,11 @@ def contract_openapi(app: FastAPI) -> dict[str, Any]:
                     continue
                 if any(media.get("schema") == _PROBLEM_REF for media in content.values()):
                     response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": _PROBLEM_REF}}
+                elif EVENT_STREAM in content:
+                    # OpenAPI 3.1 has no type for a stream of events: the body is text, and each
+                    # event's JSON `data` has the schema the route declares (named in an extension).
+                    data_schema = content[EVENT_STREAM].get("schema")
+                    response["content"] = {EVENT_STREAM: {"schema": {"type": "string"}, "x-event-data": data_schema}}
                 elif len(content) > 1 and "application/json" in content:
                     del content["application/json"]  # binary or HTML: FastAPI's default JSON entry is wrong
     app.openapi_schema = document

@@ -4,5 +4,14 @@ from app.models.base import Base
 from app.models.dataset import Dataset
 from app.models.job import CompressionJob
 from app.models.model import UploadedModel
+from app.models.webhook import DeliveryStatus, WebhookDelivery, WebhookSecret
 
-__all__ = ["Base", "CompressionJob", "Dataset", "UploadedModel"]
+__all__ = [
+    "Base",
+    "CompressionJob",
+    "Dataset",
+    "DeliveryStatus",
+    "UploadedModel",
+    "WebhookDelivery",
+    "WebhookSecret",
+]

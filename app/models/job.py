@@ -32,6 +32,7 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.RUNNING: frozenset({JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}),
 }
 ACTIVE_STATUSES = tuple(status for status in JobStatus if status in TRANSITIONS)
+FINAL_STATUSES = tuple(status for status in JobStatus if status not in TRANSITIONS)
 
 
 def job_progress(stage: str, message: str = "", percent: float = 0.0, step_index: int | None = None) -> dict:
@@ -65,3 +66,6 @@ class CompressionJob(IdMixin, Base):
     artifact_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     artifact_size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     report: Mapped[dict | None] = mapped_column(JSON, default=None, deferred=True)
+    # Bumped by every change a watcher sees (status, progress): the id of the job's events
+    # (`GET /v1/jobs/{id}/events`), so a client resuming with Last-Event-ID misses nothing newer.
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")

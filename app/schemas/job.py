@@ -15,6 +15,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.models.job import JobStatus
 from app.schemas.common import ErrorInfo
+from app.schemas.webhook import WebhookDeliveryRead
 
 
 class _Strict(BaseModel):
@@ -169,6 +170,14 @@ class JobSpec(_Strict):
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     target: TargetSpec | None = None
     seed: int = 0
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="An http(s) URL POSTed the job's summary once it ends (succeeded, failed or canceled), "
+        "signed in the Standard Webhooks format with the tenant's secret (GET /v1/webhooks/secret) and "
+        "retried for a day. Loopback, link-local and private addresses are refused.",
+        examples=["https://ci.example.com/hooks/compactor"],
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> JobSpec:
@@ -247,3 +256,19 @@ class JobRead(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     artifact: ArtifactInfo | None = None
+    revision: int = Field(description="Bumped by every change of status or progress: the id of the job's events.")
+    webhooks: list[WebhookDeliveryRead] | None = Field(
+        None,
+        description="The job's webhook deliveries with every attempt, when it has a callback_url "
+        "(on a single job; null in lists).",
+    )
+
+
+class JobEvent(BaseModel):
+    """One Server-Sent Event of GET /v1/jobs/{id}/events: the job's state at `revision` (the event id)."""
+
+    id: str
+    revision: int
+    status: JobStatus
+    progress: JobProgress
+    error: ErrorInfo | None = None

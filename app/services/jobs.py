@@ -15,8 +15,9 @@ from app.errors import Conflict, InvalidInput, NotFound
 from app.models import CompressionJob
 from app.models.base import utcnow
 from app.models.job import JobStatus
+from app.outbound import AddressRefused
 from app.schemas.job import DistillStep, JobSpec
-from app.services import lifecycle
+from app.services import lifecycle, webhooks
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.pagination import paginate
@@ -24,6 +25,15 @@ from app.services.pagination import paginate
 
 def check_spec(session: Session, tenant: str, spec: JobSpec) -> None:
     """Refuse a spec whose references do not exist for this tenant (the schema checked the rest)."""
+    if spec.callback_url:
+        try:
+            webhooks.check_callback_url(spec.callback_url)
+        except AddressRefused as exc:
+            raise InvalidInput(
+                f"callback_url refused: {exc}",
+                code="callback_url_refused",
+                errors=[{"loc": ["body", "callback_url"], "msg": f"callback_url refused: {exc}"}],
+            ) from None
     errors: list[dict] = []
 
     def exists(loc: list, getter, ref: str) -> None:
@@ -122,6 +132,22 @@ def get_live_job(session: Session, tenant: str, job_id: str) -> CompressionJob:
     if job is None or job.tenant != tenant:
         raise NotFound(f"job {job_id} does not exist", code="job_not_found")
     return job
+
+
+def deliveries_of(session: Session, job: CompressionJob) -> list | None:
+    """The job's webhook deliveries, or None when it has no callback_url (no query then)."""
+    return webhooks.deliveries_of(session, job.id) if job.spec.get("callback_url") else None
+
+
+def job_state(session: Session, tenant: str, job_id: str) -> dict:
+    """What an event of the job carries: its revision, status, progress and error (one small query)."""
+    job = CompressionJob
+    row = session.execute(
+        select(job.id, job.tenant, job.revision, job.status, job.progress, job.error).where(job.id == job_id)
+    ).one_or_none()
+    if row is None or row.tenant != tenant:
+        raise NotFound(f"job {job_id} does not exist", code="job_not_found")
+    return {"id": row.id, "revision": row.revision, "status": row.status, "progress": row.progress, "error": row.error}
 
 
 def list_jobs(session: Session, tenant: str, limit: int, cursor: str | None, status: str | None, model_id: str | None):

@@ -2,7 +2,8 @@
 
 Every state change goes through `_move`, an UPDATE guarded by `TRANSITIONS`, so a duplicate
 delivery, a cancel racing a finish or two sweepers at once cannot run a job twice, overwrite a
-finished one or resurrect a canceled one.
+finished one or resurrect a canceled one. Each change bumps the job's `revision` (its event id),
+and a move to a final state stores the job's webhook in the same transaction.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from sqlalchemy.orm import Session
 
 from app.models import CompressionJob, UploadedModel
 from app.models.base import utcnow
-from app.models.job import TRANSITIONS, JobStatus, job_progress
+from app.models.job import FINAL_STATUSES, TRANSITIONS, JobStatus, job_progress
+from app.services import webhooks
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,13 @@ def _move(session: Session, job_id: str, to: JobStatus, *where, **values) -> boo
     result = session.execute(
         update(CompressionJob)
         .where(CompressionJob.id == job_id, CompressionJob.status.in_(allowed_from), *where)
-        .values(status=to, **values)
+        .values(status=to, revision=CompressionJob.revision + 1, **values)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    moved = result.rowcount == 1
+    if moved and to in FINAL_STATUSES:
+        webhooks.record_job_event(session, job_id)
+    return moved
 
 
 def claim(session: Session, job_id: str, worker: str) -> bool:
@@ -57,7 +62,7 @@ def record_progress(session: Session, job_id: str, progress: dict) -> bool:
     result = session.execute(
         update(CompressionJob)
         .where(CompressionJob.id == job_id, CompressionJob.status == JobStatus.RUNNING)
-        .values(progress=progress, heartbeat_at=utcnow())
+        .values(progress=progress, heartbeat_at=utcnow(), revision=CompressionJob.revision + 1)
     )
     return result.rowcount == 1
 

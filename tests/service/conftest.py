@@ -67,6 +67,10 @@ def service(tmp_path_factory, pg_url, redis_broker):
         COMPACTOR_REQUEUE_INTERVAL_S="2",
         COMPACTOR_JOB_MEMORY_LIMIT_BYTES=str(8 * 1024**3),
         COMPACTOR_REQUEUE_AFTER_S="5",
+        # The webhook tests' receiver listens on loopback, and cannot wait minutes between attempts.
+        COMPACTOR_WEBHOOK_ALLOW_PRIVATE="true",
+        COMPACTOR_WEBHOOK_RETRY_DELAYS_S="[0.5, 1, 1]",
+        COMPACTOR_EVENTS_POLL_INTERVAL_S="0.2",
     )
     svc = Service(env, data_dir)
     svc.start_api()

@@ -166,3 +166,29 @@ def test_a_download_that_does_not_match_its_sha256_is_not_kept(tmp_path):
     with pytest.raises(DownloadMismatch), _mock(handler) as client:
         client.download_artifact("j", tmp_path / "out.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_waiting_resumes_a_broken_event_stream_from_the_last_event_id():
+    seen_last_ids = []
+
+    class Broken(httpx.SyncByteStream):
+        def __iter__(self):
+            yield b'id: 4\nevent: job\ndata: {"status": "running", "progress": {"percent": 40.0}}\n\n'
+            raise httpx.RemoteProtocolError("peer closed connection")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            seen_last_ids.append(request.headers.get("last-event-id"))
+            if len(seen_last_ids) == 1:
+                return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Broken())
+            final = b'id: 9\nevent: job\ndata: {"status": "succeeded", "progress": {"percent": 100.0}}\n\n'
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=final)
+        return httpx.Response(200, json={"id": "j", "status": "succeeded"})
+
+    updates = []
+    with _mock(handler) as client:
+        job = client.wait_for_job("j", on_update=updates.append)
+
+    assert job["status"] == "succeeded"
+    assert seen_last_ids == [None, "4"]
+    assert [u["status"] for u in updates] == ["running", "succeeded"]

@@ -3,6 +3,7 @@ no Redis), driven by the README's own curl walkthrough."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -57,6 +58,9 @@ def test_readme_walkthrough_against_compactor_serve(tmp_path):
             )
         assert result.returncode == 0, result.stderr + (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
         assert re.search(r"job [0-9a-f-]+: succeeded", result.stdout), result.stdout
+        # curl -N followed the job's events to the end: the last one is its final state
+        events = [json.loads(line[5:]) for line in result.stdout.splitlines() if line.startswith("data:")]
+        assert events and events[-1]["status"] == "succeeded", result.stdout
         assert re.search(r"[\d.]+× (faster|slower) at batch 8, [\d.]+× smaller", result.stdout), result.stdout
         compressed = torch.jit.load(str(tmp_path / "compressed.pt"))
         with torch.inference_mode():

@@ -15,7 +15,8 @@ from app.migrate import upgrade
 from app.models import Base, CompressionJob, UploadedModel
 from app.models.base import utcnow
 from app.models.job import JobStatus
-from app.services import jobs, lifecycle
+from app.services import jobs, lifecycle, webhooks
+from app.settings import Settings
 
 
 def test_migrations_create_the_schema_on_postgres_and_sqlite(migrated, tmp_path):
@@ -142,3 +143,52 @@ def test_success_after_a_cancel_is_refused(migrated):
             )
     finally:
         _drop_job(migrated, job_id)
+
+
+def test_every_visible_change_bumps_the_revision_and_a_final_one_stores_the_webhook(session):
+    job = _job(session)
+    job.spec = {"callback_url": "https://hooks.example.com/x"}
+    session.flush()
+    revisions = [job.revision]
+    for change in (
+        lambda: lifecycle.claim(session, job.id, "w"),
+        lambda: lifecycle.record_progress(session, job.id, {"stage": "x"}),
+        lambda: lifecycle.fail(session, job.id, "model_error", "boom"),
+    ):
+        assert change()
+        session.refresh(job)
+        revisions.append(job.revision)
+    assert revisions == [1, 2, 3, 4]
+
+    (delivery,) = webhooks.deliveries_of(session, job.id)
+    assert (delivery.event_type, delivery.status, delivery.url) == ("job.failed", "pending", job.spec["callback_url"])
+    assert delivery.payload["data"]["error"] == {"code": "model_error", "message": "boom"}
+    # A refused move (a failed job cannot be canceled) stores nothing more.
+    assert lifecycle.cancel(session, job.id) is False
+    assert len(webhooks.deliveries_of(session, job.id)) == 1
+
+
+def test_a_job_without_callback_url_stores_no_delivery(session):
+    job = _job(session)
+    assert lifecycle.cancel(session, job.id)
+    assert webhooks.deliveries_of(session, job.id) == []
+
+
+def test_a_delivery_whose_message_was_lost_is_found_again(session):
+    job = _job(session)
+    job.spec = {"callback_url": "https://hooks.example.com/x"}
+    lifecycle.cancel(session, job.id)
+    (delivery,) = webhooks.deliveries_of(session, job.id)
+    assert delivery.id not in webhooks.lost_deliveries(session, overdue_s=60)
+    delivery.next_attempt_at = utcnow() - timedelta(minutes=5)
+    session.flush()
+    assert delivery.id in webhooks.lost_deliveries(session, overdue_s=60)
+
+
+def test_retries_follow_the_schedule_and_stop_at_the_window():
+    settings = Settings(webhook_retry_delays_s=[5, 300], webhook_retry_window_s=3600)
+    now = utcnow()
+    assert webhooks._next_delay(1, now, settings) == 5
+    assert webhooks._next_delay(2, now, settings) == 300
+    assert webhooks._next_delay(3, now, settings) is None  # the schedule is spent
+    assert webhooks._next_delay(2, now - timedelta(seconds=3400), settings) is None  # past the window

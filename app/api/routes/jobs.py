@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response
+import anyio
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, StoreDep, TenantDep
 from app.api.files import blob_response
 from app.api.openapi import COMMON_PROBLEMS, created_responses, download_responses, problems
+from app.db import read_only_session
 from app.models import CompressionJob
-from app.models.job import JobStatus
+from app.models.job import FINAL_STATUSES, JobStatus
 from app.reports.html import render_report_html
 from app.schemas.common import Page
-from app.schemas.job import JOB_SPEC_EXAMPLES, ArtifactInfo, JobRead, JobSpec
+from app.schemas.job import JOB_SPEC_EXAMPLES, ArtifactInfo, JobEvent, JobRead, JobSpec
 from app.schemas.report import JobComparison, Report
+from app.schemas.webhook import WebhookDeliveryRead
 from app.services import jobs as service
+from app.settings import get_settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems(*COMMON_PROBLEMS))
 
 
-def to_read(job: CompressionJob) -> JobRead:
+def to_read(job: CompressionJob, deliveries: list | None = None) -> JobRead:
     artifact = None
     if job.artifact_sha256:
         artifact = ArtifactInfo(size_bytes=job.artifact_size_bytes, sha256=job.artifact_sha256)
@@ -38,6 +45,10 @@ def to_read(job: CompressionJob) -> JobRead:
         started_at=job.started_at,
         finished_at=job.finished_at,
         artifact=artifact,
+        revision=job.revision,
+        webhooks=None
+        if deliveries is None
+        else [WebhookDeliveryRead.model_validate(d, from_attributes=True) for d in deliveries],
     )
 
 
@@ -100,13 +111,66 @@ def compare_jobs(
 def get_job(job_id: str, session: ReadSessionDep, tenant: TenantDep):
     """Get a job: status, progress, error and artifact."""
     # The hottest route (clients poll it): serialised once here instead of validated twice.
-    return Response(to_read(service.get_job(session, tenant, job_id)).model_dump_json(), media_type="application/json")
+    job = service.get_job(session, tenant, job_id)
+    return Response(to_read(job, service.deliveries_of(session, job)).model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", operation_id="cancel_job", response_model=JobRead, responses=problems(404))
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep):
     """Cancel a queued or running job (a finished job is returned unchanged)."""
-    return to_read(service.cancel_job(session, tenant, job_id))
+    job = service.cancel_job(session, tenant, job_id)
+    return to_read(job, service.deliveries_of(session, job))
+
+
+def _job_state(tenant: str, job_id: str) -> dict:
+    # A session per look, never one held for the stream's life: a watcher holds no connection.
+    with read_only_session() as session:
+        return service.job_state(session, tenant, job_id)
+
+
+async def _watched_job(job_id: str, tenant: TenantDep) -> dict:
+    """The job's state before the stream starts, so an unknown job is a 404, not a broken stream."""
+    return await run_in_threadpool(_job_state, tenant, job_id)
+
+
+@router.get(
+    "/{job_id}/events",
+    operation_id="job_events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "A `job` event (JSON `JobEvent`, id = revision) at every change, until the job ends.",
+            "model": JobEvent,
+        },
+        **problems(404),
+    },
+)
+async def job_events(
+    job_id: str,
+    tenant: TenantDep,
+    state: Annotated[dict, Depends(_watched_job)],
+    last_event_id: Annotated[
+        str | None,
+        Header(max_length=20, description="The id of the last event seen: only newer states are sent."),
+    ] = None,
+) -> AsyncIterable[ServerSentEvent]:
+    """Server-Sent Events of the job's status and progress until it ends (`curl -N`).
+
+    Each event is the job's whole state at a revision, so a client that reconnects with
+    `Last-Event-ID` gets the newest state it has not seen (intermediate progress it missed is not
+    replayed: only the newest counts). The stream ends after the event of a final state.
+    """
+    seen = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    poll_s = get_settings().events_poll_interval_s
+    while True:
+        if state["revision"] > seen:
+            seen = state["revision"]
+            event = JobEvent(**state)
+            yield ServerSentEvent(id=str(seen), event="job", raw_data=event.model_dump_json())
+        if state["status"] in FINAL_STATUSES:
+            return
+        await anyio.sleep(poll_s)
+        state = await run_in_threadpool(_job_state, tenant, job_id)
 
 
 @router.get("/{job_id}/report", operation_id="get_report", response_model=Report, responses=problems(404, 409))
