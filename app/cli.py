@@ -37,28 +37,55 @@ cli.add_typer(jobs, name="jobs")
 # ---- the service ----
 
 
-def worker_command(concurrency: int, loglevel: str, queue: str | None = None, name: str | None = None) -> list[str]:
-    """The Celery worker command line (the test harness starts workers with it too)."""
+NOTIFIER_THREADS = 8  # webhook attempts wait on the network, not the CPU
+
+
+def worker_command(
+    concurrency: int, loglevel: str, queue: str | None = None, name: str | None = None, notifier: bool = False
+) -> list[str]:
+    """The Celery worker command line (the test harness starts workers with it too): a job worker,
+    or with `notifier` the webhook worker beside it (worker/notifier.py)."""
+    from app.queue import webhook_queue
+
+    queue = queue or get_settings().queue_name
     # Threads, not prefork: each job's torch work already runs in its own spawned process, and a
     # prefork child (a daemon) may not start processes of its own.
+    app, queues, role = "worker.celery_app:celery_app", queue, "compactor"
+    if notifier:
+        app, queues, role, concurrency = (
+            "worker.notifier:celery_app",
+            webhook_queue(queue),
+            "notifier",
+            NOTIFIER_THREADS,
+        )
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "worker.celery_app:celery_app",
+        app,
         "worker",
         "-P",
         "threads",
         "-c",
         str(concurrency),
         "-Q",
-        queue or get_settings().queue_name,
+        queues,
         "--loglevel",
         loglevel,
         "-n",
-        name or f"compactor-{os.getpid()}@%h",
+        name or f"{role}-{os.getpid()}@%h",
     ]
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def _die_with_parent() -> None:
@@ -85,31 +112,49 @@ def serve(
 
     logging.basicConfig(level=logging.INFO)
     upgrade()
-    worker = None
+    children = []
     if not no_worker:
-        worker = subprocess.Popen(worker_command(concurrency, "WARNING"), preexec_fn=_die_with_parent)
+        for notifier in (False, True):
+            command = worker_command(concurrency, "WARNING", notifier=notifier)
+            children.append(subprocess.Popen(command, preexec_fn=_die_with_parent))
     try:
         # Event streams stay open until their job ends: shutdown closes them after 5 s, not never.
         uvicorn.run(
             "app.main:app", host=host, port=port, workers=workers, log_level="warning", timeout_graceful_shutdown=5
         )
     finally:
-        if worker is not None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        _stop(children)
 
 
 @cli.command("worker")
-def run_worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
+def run_worker(
+    concurrency: int = 1,
+    loglevel: str = "INFO",
+    notify: Annotated[
+        bool, typer.Option(help="also run a webhook notifier beside it (--no-notify where notifiers run alone)")
+    ] = True,
+) -> None:
     """A Celery worker that runs compression jobs (point COMPACTOR_* at Postgres and Redis)."""
     if get_settings().auto_migrate:
         from app.migrate import upgrade
 
         upgrade()
-    raise typer.Exit(subprocess.call(worker_command(concurrency, loglevel)))
+    notifier = None
+    if notify:
+        notifier = subprocess.Popen(worker_command(1, loglevel, notifier=True), preexec_fn=_die_with_parent)
+    try:
+        code = subprocess.call(worker_command(concurrency, loglevel))
+    finally:
+        if notifier is not None:
+            _stop([notifier])
+    raise typer.Exit(code)
+
+
+@cli.command()
+def notifier(loglevel: str = "INFO") -> None:
+    """A Celery worker that only delivers webhooks (no torch, no sandbox): run one or more beside
+    job workers started with --no-notify."""
+    raise typer.Exit(subprocess.call(worker_command(1, loglevel, notifier=True)))
 
 
 @cli.command()

@@ -54,12 +54,20 @@ def _celery() -> Celery:
     return _client
 
 
+def webhook_queue(queue_name: str) -> str:
+    """The queue of webhook deliveries beside the job queue `queue_name` (see worker/notifier.py)."""
+    return f"{queue_name}.webhooks"
+
+
 def send(task: str, *args: str, countdown: float | None = None) -> bool:
     """Send a task (to run `countdown` seconds from now, if given); False (logged) when the broker
     is unreachable — the sweeper re-sends later."""
     client = _celery()
+    target = client.conf.task_default_queue
+    if task == DELIVER_WEBHOOK:
+        target = webhook_queue(target)
     try:
-        client.send_task(task, args=list(args), queue=client.conf.task_default_queue, countdown=countdown)
+        client.send_task(task, args=list(args), queue=target, countdown=countdown)
         return True
     except Exception:
         log.exception("could not enqueue %s%s; it will be re-sent", task, args)

@@ -12,7 +12,7 @@ import pytest
 from pydantic_core import PydanticUndefined
 
 from app.main import app
-from app.schemas.job import BenchmarkSpec, DistillStep, InputSpec, PruneStep, QuantizeStep, TargetSpec
+from app.schemas.job import BenchmarkSpec, CompileStep, DistillStep, InputSpec, PruneStep, QuantizeStep, TargetSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "api.md").read_text()
@@ -52,6 +52,7 @@ def _table(heading: str) -> dict[str, tuple[str, str]]:
         ("prune", PruneStep),
         ("quantize", QuantizeStep),
         ("distill", DistillStep),
+        ("compile", CompileStep),
         ("benchmark", BenchmarkSpec),
         ("target", TargetSpec),
         ("input_spec", InputSpec),

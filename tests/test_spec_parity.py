@@ -47,7 +47,7 @@ def _choices(annotation) -> tuple | None:
 
 
 def test_every_op_has_a_schema_and_an_engine_config():
-    assert set(SCHEMAS) == set(step_configs()) == {"prune", "quantize", "distill"}
+    assert set(SCHEMAS) == set(step_configs()) == {"prune", "quantize", "distill", "compile"}
 
 
 @pytest.mark.parametrize("op", sorted(SCHEMAS))
@@ -76,7 +76,12 @@ def test_the_benchmark_spec_and_the_engines_benchmark_config_agree():
 
 @pytest.mark.parametrize("op", sorted(SCHEMAS))
 def test_a_stored_step_parses_back_into_the_engine_config_of_its_defaults(op):
-    required = {"prune": {"structure": "channel"}, "quantize": {"scheme": "dynamic_int8"}, "distill": {}}[op]
+    required = {
+        "prune": {"structure": "channel"},
+        "quantize": {"scheme": "dynamic_int8"},
+        "distill": {},
+        "compile": {},
+    }[op]
     stored = SCHEMAS[op].model_validate({"op": op, **required}).model_dump(mode="json")
 
     config = parse_step(stored)

@@ -211,15 +211,6 @@ def resend_lost_work() -> list[str]:
     return job_ids + model_ids + delivery_ids
 
 
-def deliver_webhook(delivery_id: str) -> None:
-    """One attempt at a webhook; the next, if one is due, is sent to run when its wait is over."""
-    from app import queue
-
-    delay = webhooks.attempt(delivery_id)
-    if delay is not None:
-        queue.send(queue.DELIVER_WEBHOOK, delivery_id, countdown=delay)
-
-
 def collect_orphan_blobs() -> list[str]:
     """Delete the blobs no row references any more (uploads deleted, jobs canceled after storing
     their artifact) once the grace period has passed; returns their sha256."""

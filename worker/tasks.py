@@ -28,11 +28,6 @@ def validate_model(model_id: str) -> str:
     return execution.validate_model(model_id)
 
 
-@celery_app.task(name=queue.DELIVER_WEBHOOK)
-def deliver_webhook(delivery_id: str) -> None:
-    execution.deliver_webhook(delivery_id)
-
-
 @worker_init.connect
 def _require_sandbox(**_) -> None:
     """Refuse to start, saying why, when uploaded models could not be sandboxed here.

@@ -131,7 +131,16 @@ class DistillStep(_Strict):
     weight_decay: float = Field(0.0, ge=0)
 
 
-Step = Annotated[PruneStep | QuantizeStep | DistillStep, Field(discriminator="op")]
+class CompileStep(_Strict):
+    """Freeze, fold and fuse: lossless, checked on the job's data; the pipeline's last step."""
+
+    op: Literal["compile"]
+    preserve: list[str] = Field(
+        default_factory=list, description="Methods or attributes kept beside forward (the rest are dropped)."
+    )
+
+
+Step = Annotated[PruneStep | QuantizeStep | DistillStep | CompileStep, Field(discriminator="op")]
 
 
 class BenchmarkSpec(_Strict):
@@ -187,6 +196,14 @@ class JobSpec(_Strict):
                 (("input_spec",), "give input_spec (synthetic inputs) or a dataset: the benchmark needs inputs")
             )
         for index, step in enumerate(self.steps):
+            if isinstance(step, CompileStep) and index != len(self.steps) - 1:
+                broken.append(
+                    (
+                        ("steps", index),
+                        "compile inlines every layer into one frozen graph, so no step can follow it: "
+                        "make it the last step",
+                    )
+                )
             if isinstance(step, QuantizeStep) and step.scheme == "static_int8" and not self.calibration_dataset_id:
                 broken.append(
                     (

@@ -75,6 +75,7 @@ def service(tmp_path_factory, pg_url, redis_broker):
     svc = Service(env, data_dir)
     svc.start_api()
     svc.start_worker()
+    svc.start_notifier()
     yield svc
     svc.stop()
 

@@ -112,6 +112,13 @@ class Service:
         queue, name = self.env["COMPACTOR_QUEUE_NAME"], f"test-{uuid.uuid4().hex[:6]}@%h"
         self._spawn("worker", worker_command(concurrency, "INFO", queue, name))
 
+    def start_notifier(self) -> None:
+        """The webhook worker (worker/notifier.py), as `compactor worker` starts beside each worker."""
+        from app.cli import worker_command
+
+        queue, name = self.env["COMPACTOR_QUEUE_NAME"], f"notifier-{uuid.uuid4().hex[:6]}@%h"
+        self._spawn("notifier", worker_command(1, "INFO", queue, name, notifier=True))
+
     def stop(self, name: str | None = None) -> None:
         for key in [name] if name else list(self.processes):
             process = self.processes.pop(key, None)

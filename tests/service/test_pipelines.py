@@ -121,3 +121,27 @@ def test_prune_distill_quantize_pipeline_reports_every_stage(api, digits_ids):
     html = api.get(f"/v1/jobs/{done['id']}/report.html")
     assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
     assert "prune" in html.text and "distill" in html.text and "<script src" not in html.text
+
+
+def test_prune_then_compile_job_returns_a_frozen_artifact_without_batchnorm(api, digits_ids, trained_cnn):
+    model_id, calibration_id, eval_id = digits_ids
+    spec = {
+        "model_id": model_id,
+        "calibration_dataset_id": calibration_id,
+        "eval_dataset_id": eval_id,
+        "steps": [{"op": "prune", "structure": "channel", "amount": 0.25}, {"op": "compile"}],
+        "benchmark": QUICK_BENCH,
+    }
+    done, report, artifact = _run(api, spec)
+
+    compile_stage = report["stages"][-1]
+    assert compile_stage["op"] == "compile" and compile_stage["details"]["batch_norms_left"] == 0
+    assert compile_stage["details"]["max_abs_difference"] <= 1e-5
+    assert "aten::batch_norm" not in str(artifact.graph)
+    # the loss is the pruning's; compiling added none
+    pruned = report["stages"][0]["metrics"]["fidelity"]["cosine_min"]
+    assert abs(report["result"]["fidelity"]["cosine_min"] - pruned) < 1e-5
+
+    # compile only as the last step: a 422 naming it, before anything runs
+    refused = api.post("/v1/jobs", json={**spec, "steps": [{"op": "compile"}, {"op": "quantize", "scheme": "fp16"}]})
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "steps", 0]

@@ -1,6 +1,6 @@
 """The pipeline: runs a job's steps in order, each on the output of the one before.
 
-Each op (`prune`, `quantize`, `distill`) is a config type (a `StepConfig`) and the handler
+Each op (`prune`, `quantize`, `distill`, `compile`) is a config type (a `StepConfig`) and the handler
 registered for it with `register_step`; steps are dispatched by config type, so handlers receive
 typed configs, and adding a method never touches this file.
 """
@@ -107,7 +107,12 @@ def step_handler(config_type: type[StepConfig]) -> StepHandler:
 def _load_engines() -> None:
     import importlib
 
-    for package in ("worker.engines.quantize", "worker.engines.prune", "worker.engines.distill"):
+    for package in (
+        "worker.engines.quantize",
+        "worker.engines.prune",
+        "worker.engines.distill",
+        "worker.engines.compile",
+    ):
         try:
             importlib.import_module(package)
         except ModuleNotFoundError as exc:
