@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     blob_collect_interval_s: float = Field(3600.0, description="How often a worker deletes blobs no row references.")
     queue_name: str = Field("compactor", description="Celery queue the API sends to and workers consume.")
     worker_device: str = Field("auto", description="Device the worker computes on: auto, cpu or cuda.")
+    worker_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Intra-op CPU threads of each job; default: the cores this worker may use "
+        "(affinity and cgroup quota) divided by its concurrent job slots.",
+    )
     sandbox: Literal["on", "off"] = Field(
         "on",
         description="Run uploaded models only inside the bubblewrap sandbox; "

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from worker.engines.data import ModelData
-from worker.engines.errors import EngineError
+from worker.engines.errors import EngineError, MeterError
 from worker.engines.measure.latency import (
     MIN_WARMUP,
     BenchmarkConfig,
@@ -26,7 +26,7 @@ from worker.engines.measure.latency import (
     paired_speedup,
     time_interleaved,
 )
-from worker.engines.measure.macs import count_macs
+from worker.engines.measure.macs import MacCount, count_macs
 from worker.engines.measure.memory import cpu_peak_memory, cuda_peak_memory
 from worker.engines.measure.quality import FidelityAccumulator, count_correct
 from worker.engines.measure.size import file_size, weight_stats
@@ -101,7 +101,7 @@ def measure_models(
         torch.set_num_threads(config.threads)
     try:
         notes: list[str] = []
-        metrics = {name: _static_metrics(models[name], files.get(name), data, device) for name in models}
+        metrics = {name: _static_metrics(models[name], files.get(name), data, device, notes) for name in models}
         progress(0.1, "counted sizes and MACs")
         quality = _quality(models, reference, data, config, device, notes)
         for name in models:
@@ -132,20 +132,34 @@ def _inputs(data: ModelData, count: int, device: torch.device) -> tuple[torch.Te
     return tuple(t.to(device) for t in data.repeat_to(count).inputs)
 
 
-def _static_metrics(model: torch.nn.Module, path: Path | None, data: ModelData, device: torch.device) -> dict[str, Any]:
-    sizes = file_size(path) if path is not None else None
-    weights = weight_stats(model)
-    macs = count_macs(model, _inputs(data, 1, device))
+def _static_metrics(
+    model: torch.nn.Module, path: Path | None, data: ModelData, device: torch.device, notes: list[str]
+) -> dict[str, Any]:
+    sizes = _metering("reading the model file's size", file_size, path) if path is not None else None
+    weights = _metering("counting the model's weights", weight_stats, model)
+    macs = _macs(model, _inputs(data, 1, device), notes)
     return {
         "size_bytes": sizes.size_bytes if sizes else None,
         "compressed_size_bytes": sizes.compressed_size_bytes if sizes else None,
         "parameters": weights.parameters,
         "nonzero_parameters": weights.nonzero_parameters,
         "buffers_bytes": weights.buffers_bytes,
-        "macs": macs.macs,
-        "macs_by_operator": macs.by_operator,
-        "macs_uncounted": macs.uncounted,
+        "macs": macs.macs if macs else None,
+        "macs_by_operator": macs.by_operator if macs else None,
+        "macs_uncounted": macs.uncounted if macs else None,
     }
+
+
+def _macs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], notes: list[str]) -> MacCount | None:
+    """MACs of one forward pass; where counting fails but the model itself runs, the counter (the
+    meter's own code) was at fault: no MACs, and a note, rather than a failed job."""
+    try:
+        return count_macs(model, inputs)
+    except Exception as counting:
+        with torch.inference_mode():
+            model(*inputs)  # raises the model's own error, if the model is what failed
+        notes.append(f"MACs could not be counted ({type(counting).__name__} in the service's counter)")
+        return None
 
 
 def _quality(
@@ -240,6 +254,16 @@ def _latency(
                     result.round_medians_ms[reference][batch_size], result.round_medians_ms[name][batch_size]
                 )
     return speedup
+
+
+def _metering(what: str, function: Callable, *args: Any) -> Any:
+    """`function(*args)` of the meter's own that runs no model code: a failure there is the service's."""
+    try:
+        return function(*args)
+    except (EngineError, MemoryError):
+        raise
+    except Exception as exc:
+        raise MeterError(what, exc) from exc
 
 
 def _inference_call(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
