@@ -302,3 +302,29 @@ def test_median_interval_is_the_order_statistic_interval():
     assert median_interval(list(range(15))) == (3, 11, 1 - 2 * 576 / 2**15)
     low, high, coverage = median_interval([1.0, 2.0, 3.0])
     assert (low, high) == (1.0, 3.0) and coverage == 0.75
+
+
+def test_beside_a_cpu_bound_process_on_every_core_p50_holds_or_is_marked_noisy():
+    import os
+    import subprocess
+    import sys
+
+    model = trace(SequentialCNN().eval(), torch.randn(1, 1, 32, 32))
+    data = ModelData((torch.randn(8, 1, 32, 32),))
+    config = BenchmarkConfig(warmup=3, iterations=60, rounds=6, max_rounds=6, measure_memory=False, threads=1)
+
+    def p50():
+        figure = measure_models({"baseline": model}, {}, "baseline", data, config).metrics["baseline"]["latency_ms"]
+        return figure["1"]
+
+    quiet = p50()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
+    try:
+        time.sleep(0.5)
+        loaded = p50()
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert loaded["cpu_wait"] is None or loaded["cpu_wait"] >= 0
+    assert loaded["p50"] <= 1.5 * quiet["p50"] or loaded["noisy"], (quiet, loaded)
