@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     blob_collect_interval_s: float = Field(3600.0, description="How often a worker deletes blobs no row references.")
     queue_name: str = Field("compactor", description="Celery queue the API sends to and workers consume.")
     worker_device: str = Field("auto", description="Device the worker computes on: auto, cpu or cuda.")
+    worker_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Intra-op CPU threads of each job; default: the cores this worker may use "
+        "(affinity and cgroup quota) divided by its concurrent job slots.",
+    )
     sandbox: Literal["on", "off"] = Field(
         "on",
         description="Run uploaded models only inside the bubblewrap sandbox; "
@@ -66,6 +72,11 @@ class Settings(BaseSettings):
         4096,
         description="RLIMIT_NPROC of a sandboxed job: processes and threads "
         "of the worker's user (Linux does not apply it to uid 0).",
+    )
+    measure_extra_time_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a job's measurement may add rounds while a speed-up's interval is still wide.",
     )
     webhook_allow_private: bool = Field(
         False,

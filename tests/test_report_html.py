@@ -178,6 +178,26 @@ def test_headline_variants():
     )
 
 
+def test_a_speedup_whose_interval_includes_one_is_never_called_faster_and_noise_is_shown():
+    report = realistic_report()
+    report["summary"]["speedup"] = {"32": 1.01}
+    report["summary"]["speedup_spread"] = {
+        "32": {
+            "median": 1.01,
+            "min": 0.82,
+            "max": 1.29,
+            "rounds": 31,
+            "interval": {"low": 0.93, "high": 1.12, "confidence": 0.97},
+            "noisy": True,
+        }
+    }
+    assert headline(report).startswith("no clear speed-up at batch 32 (0.93–1.12×)")
+    page = render_report_html(report)
+    assert "faster" not in headline(report) and "0.93–1.12×" in page and ">noisy</strong>" in page
+    report["summary"]["speedup_spread"]["32"].update(interval={"low": 1.02, "high": 1.08, "confidence": 0.97})
+    assert headline(report).startswith("1.01× faster at batch 32")
+
+
 def test_headline_of_an_embedding_model_is_its_cosine():
     # a sentence-embedding model: unlabelled data, outputs that are no class scores, so no top-1 agreement
     report = realistic_report()

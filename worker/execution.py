@@ -21,12 +21,16 @@ from app.reports.html import headline
 from app.services import blobs, lifecycle, webhooks
 from app.settings import get_settings
 from app.storage import BlobCorrupted, get_blob_store
+from worker.cpu_share import cpu_share
 from worker.isolation import IsolatedFailure, current_sandbox, job_limits, run_isolated
 from worker.sandbox import JobDir, OutputRejected
 
 log = logging.getLogger(__name__)
 WORKER_NAME = socket.gethostname()
 PROGRESS_EVERY_S = 0.5
+# jobs this worker runs at once (its Celery concurrency, recorded when it starts): each job's CPU
+# threads are the worker's usable cores divided by this
+job_slots = 1
 
 
 def validate_model(model_id: str) -> str:
@@ -110,7 +114,13 @@ def _run_claimed(job_id: str) -> str:
         try:
             outcome = run_isolated(
                 "worker.runner:execute_job",
-                {"spec": spec, "files": files, "device": settings.worker_device},
+                {
+                    "spec": spec,
+                    "files": files,
+                    "device": settings.worker_device,
+                    "cpu": cpu_share(job_slots, settings.worker_threads).describe(),
+                    "extra_time_s": settings.measure_extra_time_s,
+                },
                 job_limits(settings.job_time_limit_s),
                 on_progress,
                 job=job,

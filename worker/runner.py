@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from worker.cpu_share import cpu_share
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError, model_text
 from worker.engines.measure import BenchmarkConfig, measure_models
@@ -36,11 +37,22 @@ class JobFiles:
     output_dir: str
 
 
-def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> dict:
+def execute_job(
+    emit: Emit,
+    spec: dict,
+    files: dict,
+    device: str = "auto",
+    cpu: dict | None = None,
+    extra_time_s: float | None = None,
+) -> dict:
     """Run a job's steps in order, measure baseline, every stage and the result side by side.
 
     The spec (as the API stored it, defaults filled) is parsed into typed configs first, so a
-    step no engine can run fails before any model is loaded.
+    step no engine can run fails before any model is loaded. `cpu` is the worker's share of the
+    host (`CpuShare.describe()`; None: this process's own share as one job): every step computes
+    with its `threads` intra-op threads and one inter-op thread, and so does the measurement
+    unless the spec's `benchmark.threads` says otherwise. `extra_time_s` bounds the rounds the
+    measurement adds while a speed-up's interval is wide (None: the meter's default).
 
     Returns {"artifact_path": str, "report": dict} (the report without the job's storage ids and
     without the headline, which the service words).
@@ -49,7 +61,16 @@ def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> di
     steps = [parse_step(step) for step in spec.get("steps", [])]
     benchmark_spec = spec.get("benchmark", {})
     compute = _pick_device(benchmark_spec.get("device", "cpu"), device)
-    benchmark = BenchmarkConfig.from_spec({**benchmark_spec, "device": str(compute)})
+    cpu = cpu or cpu_share(1).describe()
+    _pin_threads(cpu["threads"])
+    benchmark = BenchmarkConfig.from_spec(
+        {
+            **benchmark_spec,
+            "device": str(compute),
+            "threads": benchmark_spec.get("threads") or cpu["threads"],
+            "extra_time_s": extra_time_s,
+        }
+    )
     seed = spec.get("seed", 0)
     torch.manual_seed(seed)
     out = Path(job_files.output_dir)
@@ -122,7 +143,11 @@ def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> di
         name = f"stage{index + 1}"
         stage["metrics"] = measurement.metrics[name]
         stage["speedup"] = {b: s["median"] for b, s in measurement.speedup.get(name, {}).items()}
-    environment = {**measurement.environment, "worker": f"{socket.gethostname()} ({platform.machine()})"}
+    environment = {
+        **measurement.environment,
+        "worker": f"{socket.gethostname()} ({platform.machine()})",
+        "cpu_share": cpu,
+    }
     report = {
         "spec": spec,
         "environment": environment,
@@ -138,6 +163,15 @@ def execute_job(emit: Emit, spec: dict, files: dict, device: str = "auto") -> di
         "notes": _notes(stages) + measurement.notes,
     }
     return {"artifact_path": str(paths[result_name]), "report": report}
+
+
+def _pin_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        # one inter-op thread: a job's parallelism is its intra-op share; more would oversubscribe it
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set or already used in this process (a notebook, a test): it keeps its pool
 
 
 def summarize(baseline: dict, result: dict, speedup: dict, target: dict | None) -> dict:

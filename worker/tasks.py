@@ -10,7 +10,7 @@ from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from app import queue
 from app.settings import get_settings
-from worker import execution
+from worker import cpu_share, execution
 from worker.celery_app import celery_app
 from worker.isolation import IsolatedFailure, check_sandbox
 
@@ -26,6 +26,20 @@ def run_job(job_id: str) -> str:
 @celery_app.task(name=queue.VALIDATE_MODEL)
 def validate_model(model_id: str) -> str:
     return execution.validate_model(model_id)
+
+
+@worker_init.connect
+def _record_job_slots(sender=None, **_) -> None:
+    """Each job's CPU threads are this worker's usable cores divided by its concurrent jobs (`-c`)."""
+    execution.job_slots = max(int(getattr(sender, "concurrency", None) or 1), 1)
+    share = cpu_share.cpu_share(execution.job_slots, get_settings().worker_threads)
+    log.info(
+        "each of %d job slot(s) computes with %d thread(s) (%g usable cores; %s)",
+        share.slots,
+        share.threads,
+        share.usable_cores,
+        share.source,
+    )
 
 
 @worker_init.connect

@@ -142,8 +142,11 @@ def fmt_value(value: Any) -> str:
     return str(value)
 
 
-def speedup_phrase(speedup: float, batch: str) -> str:
-    """ "3.1× faster at batch 32" (or "1.3× slower …")."""
+def speedup_phrase(speedup: float, batch: str, interval: tuple[float, float] | None = None) -> str:
+    """ "3.1× faster at batch 32" (or "1.3× slower …"); "no clear speed-up at batch 32 (0.97–1.04×)"
+    when the speed-up's confidence interval includes 1.0."""
+    if interval is not None and interval[0] <= 1.0 <= interval[1]:
+        return f"no clear speed-up at batch {batch} ({interval[0]:.2f}–{interval[1]:.2f}×)"
     if speedup >= 1:
         return f"{fmt_ratio(speedup)} faster at batch {batch}"
     return f"{fmt_ratio(1 / speedup)} slower at batch {batch}"

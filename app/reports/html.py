@@ -142,7 +142,11 @@ def headline(report: dict) -> str:
     speedup = {k: num(v) for k, v in dict_of(summary.get("speedup")).items() if num(v) is not None}
     if speedup:
         batch = batch_keys(speedup)[-1]
-        parts.append(speedup_phrase(speedup[batch], batch))
+        interval = dict_of(get(summary, "speedup_spread", batch, "interval"))
+        low, high = num(interval.get("low")), num(interval.get("high"))
+        parts.append(
+            speedup_phrase(speedup[batch], batch, (low, high) if low is not None and high is not None else None)
+        )
     size_ratio = num(summary.get("size_ratio"))
     if size_ratio is None:
         base, result = num(get(report, "baseline", "size_bytes")), num(get(report, "result", "size_bytes"))
@@ -251,6 +255,16 @@ def _cards(report: dict, columns: list[_Column]) -> str:
             detail = f"p50 {_arrow(fmt_ms(get(base, 'latency_ms', batch, 'p50')), fmt_ms(get(result, 'latency_ms', batch, 'p50')))}"
             if low is not None and high is not None:
                 detail += f"<br>range {low:.2f}–{high:.2f}× over {esc(rounds or '?')} paired rounds"
+            interval = dict_of(get(spread, batch, "interval"))
+            if num(interval.get("low")) is not None and num(interval.get("high")) is not None:
+                detail += (
+                    f"<br>{fmt_percent(num(interval.get('confidence')) or 0, 1)} interval "
+                    f"{interval['low']:.2f}–{interval['high']:.2f}×"
+                )
+            if get(spread, batch, "noisy") is True:
+                detail += '<br><strong class="noisy">noisy</strong>: the interval stayed wide'
+            if get(result, "latency_ms", batch, "noisy") is True:
+                detail += '<br><strong class="noisy">noisy</strong>: timed on an oversubscribed host'
             cards.append(_card(f"speed-up at batch {batch}", esc(fmt_ratio(value)), detail))
     size_detail = f"deflated {esc(fmt_bytes(result.get('compressed_size_bytes')))}"
     size_ratio = num(get(report, "summary", "size_ratio"))

@@ -18,6 +18,16 @@ class LatencyStats(_Open):
     p99: float
     mean: float
     iterations: int
+    cpu_wait: float | None = Field(
+        None, description="Time the threads waited for a CPU over their wall time (None: not measurable here)."
+    )
+    noisy: bool = Field(False, description="Timed on an oversubscribed host (cpu_wait above 10%).")
+
+
+class EnergyStats(_Open):
+    cpu_ms_per_call: float
+    joules_per_call: float | None = Field(None, description="None: no energy meter here (not measured).")
+    noisy: bool = False
 
 
 class Accuracy(_Open):
@@ -43,6 +53,7 @@ class Metrics(_Open):
     latency_ms: dict[str, LatencyStats] = {}
     throughput_per_s: dict[str, float] = {}
     peak_memory_bytes: int | None = None
+    energy: dict[str, EnergyStats] = {}
     accuracy: Accuracy | None = None
     fidelity: Fidelity | None = None
 
@@ -61,6 +72,9 @@ class Environment(_Open):
     threads: int | None = None
     worker: str | None = None
     measured_at: str
+    usable_cores: float | None = None
+    load_average: dict[str, list[float] | None] | None = None
+    energy_meter: str | None = Field(None, description='The energy meter read, or "not measured here".')
     sandbox: SandboxInfo | None = None
 
 
@@ -82,11 +96,19 @@ class Stage(_Open):
     speedup: dict[str, float] = {}
 
 
+class Interval(_Open):
+    low: float
+    high: float
+    confidence: float
+
+
 class SpeedupSpread(_Open):
     median: float
     min: float
     max: float
     rounds: int
+    interval: Interval | None = Field(None, description="Distribution-free interval for the median ratio.")
+    noisy: bool = Field(False, description="The interval stayed wider than 10% or below 95% confidence.")
 
 
 class TargetCheck(_Open):

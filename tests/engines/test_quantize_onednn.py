@@ -50,12 +50,14 @@ def test_probe_times_both_libraries():
     assert set(timings) == {"x86", "onednn"} and all(t > 0 for t in timings.values())
     assert prefer_onednn({"x86": 2.0, "onednn": 1.0}, "x86")
     assert not prefer_onednn({"x86": 1.0, "onednn": 0.95}, "x86")  # within the margin: keep fbgemm
+    assert not prefer_onednn({"x86": 1.2, "onednn": 1.0}, "x86")  # a busy host's noise: keep fbgemm
     assert not prefer_onednn({"x86": 1.0}, "x86")
 
 
 @needs_vnni
 def test_dynamic_int8_uses_onednn_where_the_probe_prefers_it(monkeypatch):
     monkeypatch.setattr(dynamic, "prefer_onednn", lambda timings, backend: True)
+    monkeypatch.setattr(dynamic, "worth_probing", lambda n_in, n_out: True)
     torch.manual_seed(0)
     model = trace(TransformerMLP(), torch.randn(2, 64))
     x = torch.randn(48, 64)
@@ -90,3 +92,14 @@ def test_dynamic_int8_keeps_fbgemm_where_the_probe_prefers_it(monkeypatch):
     out = run_step(model, {"op": "quantize", "scheme": "dynamic_int8"}, ctx)
     assert out.details["linear_kernels"]["onednn"] == []
     assert "linear_dynamic" in out.model.code
+
+
+def test_layers_below_the_probed_size_are_never_timed_so_noise_cannot_choose_their_kernel(monkeypatch):
+    monkeypatch.setattr(dynamic, "has_int8_dot_product", lambda: True)
+    monkeypatch.setattr(dynamic, "prefer_onednn", lambda timings, backend: True)
+    model = trace(TransformerMLP(), torch.randn(2, 64))  # 64×256 and smaller
+    ctx = PipelineContext(teacher=model, calibration=None, evaluation=ModelData((torch.randn(16, 64),)))
+    out = run_step(model, {"op": "quantize", "scheme": "dynamic_int8"}, ctx)
+    assert out.details["linear_kernels"]["onednn"] == []
+    assert out.details["linear_kernel_probe_ms"] == {}
+    assert "timed" in out.details["linear_kernel_choice"]

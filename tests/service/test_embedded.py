@@ -61,7 +61,9 @@ def test_readme_walkthrough_against_compactor_serve(tmp_path):
         # curl -N followed the job's events to the end: the last one is its final state
         events = [json.loads(line[5:]) for line in result.stdout.splitlines() if line.startswith("data:")]
         assert events and events[-1]["status"] == "succeeded", result.stdout
-        assert re.search(r"[\d.]+× (faster|slower) at batch 8, [\d.]+× smaller", result.stdout), result.stdout
+        # a speed-up whose interval includes 1.0 (a busy host) is worded as none
+        headline = r"([\d.]+× (faster|slower)|no clear speed-up) at batch 8.*, [\d.]+× smaller"
+        assert re.search(headline, result.stdout), result.stdout
         compressed = torch.jit.load(str(tmp_path / "compressed.pt"))
         with torch.inference_mode():
             assert torch.nn.functional.cosine_similarity(compressed(x[:8]), original(x[:8])).min() > 0.99

@@ -33,3 +33,21 @@ def model_text(exc: BaseException, limit: int = MODEL_TEXT_LIMIT) -> str:
     useful = (lines[-1] if len(lines) > 1 and "Traceback" in text else lines[0]) if lines else ""
     cut = useful[:limit] + ("…" if len(useful) > limit else "")
     return f'{type(exc).__name__}, the model\'s own message (cut to {limit} characters): "{cut}"'
+
+
+class MeterError(Exception):
+    """The service's own measuring code failed on a model that ran: never the model's fault.
+
+    Distinct from `EngineError` (something the user can act on) and from the model's own
+    exceptions (`model_error`); `code` is "internal_error", which the worker records as a fault of
+    the service (issue 19 owns what is done with it).
+    """
+
+    code = "internal_error"
+
+    def __init__(self, what: str, exc: BaseException):
+        detail = f"{type(exc).__name__}: {exc}"[:MODEL_TEXT_LIMIT]
+        self.message = (
+            f"the service's meter failed while {what} ({detail}); this is a fault of the service, not of the model"
+        )
+        super().__init__(self.message)

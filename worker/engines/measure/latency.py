@@ -2,7 +2,9 @@
 
 Every round times each model for a block of calls, rotating which model goes first, so slow
 drifts of the machine (thermal, other tenants) hit all models alike; speed-ups are the median of
-the per-round ratios, and their spread is reported so that noise shows instead of hiding.
+the per-round ratios, with their spread and a distribution-free confidence interval for that
+median (order statistics of the rounds, `median_interval`). Rounds are added until every
+speed-up's interval is narrow or the time budget ends; a figure left wide is marked `noisy`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ from dataclasses import dataclass, field
 import torch
 
 from worker.engines.errors import EngineError
+from worker.engines.measure.energy import EnergyMeter, cpu_seconds, runqueue_wait_s
 
 # TorchScript's profiling executor records shapes on the first call and optimises the graph on
 # the second, so fewer warm-up calls would time the profiling run.
 MIN_WARMUP = 2
+# confidence of a speed-up's interval, and the width (high / low - 1) below which it is narrow
+CONFIDENCE = 0.95
+NARROW = 0.10
+# a latency figure is noisy when its threads waited for a CPU this share of the time they ran
+NOISY_CPU_WAIT = 0.10
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,8 @@ class BenchmarkConfig:
         eval_batch_size: batch size of the accuracy/fidelity pass over the evaluation data.
         eval_samples: cap on evaluation samples for accuracy/fidelity (None: all).
         measure_memory: whether to measure peak memory (on CPU, one subprocess per model).
+        max_rounds: rounds at most, adding rounds while a speed-up's interval is wide.
+        extra_time_s: seconds the added rounds may take in all (the budget after `rounds`).
 
     Example:
         BenchmarkConfig.from_spec({"device": "cpu", "batch_sizes": [1, 32], "iterations": 200})
@@ -51,6 +61,8 @@ class BenchmarkConfig:
     eval_batch_size: int = 64
     eval_samples: int | None = None
     measure_memory: bool = True
+    max_rounds: int = 31
+    extra_time_s: float = 30.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
@@ -78,11 +90,24 @@ Call = Callable[[], object]
 
 
 @dataclass
+class Usage:
+    """What one model's timed calls at one batch size cost: wall and CPU seconds, seconds its
+    threads waited for a CPU (None: no scheduler statistics), joules (None: no meter)."""
+
+    calls: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    wait_s: float | None = 0.0
+    joules: float | None = 0.0
+
+
+@dataclass
 class LatencyResult:
-    """Per model and batch size: every timed call (ms) and each round's median (ms)."""
+    """Per model and batch size: every timed call (ms), each round's median (ms), and usage."""
 
     samples_ms: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     round_medians_ms: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    usage: dict[str, dict[int, Usage]] = field(default_factory=dict)
 
 
 def time_interleaved(
@@ -90,17 +115,22 @@ def time_interleaved(
     config: BenchmarkConfig,
     device: torch.device,
     progress: Callable[[float, str], None] = lambda f, m: None,
+    reference: str | None = None,
+    meter: EnergyMeter | None = None,
 ) -> LatencyResult:
-    """Time each model's call per batch size, interleaved over `config.rounds` rounds.
+    """Time each model's call per batch size, interleaved over `config.rounds` rounds or more.
 
     Args:
         calls: `{batch_size: {model_name: zero-argument call running one inference}}`.
-        config: warm-up, iterations and rounds.
+        config: warm-up, iterations, rounds, and the limits of added rounds.
         device: where the calls compute (CUDA is timed with events, synchronised per call).
         progress: `progress(fraction, message)`.
+        reference: the model speed-ups divide by; while one of them has a wide interval (and
+            `config.max_rounds`, `config.extra_time_s` allow) another round is timed.
+        meter: an energy counter read around every timed block (None: no energy).
 
     Returns:
-        A `LatencyResult` with every timed call and every round's median, in milliseconds.
+        A `LatencyResult` with every timed call, every round's median (ms) and the usage.
 
     Example:
         result = time_interleaved({1: {"a": lambda: a(x), "b": lambda: b(x)}}, BenchmarkConfig(), torch.device("cpu"))
@@ -109,6 +139,7 @@ def time_interleaved(
     result = LatencyResult()
     steps = sum(len(models) for models in calls.values()) * config.rounds
     done = 0
+    budget_per_batch = config.extra_time_s / max(len(calls), 1)
     for batch_size, models in calls.items():
         names = list(models)
         for name in names:
@@ -116,25 +147,64 @@ def time_interleaved(
                 models[name]()
             result.samples_ms.setdefault(name, {})[batch_size] = []
             result.round_medians_ms.setdefault(name, {})[batch_size] = []
-        for round_index in range(config.rounds):
+            result.usage.setdefault(name, {})[batch_size] = Usage(joules=None if meter is None else 0.0)
+        round_index, extra_started = 0, None
+        while True:
+            if round_index >= config.rounds:
+                extra_started = extra_started or time.perf_counter()
+                if (
+                    round_index >= config.max_rounds
+                    or time.perf_counter() - extra_started > budget_per_batch
+                    or _narrow(result, batch_size, names, reference)
+                ):
+                    break
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
-                block = _time_block(models[name], config.iterations_per_round, timer, device)
+                block = _time_block(
+                    models[name], config.iterations_per_round, timer, device, result.usage[name][batch_size], meter
+                )
                 result.samples_ms[name][batch_size].extend(block)
                 result.round_medians_ms[name][batch_size].append(statistics.median(block))
                 done += 1
-            progress(done / steps, f"timing batch {batch_size}, round {round_index + 1}/{config.rounds}")
+            round_index += 1
+            progress(min(done / steps, 1.0), f"timing batch {batch_size}, round {round_index}")
     return result
 
 
+def _narrow(result: LatencyResult, batch_size: int, names: list[str], reference: str | None) -> bool:
+    if reference is None or reference not in names:
+        return True
+    return all(
+        not paired_speedup(result.round_medians_ms[reference][batch_size], result.round_medians_ms[name][batch_size])[
+            "noisy"
+        ]
+        for name in names
+        if name != reference
+    )
+
+
 def _time_block(
-    call: Call, count: int, timer: Callable[[Call, torch.device], float], device: torch.device
+    call: Call,
+    count: int,
+    timer: Callable[[Call, torch.device], float],
+    device: torch.device,
+    usage: Usage,
+    meter: EnergyMeter | None,
 ) -> list[float]:
     # A garbage collection inside a timed call would be charged to whichever model was running.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return [timer(call, device) for _ in range(count)]
+        joules, wait, cpu, wall = meter.read() if meter else None, runqueue_wait_s(), cpu_seconds(), time.perf_counter()
+        block = [timer(call, device) for _ in range(count)]
+        usage.wall_s += time.perf_counter() - wall
+        usage.cpu_s += cpu_seconds() - cpu
+        waited = runqueue_wait_s()
+        usage.wait_s = None if wait is None or waited is None or usage.wait_s is None else usage.wait_s + waited - wait
+        if meter is not None and usage.joules is not None:
+            usage.joules += meter.read() - joules
+        usage.calls += count
+        return block
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -164,18 +234,65 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def latency_summary(samples_ms: Sequence[float]) -> dict[str, float | int]:
-    """`{p50, p90, p99, mean, iterations}` of per-call latencies in milliseconds."""
+def latency_summary(samples_ms: Sequence[float], usage: Usage | None = None, threads: int = 1) -> dict:
+    """`{p50, p90, p99, mean, iterations, cpu_wait, noisy}` of per-call latencies in milliseconds.
+
+    `cpu_wait` is the time the process's threads waited for a CPU while runnable, over `threads`
+    × the wall time of the calls (None where the kernel keeps no scheduler statistics); above
+    `NOISY_CPU_WAIT` the host was oversubscribed while timing and the figure is `noisy`.
+    """
+    wait = None
+    if usage is not None and usage.wait_s is not None and usage.wall_s > 0:
+        wait = usage.wait_s / (usage.wall_s * max(threads, 1))
     return {
         "p50": percentile(samples_ms, 50),
         "p90": percentile(samples_ms, 90),
         "p99": percentile(samples_ms, 99),
         "mean": statistics.fmean(samples_ms),
         "iterations": len(samples_ms),
+        "cpu_wait": wait,
+        "noisy": wait is not None and wait > NOISY_CPU_WAIT,
     }
 
 
-def paired_speedup(reference_rounds_ms: Sequence[float], rounds_ms: Sequence[float]) -> dict[str, float | int]:
-    """`{median, min, max, rounds}` of the per-round ratios reference latency / model latency."""
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """A distribution-free confidence interval for the median of `values`: order statistics
+    `[x_(k), x_(n+1-k)]`, k the largest with P(Binomial(n, ½) < k) ≤ (1 - confidence) / 2.
+
+    Exact for any continuous distribution and needs no resampling (so it is deterministic). With
+    fewer than 6 values no interval reaches 95 %; `[min, max]` is returned with its lower coverage.
+
+    Returns:
+        `(low, high, coverage)`.
+
+    Example:
+        median_interval([0.98, 1.02, 1.05, 1.01, 0.99, 1.03, 1.00])  # (0.98, 1.05, 0.984)
+    """
+    ordered, n = sorted(values), len(values)
+    tail, below, k = (1 - confidence) / 2, 0.0, 1
+    for j in range(n):
+        below += math.comb(n, j) / 2**n
+        if below > tail:
+            break
+        k = j + 1
+    k = max(min(k, (n + 1) // 2), 1)
+    coverage = 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2**n
+    return ordered[k - 1], ordered[n - k], coverage
+
+
+def paired_speedup(reference_rounds_ms: Sequence[float], rounds_ms: Sequence[float]) -> dict:
+    """`{median, min, max, rounds, interval, noisy}` of the per-round ratios reference / model latency.
+
+    `interval` is `median_interval`'s `{low, high, confidence}`; `noisy` when it is wider than
+    `NARROW` (high / low - 1) or reaches less than `CONFIDENCE`.
+    """
     ratios = [ref / own for ref, own in zip(reference_rounds_ms, rounds_ms)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
+    low, high, coverage = median_interval(ratios)
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rounds": len(ratios),
+        "interval": {"low": low, "high": high, "confidence": round(coverage, 4)},
+        "noisy": coverage < CONFIDENCE or high / low - 1 > NARROW,
+    }

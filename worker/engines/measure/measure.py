@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import platform
 import socket
 from collections.abc import Callable, Iterable, Mapping
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 
 from worker.engines.data import ModelData
-from worker.engines.errors import EngineError
+from worker.engines.errors import EngineError, MeterError
+from worker.engines.measure.energy import NOT_MEASURED, energy_meter
 from worker.engines.measure.latency import (
     MIN_WARMUP,
     BenchmarkConfig,
@@ -26,7 +28,7 @@ from worker.engines.measure.latency import (
     paired_speedup,
     time_interleaved,
 )
-from worker.engines.measure.macs import count_macs
+from worker.engines.measure.macs import MacCount, count_macs
 from worker.engines.measure.memory import cpu_peak_memory, cuda_peak_memory
 from worker.engines.measure.quality import FidelityAccumulator, count_correct
 from worker.engines.measure.size import file_size, weight_stats
@@ -101,7 +103,7 @@ def measure_models(
         torch.set_num_threads(config.threads)
     try:
         notes: list[str] = []
-        metrics = {name: _static_metrics(models[name], files.get(name), data, device) for name in models}
+        metrics = {name: _static_metrics(models[name], files.get(name), data, device, notes) for name in models}
         progress(0.1, "counted sizes and MACs")
         quality = _quality(models, reference, data, config, device, notes)
         for name in models:
@@ -111,10 +113,25 @@ def measure_models(
         for name in models:
             metrics[name]["peak_memory_bytes"] = peaks.get(name)
         progress(0.35, "measured peak memory")
+        load_at_start = _load_average()
         speedup = _latency(
             models, timed, reference, data, config, device, metrics, lambda f, m: progress(0.35 + 0.65 * f, m)
         )
-        return Measurement(_json_safe(metrics), _json_safe(speedup), _environment(device, config), notes)
+        environment = {
+            **_environment(device, config),
+            "usable_cores": usable_cores(),
+            "load_average": {"start": load_at_start, "end": _load_average()},
+            "energy_meter": getattr(energy_meter(device), "source", NOT_MEASURED),
+            "rounds_timed": {
+                str(b): max((s[str(b)]["rounds"] for s in speedup.values() if str(b) in s), default=config.rounds)
+                for b in config.batch_sizes
+            },
+        }
+        if any(figure.get("noisy") for per_batch in speedup.values() for figure in per_batch.values()):
+            notes.append(
+                "a speed-up's interval stayed wide after the rounds the time budget allowed: it is marked noisy"
+            )
+        return Measurement(_json_safe(metrics), _json_safe(speedup), environment, notes)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -132,20 +149,34 @@ def _inputs(data: ModelData, count: int, device: torch.device) -> tuple[torch.Te
     return tuple(t.to(device) for t in data.repeat_to(count).inputs)
 
 
-def _static_metrics(model: torch.nn.Module, path: Path | None, data: ModelData, device: torch.device) -> dict[str, Any]:
-    sizes = file_size(path) if path is not None else None
-    weights = weight_stats(model)
-    macs = count_macs(model, _inputs(data, 1, device))
+def _static_metrics(
+    model: torch.nn.Module, path: Path | None, data: ModelData, device: torch.device, notes: list[str]
+) -> dict[str, Any]:
+    sizes = _metering("reading the model file's size", file_size, path) if path is not None else None
+    weights = _metering("counting the model's weights", weight_stats, model)
+    macs = _macs(model, _inputs(data, 1, device), notes)
     return {
         "size_bytes": sizes.size_bytes if sizes else None,
         "compressed_size_bytes": sizes.compressed_size_bytes if sizes else None,
         "parameters": weights.parameters,
         "nonzero_parameters": weights.nonzero_parameters,
         "buffers_bytes": weights.buffers_bytes,
-        "macs": macs.macs,
-        "macs_by_operator": macs.by_operator,
-        "macs_uncounted": macs.uncounted,
+        "macs": macs.macs if macs else None,
+        "macs_by_operator": macs.by_operator if macs else None,
+        "macs_uncounted": macs.uncounted if macs else None,
     }
+
+
+def _macs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], notes: list[str]) -> MacCount | None:
+    """MACs of one forward pass; where counting fails but the model itself runs, the counter (the
+    meter's own code) was at fault: no MACs, and a note, rather than a failed job."""
+    try:
+        return count_macs(model, inputs)
+    except Exception as counting:
+        with torch.inference_mode():
+            model(*inputs)  # raises the model's own error, if the model is what failed
+        notes.append(f"MACs could not be counted ({type(counting).__name__} in the service's counter)")
+        return None
 
 
 def _quality(
@@ -227,19 +258,38 @@ def _latency(
     for batch_size in config.batch_sizes:
         inputs = _inputs(data, batch_size, device)
         calls[batch_size] = {name: _inference_call(models[name], inputs) for name in timed}
+    meter = energy_meter(device)
     with torch.inference_mode():
-        result = time_interleaved(calls, config, device, progress)
+        result = time_interleaved(calls, config, device, progress, reference=reference, meter=meter)
     speedup: dict[str, dict[str, dict[str, float | int]]] = {}
+    threads = 1 if device.type == "cuda" else torch.get_num_threads()
     for name in timed:
+        metrics[name]["energy"] = {}
         for batch_size in config.batch_sizes:
-            summary = latency_summary(result.samples_ms[name][batch_size])
+            usage = result.usage[name][batch_size]
+            summary = latency_summary(result.samples_ms[name][batch_size], usage, threads)
             metrics[name]["latency_ms"][str(batch_size)] = summary
             metrics[name]["throughput_per_s"][str(batch_size)] = batch_size / (summary["mean"] / 1000)
+            metrics[name]["energy"][str(batch_size)] = {
+                "cpu_ms_per_call": 1000 * usage.cpu_s / max(usage.calls, 1),
+                "joules_per_call": None if usage.joules is None else usage.joules / max(usage.calls, 1),
+                "noisy": summary["noisy"],
+            }
             if name != reference and reference in timed:
                 speedup.setdefault(name, {})[str(batch_size)] = paired_speedup(
                     result.round_medians_ms[reference][batch_size], result.round_medians_ms[name][batch_size]
                 )
     return speedup
+
+
+def _metering(what: str, function: Callable, *args: Any) -> Any:
+    """`function(*args)` of the meter's own that runs no model code: a failure there is the service's."""
+    try:
+        return function(*args)
+    except (EngineError, MemoryError):
+        raise
+    except Exception as exc:
+        raise MeterError(what, exc) from exc
 
 
 def _inference_call(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
@@ -257,6 +307,7 @@ def _environment(device: torch.device, config: BenchmarkConfig) -> dict[str, Any
         "device_name": device_name,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
         "worker": socket.gethostname(),
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "python": platform.python_version(),
@@ -264,9 +315,24 @@ def _environment(device: torch.device, config: BenchmarkConfig) -> dict[str, Any
         "batch_sizes": list(config.batch_sizes),
         "warmup": max(config.warmup, MIN_WARMUP),
         "iterations": config.iterations_per_round * config.rounds,
+        "energy": "joules per call from the device's meter; cpu_ms_per_call: process CPU time over the timed calls",
         "rounds": config.rounds,
+        "confidence_interval": "order statistics of the per-round ratios around their median (distribution-free)",
         "timing": "cuda events, synchronised per call" if device.type == "cuda" else "perf_counter per call",
     }
+
+
+def _load_average() -> list[float] | None:
+    """The host's 1, 5 and 15 minute load averages (every process of the host, not this job's)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask; the worker adds its cgroup quota)."""
+    return len(os.sched_getaffinity(0))
 
 
 def _cpu_name() -> str:

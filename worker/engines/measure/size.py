@@ -3,6 +3,11 @@
 Quantized layers keep their weights where `parameters()` does not look: in packed-params objects
 (int8 conv/linear) or in plain tensor attributes (weight-only schemes). Those weights count as
 parameters too, so that a quantized model's parameter count is comparable with its original's.
+
+Every tensor kind a model may hold is counted without touching a data pointer it may not have:
+strided, quantized, sparse, oneDNN-packed (opaque, no storage), meta and tensor subclasses. A
+oneDNN-packed attribute is a kernel's copy of a weight the model also holds as plain int8
+(`OnednnDynamicLinear.packed`), so it is not counted again.
 """
 
 from __future__ import annotations
@@ -69,11 +74,28 @@ def weight_stats(model: torch.nn.Module) -> WeightStats:
     """
     parameters = nonzero = 0
     for weight in _unique(list(model.parameters()) + list(_hidden_weights(model))):
-        values = weight.dequantize() if weight.is_quantized else weight
         parameters += weight.numel()
-        nonzero += int(torch.count_nonzero(values.detach()))
+        nonzero += _nonzero(weight)
     buffers_bytes = sum(b.numel() * b.element_size() for b in _unique(list(model.buffers())))
     return WeightStats(parameters, nonzero, buffers_bytes)
+
+
+def _nonzero(t: torch.Tensor) -> int:
+    """Non-zero elements of any tensor kind; where the values cannot be read (meta tensors, a
+    subclass that refuses the op) every element counts as non-zero, so density is never overstated."""
+    try:
+        t = t.detach()
+        if t.is_meta:
+            return t.numel()
+        if t.is_quantized:
+            t = t.dequantize()
+        elif t.layout in (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+            t = t.to_dense()
+        elif t.layout == torch._mkldnn:  # oneDNN's opaque layout has no strided view to count on
+            t = t.to_dense()
+        return int(torch.count_nonzero(t))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return t.numel()
 
 
 def _hidden_weights(model: torch.nn.Module) -> Iterator[torch.Tensor]:
@@ -85,7 +107,7 @@ def _hidden_weights(model: torch.nn.Module) -> Iterator[torch.Tensor]:
     registered = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     for name, value in torch._C._jit_debug_module_iterators(model._c)["named_attributes_r"]:
         if isinstance(value, torch.Tensor):
-            if name not in registered and value.dim() > 0:
+            if name not in registered and value.dim() > 0 and value.layout != torch._mkldnn:
                 yield value
         elif (
             isinstance(value, torch.ScriptObject)
@@ -98,7 +120,23 @@ def _hidden_weights(model: torch.nn.Module) -> Iterator[torch.Tensor]:
 def _unique(tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
     seen: set[tuple] = set()
     for t in tensors:
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape)) if not t.is_quantized else (id(t),)
+        key = _identity(t)
         if key not in seen:
             seen.add(key)
             yield t
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    """What makes two tensor objects the same weight: the same memory viewed the same way.
+
+    Tensors without readable storage (sparse, oneDNN-packed, wrapper subclasses) and meta tensors
+    (whose storages all sit at address 0) are told apart by object identity; quantized ones too, as
+    packed params hand out a fresh tensor per `unpack()`.
+    """
+    if t.is_quantized or t.is_meta or t.layout != torch.strided:
+        return ("object", id(t))
+    try:
+        address = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return ("object", id(t))
+    return (t.device, address, t.storage_offset(), t.dtype, tuple(t.shape), tuple(t.stride()))

@@ -25,10 +25,13 @@ from worker.engines.quantize.int8 import (
     quiet_quantized_tensors,
 )
 from worker.engines.quantize.onednn import (
+    MIN_PROBED_WEIGHTS,
+    PROBE_MARGIN,
     OnednnDynamicLinear,
     has_int8_dot_product,
     prefer_onednn,
     probe_linear_kernels,
+    worth_probing,
 )
 from worker.engines.quantize.recurrent_speed import (
     RecurrentLayout,
@@ -123,6 +126,8 @@ class DynamicInt8(Int8Scheme):
             weight = graph.tensor(site.weights[0])
             if site.kind == "Linear" and weight.dim() == 2 and weight.is_floating_point():
                 shape = (weight.shape[1], weight.shape[0])
+                if not worth_probing(*shape):
+                    continue
                 if shape not in self._kernel_probes:
                     self._kernel_probes[shape] = probe_linear_kernels(weight, self.config.per_channel, self.backend)
         return {shape for shape, timings in self._kernel_probes.items() if prefer_onednn(timings, self.backend)}
@@ -134,6 +139,12 @@ class DynamicInt8(Int8Scheme):
             "weights": "per-channel" if self.config.per_channel else "per-tensor",
             "embeddings": "uint8 rows, float scale and offset per row",
             "compute": "cpu",
+            "linear_kernel_choice": (
+                f"timed: oneDNN's int8 kernel for a weight shape only where a probe on this CPU found it "
+                f"{PROBE_MARGIN}× faster than {self.backend}'s (layers from {MIN_PROBED_WEIGHTS} weights, "
+                "on CPUs with int8 dot-product instructions); else "
+                f"{self.backend}"
+            ),
             "linear_kernel_probe_ms": {
                 f"{n_in}x{n_out}": {k: round(v, 3) for k, v in timings.items()}
                 for (n_in, n_out), timings in sorted(self._kernel_probes.items())

@@ -24,8 +24,14 @@ from worker.engines.quantize.timing import fastest_ms
 # rows of the activation the probe times with: a batch of a few sequences or a large image batch
 PROBE_ROWS = 512
 PROBE_REPEATS = 9
-# oneDNN must win by this factor; within noise the widely used fbgemm path is kept
-PROBE_MARGIN = 1.1
+# A timing decides, so it must not flip with the load of the host. oneDNN wins 2-4× where it wins
+# (transformer-sized layers on VNNI / AMX); a margin of 1.1 let a probe on a busy host pick it for
+# some of a burst of identical small-CNN jobs and not for others (issue 17), so it must win by 1.5×.
+PROBE_MARGIN = 1.5
+# Weights smaller than a 384×384 layer (MiniLM's smallest) are never probed and stay on fbgemm: a
+# call is then mostly quantizing its activation, the libraries differ by less than a busy host's
+# noise, and a choice made by noise would make identical jobs differ.
+MIN_PROBED_WEIGHTS = 384 * 384
 
 
 class OnednnDynamicLinear(torch.nn.Module):
@@ -141,6 +147,11 @@ def has_int8_dot_product() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
+def worth_probing(in_features: int, out_features: int) -> bool:
+    """Whether a linear layer is large enough for its kernel library to be chosen by timing."""
+    return in_features * out_features >= MIN_PROBED_WEIGHTS
+
+
 def prefer_onednn(timings: dict[str, float], backend: str) -> bool:
-    """Whether the probe's timings make oneDNN the clear winner over `backend`."""
+    """Whether the probe's timings make oneDNN the clear winner over `backend` (by `PROBE_MARGIN`)."""
     return "onednn" in timings and timings["onednn"] * PROBE_MARGIN < timings[backend]
