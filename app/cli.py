@@ -39,6 +39,8 @@ cli.add_typer(jobs, name="jobs")
 
 def worker_command(concurrency: int, loglevel: str, queue: str | None = None, name: str | None = None) -> list[str]:
     """The Celery worker command line (the test harness starts workers with it too)."""
+    from app.queue import worker_queues
+
     # Threads, not prefork: each job's torch work already runs in its own spawned process, and a
     # prefork child (a daemon) may not start processes of its own.
     return [
@@ -53,7 +55,7 @@ def worker_command(concurrency: int, loglevel: str, queue: str | None = None, na
         "-c",
         str(concurrency),
         "-Q",
-        queue or get_settings().queue_name,
+        ",".join(worker_queues(queue or get_settings().queue_name)),
         "--loglevel",
         loglevel,
         "-n",
