@@ -125,6 +125,7 @@ class Delivery:
     """A message a worker took from the broker and has not acknowledged (yet)."""
 
     tag: str
+    queue: str
     task: str
     args: list
     age_s: float
@@ -147,7 +148,7 @@ def _redis():
 
 
 def unacknowledged() -> list[Delivery]:
-    """The messages workers hold unacknowledged (Redis only).
+    """The messages workers hold unacknowledged, from any queue of this Redis database (Redis only).
 
     A dead worker's stay there until the visibility timeout; `forget` acknowledges them for it. The
     embedded broker keeps unacknowledged messages in the consuming worker's memory, so they go
@@ -161,16 +162,16 @@ def unacknowledged() -> list[Delivery]:
     for tag, raw in client.hgetall(REDIS_UNACKED).items():
         delivered_at = client.zscore(REDIS_UNACKED_INDEX, tag)
         try:
-            message = json.loads(raw)[0]
+            message, _, routing_key = json.loads(raw)
             body = message["body"]
             if message["properties"].get("body_encoding") == "base64":
                 body = base64.b64decode(body)
             args = json.loads(body)[0]
             task = message["headers"]["task"]
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             continue  # not a Celery task message of ours: leave it to the visibility timeout
         age = now - delivered_at if delivered_at is not None else 0.0
-        held.append(Delivery(tag.decode() if isinstance(tag, bytes) else tag, task, args, age))
+        held.append(Delivery(tag.decode() if isinstance(tag, bytes) else tag, routing_key, task, args, age))
     return held
 
 

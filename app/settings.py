@@ -51,7 +51,7 @@ class Settings(BaseSettings):
         5.0, description="How often each worker sweeps for lost jobs, dead attempts' leftovers and unsent work."
     )
     requeue_after_s: float = Field(
-        60.0, description="A job the API could not send, or a model still validating, this old is sent again."
+        60.0, description="A job the API could not send (the broker was down) is sent again once this old."
     )
     blob_grace_s: float = Field(
         86400.0,

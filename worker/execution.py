@@ -264,13 +264,15 @@ def resend_lost_work() -> list[str]:
         recovered = lifecycle.recover_lost_jobs(session, settings.heartbeat_timeout_s, settings.max_attempts)
     if recovered:
         log.warning("re-queued %d job(s) whose worker stopped responding: %s", len(recovered), recovered)
-    _acknowledge_dead_deliveries(settings.heartbeat_timeout_s)
+    _acknowledge_dead_deliveries(settings)
     with unit_of_work() as session:
         to_send = lifecycle.claim_unsent(session, settings.requeue_after_s)
-        model_ids = lifecycle.models_to_revalidate(session, settings.requeue_after_s)
+        model_ids = lifecycle.claim_unsent_validations(session)
     sent = _send(to_send)
-    for model_id in model_ids:
-        queue.send(queue.VALIDATE_MODEL, model_id)
+    refused = [model_id for model_id in model_ids if not queue.send(queue.VALIDATE_MODEL, model_id)]
+    if refused:
+        with unit_of_work() as session:
+            lifecycle.mark_validation_unsent(session, refused)
     removed = remove_abandoned(settings.work_dir)
     if removed:
         log.info("removed %d directory(ies) of dead attempts: %s", len(removed), [p.name for p in removed])
@@ -289,30 +291,48 @@ def _send(jobs: list[tuple[str, bool]]) -> list[str]:
     return sent
 
 
-def _acknowledge_dead_deliveries(heartbeat_timeout_s: float) -> None:
-    """Acknowledge the job messages a dead worker took and never acknowledged (Redis keeps them
-    until the visibility timeout, then would hand them out again): a message held longer than the
-    heartbeat timeout whose job ended, or that is not the running attempt's (delivered before it
-    started), goes; a queued job whose message a dead worker took is marked unsent, to be sent again."""
-    held = [d for d in queue.unacknowledged() if d.task == queue.RUN_JOB and d.args and d.age_s > heartbeat_timeout_s]
+def _acknowledge_dead_deliveries(settings) -> None:
+    """Acknowledge the messages a dead worker took and never acknowledged (Redis keeps them until
+    the visibility timeout, then would hand them out again).
+
+    A job's message held longer than the heartbeat timeout goes when its job has ended or it is not
+    the running attempt's (it was delivered before that attempt started); a queued job's (a worker
+    died before claiming it) goes and the job is marked unsent, to be sent again. A validation's
+    goes when the model is no longer validating, or once it is held past the validation time limit
+    (its worker died), and the validation is then marked unsent.
+    """
+    timeout = settings.heartbeat_timeout_s
+    held = [
+        d
+        for d in queue.unacknowledged()
+        if d.queue in queue.worker_queues(settings.queue_name) and d.args and d.age_s > timeout
+    ]
+    jobs_held = [d for d in held if d.task == queue.RUN_JOB]
+    validations_held = [d for d in held if d.task == queue.VALIDATE_MODEL]
     if not held:
         return
     with unit_of_work() as session:
-        jobs = lifecycle.running_since(session, [d.args[0] for d in held])
-        taken_and_lost = []
-        for delivery in held:
+        jobs = lifecycle.running_since(session, [d.args[0] for d in jobs_held])
+        models = lifecycle.model_statuses(session, [d.args[0] for d in validations_held])
+        jobs_lost, validations_lost = [], []
+        for delivery in jobs_held:
             status, running_for = jobs.get(delivery.args[0], (None, None))
-            if (
-                status == JobStatus.RUNNING
-                and running_for is not None
-                and delivery.age_s < running_for + heartbeat_timeout_s
-            ):
+            if status == JobStatus.RUNNING and running_for is not None and delivery.age_s < running_for + timeout:
                 continue  # the running attempt's own message
             if status == JobStatus.QUEUED:
-                taken_and_lost.append(delivery.args[0])
+                jobs_lost.append(delivery.args[0])
             queue.forget(delivery.tag)
             log.info("acknowledged a dead worker's message for job %s (%s)", delivery.args[0], status or "gone")
-        lifecycle.mark_unsent(session, taken_and_lost)
+        for delivery in validations_held:
+            status = models.get(delivery.args[0])
+            if status == "validating":
+                if delivery.age_s < settings.validate_time_limit_s + timeout:
+                    continue  # may still be validating
+                validations_lost.append(delivery.args[0])
+            queue.forget(delivery.tag)
+            log.info("acknowledged a dead worker's validation of model %s (%s)", delivery.args[0], status or "gone")
+        lifecycle.mark_unsent(session, jobs_lost)
+        lifecycle.mark_validation_unsent(session, validations_lost)
 
 
 def remove_dead_attempts() -> None:

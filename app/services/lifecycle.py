@@ -226,16 +226,50 @@ def running_since(session: Session, job_ids: list[str]) -> dict[str, tuple[JobSt
     }
 
 
-def models_to_revalidate(session: Session, older_than_s: float) -> list[str]:
-    """Models still `validating` long after upload: their validation message was lost (or its worker
-    died), so it is sent again. Validation is idempotent."""
-    cutoff = utcnow() - timedelta(seconds=older_than_s)
-    return list(
-        session.scalars(
-            select(UploadedModel.id).where(
-                UploadedModel.status == "validating",
-                UploadedModel.deleted_at.is_(None),
-                UploadedModel.created_at < cutoff,
-            )
+VALIDATION_UNSENT = {
+    "code": "validation_unsent",
+    "message": "the broker could not be reached to queue this model's validation; a worker sends it again shortly",
+}
+
+
+def mark_validation_unsent(session: Session, model_ids: list[str]) -> None:
+    """Models whose validation message was never sent (or was taken by a worker that died)."""
+    if model_ids:
+        session.execute(
+            update(UploadedModel)
+            .where(UploadedModel.id.in_(model_ids), UploadedModel.status == "validating")
+            .values(error=VALIDATION_UNSENT)
+            .execution_options(synchronize_session=False)
         )
+
+
+def claim_unsent_validations(session: Session) -> list[str]:
+    """Models marked unsent, unmarked now (the caller sends them; `mark_validation_unsent` again if
+    that fails). A model merely waiting for its validation is never sent again."""
+    rows = session.execute(
+        select(UploadedModel.id, UploadedModel.error).where(
+            UploadedModel.status == "validating", UploadedModel.deleted_at.is_(None)
+        )
+    ).all()
+    claimed = []
+    for model_id, error in rows:
+        if (error or {}).get("code") == VALIDATION_UNSENT["code"]:
+            session.execute(
+                update(UploadedModel)
+                .where(UploadedModel.id == model_id, UploadedModel.status == "validating")
+                .values(error=None)
+                .execution_options(synchronize_session=False)
+            )
+            claimed.append(model_id)
+    return claimed
+
+
+def model_statuses(session: Session, model_ids: list[str]) -> dict[str, str]:
+    """{id: status} of the models that exist and are not deleted."""
+    return dict(
+        session.execute(
+            select(UploadedModel.id, UploadedModel.status).where(
+                UploadedModel.id.in_(model_ids), UploadedModel.deleted_at.is_(None)
+            )
+        ).all()
     )

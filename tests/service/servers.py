@@ -106,11 +106,13 @@ class Service:
         )
         wait_until_up(self.url, self.processes["api"], self.log_dir / "api.log")
 
-    def start_worker(self, concurrency: int = 1) -> None:
+    def start_worker(self, concurrency: int = 1, key: str = "worker") -> subprocess.Popen:
+        """Start a Celery worker, known as `key` here (its log is `<key>.log`)."""
         from app.cli import worker_command
 
         queue, name = self.env["COMPACTOR_QUEUE_NAME"], f"test-{uuid.uuid4().hex[:6]}@%h"
-        self._spawn("worker", worker_command(concurrency, "INFO", queue, name))
+        self._spawn(key, worker_command(concurrency, "INFO", queue, name))
+        return self.processes[key]
 
     def stop(self, name: str | None = None) -> None:
         for key in [name] if name else list(self.processes):

@@ -161,3 +161,16 @@ def test_success_after_a_cancel_is_refused(migrated):
             )
     finally:
         _drop_job(migrated, job_id)
+
+
+def test_a_validation_is_sent_again_only_when_its_send_failed(session):
+    waiting = UploadedModel(name="w", size_bytes=1, sha256="1" * 64)
+    unsent = UploadedModel(name="u", size_bytes=1, sha256="2" * 64)
+    session.add_all([waiting, unsent])
+    session.flush()
+    lifecycle.mark_validation_unsent(session, [unsent.id])
+    session.refresh(unsent)
+    assert unsent.status == "validating" and unsent.error["code"] == "validation_unsent"  # says why it waits
+    claimed = lifecycle.claim_unsent_validations(session)
+    assert unsent.id in claimed and waiting.id not in claimed
+    assert unsent.id not in lifecycle.claim_unsent_validations(session)
