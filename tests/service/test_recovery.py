@@ -6,9 +6,7 @@ and the retries the API documents, no duplicate messages, and nothing left on di
 
 from __future__ import annotations
 
-import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,14 +16,22 @@ from pathlib import Path
 
 import psutil
 import pytest
-import redis
 from celery import Celery
 from sqlalchemy import create_engine, select, update
 
 from app.models import CompressionJob
 from tests import zoo
 from tests.service.conftest import upload_model, wait_for, wait_job
-from tests.service.servers import ROOT, Service, api_client, postgres_database, service_env
+from tests.service.servers import (
+    ROOT,
+    Service,
+    api_client,
+    broker_messages,
+    kill_tree,
+    model_process,
+    postgres_database,
+    service_env,
+)
 
 HEARTBEAT_TIMEOUT_S, SWEEP_S = 4.0, 1.0
 QUICK_BENCH = {"batch_sizes": [1], "warmup": 1, "iterations": 5}
@@ -53,41 +59,12 @@ def _service(tmp_path: Path, broker: str, **settings: str) -> Iterator[Service]:
             yield service
         finally:
             for process in list(service.processes.values()):
-                _kill_tree(process.pid)  # a stopped or spinning job would hold a graceful stop up
+                kill_tree(process.pid)  # a stopped or spinning job would hold a graceful stop up
             service.stop()
 
 
 def _broker(kind: str, redis_broker: str, tmp_path: Path) -> str:
     return redis_broker if kind == "redis" else f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
-
-
-def _kill_tree(pid: int) -> None:
-    try:
-        process = psutil.Process(pid)
-        family = [process, *process.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=10)
-
-
-def _model_process(worker: subprocess.Popen) -> psutil.Process | None:
-    """The process running the model's code under this worker (inside bubblewrap), if any."""
-    try:
-        children = psutil.Process(worker.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return None
-    for child in children:
-        try:
-            if "worker.sandbox_child" in " ".join(child.cmdline()) and child.name() != "bwrap":
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    return None
 
 
 def _running_model(api, job_id: str, workers: list[subprocess.Popen]) -> tuple[subprocess.Popen, psutil.Process]:
@@ -96,7 +73,7 @@ def _running_model(api, job_id: str, workers: list[subprocess.Popen]) -> tuple[s
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for worker in workers:
-            model = _model_process(worker)
+            model = model_process(worker)
             if model is not None:
                 time.sleep(0.5)  # into the model's code, past start-up
                 return worker, model
@@ -116,24 +93,6 @@ def _submit(api, model_id: str) -> str:
     )
     assert response.status_code == 202, response.text
     return response.json()["id"]
-
-
-def _messages(service: Service) -> tuple[int, int]:
-    """(messages waiting in the service's queues, messages workers hold unacknowledged)."""
-    queues = [service.env["COMPACTOR_QUEUE_NAME"], service.env["COMPACTOR_QUEUE_NAME"] + ".recovery"]
-    url = service.env["COMPACTOR_BROKER_URL"]
-    if url.startswith("redis"):
-        client = redis.Redis.from_url(url)
-        waiting = sum(client.llen(name) for name in queues)
-        held = sum(1 for raw in client.hvals("unacked") if json.loads(raw)[2] in queues)
-        return waiting, held
-    with sqlite3.connect(url.split("///", 1)[1]) as db:
-        (waiting,) = db.execute(
-            "SELECT count(*) FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
-            f"WHERE m.visible AND q.name IN ({','.join('?' * len(queues))})",
-            queues,
-        ).fetchone()
-    return waiting, 0  # the virtual transport holds unacknowledged messages in the worker's memory
 
 
 def _leftovers(service: Service) -> list[str]:
@@ -216,7 +175,7 @@ def test_a_worker_killed_mid_job_is_replaced_within_the_heartbeat_timeout_leavin
         workers = [service.start_worker(key="w1"), service.start_worker(key="w2")]
         job_id = _spinner_job(api, rounds=400_000)
         holder, _ = _running_model(api, job_id, workers)
-        _kill_tree(holder.pid)
+        kill_tree(holder.pid)
         killed_at = time.monotonic()
         wait_for(api, f"/v1/jobs/{job_id}", lambda j: j["attempts"] == 2, timeout=60)
         recovered_in = time.monotonic() - killed_at
@@ -225,7 +184,7 @@ def test_a_worker_killed_mid_job_is_replaced_within_the_heartbeat_timeout_leavin
         job = wait_job(api, job_id)
         assert (job["status"], job["attempts"]) == ("succeeded", 2), job
         assert _eventually(lambda: _leftovers(service) == []), _leftovers(service)
-        assert _eventually(lambda: _messages(service) == (0, 0)), _messages(service)
+        assert _eventually(lambda: broker_messages(service) == (0, 0)), broker_messages(service)
 
 
 @pytest.mark.parametrize("broker", ["redis", "embedded"])
@@ -253,7 +212,7 @@ def test_jobs_waiting_behind_a_busy_worker_are_never_sent_twice(tmp_path, redis_
             _submit(api, tiny)
         counts = []
         for _ in range(int(6 * HEARTBEAT_TIMEOUT_S / SWEEP_S)):  # many sweeps, past the heartbeat timeout
-            counts.append(_messages(service))
+            counts.append(broker_messages(service))
             time.sleep(SWEEP_S)
         # Waiting: the 200 jobs and the tiny model's validation, once each; held: the busy job's.
         assert set(counts) == {(201, 1)}, counts
