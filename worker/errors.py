@@ -31,14 +31,17 @@ def describe_error(exc: BaseException) -> dict:
         return {"code": "model_error", "message": "running the model failed: " + model_text(exc)}
     trace = "".join(traceback.format_exception(exc))
     log.error("the service's own code failed:\n%s", trace)
+    return {"code": "internal_error", "message": internal_error_message(exc), "traceback": trace}
+
+
+def internal_error_message(exc: BaseException) -> str:
+    """What a user is told when the service's own code raised (in the model's process or the worker)."""
     text = str(exc)
     text = text[:SERVICE_TEXT_LIMIT] + ("…" if len(text) > SERVICE_TEXT_LIMIT else "")
-    return {
-        "code": "internal_error",
-        "message": f"Compactor's own code failed, not your model ({type(exc).__name__}: {text}); "
-        "it is retried once, and if it fails again please report it with the job id",
-        "traceback": trace,
-    }
+    return (
+        f"Compactor's own code failed, not your model ({type(exc).__name__}: {text}); "
+        "if it happens again, report it with the job id"
+    )
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -23,8 +23,9 @@ from app.models import CompressionJob, Dataset, UploadedModel
 from app.models.job import JobStatus, job_progress
 from app.reports.html import headline
 from app.services import blobs, lifecycle
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 from app.storage import BlobCorrupted, get_blob_store
+from worker.errors import internal_error_message
 from worker.isolation import IsolatedFailure, current_sandbox, job_limits, run_isolated
 from worker.sandbox import JobDir, OutputRejected, remove_abandoned
 
@@ -77,14 +78,7 @@ def run_job(job_id: str) -> str:
             return _failed(job_id, failure)
         except Exception as exc:
             log.exception("job %s: the worker's own code failed outside the model's process", job_id)
-            return _failed(
-                job_id,
-                IsolatedFailure(
-                    "internal_error",
-                    f"Compactor's own code failed, not your model ({type(exc).__name__}: {str(exc)[:300]}); it is "
-                    "retried once, and if it fails again please report it with the job id",
-                ),
-            )
+            return _failed(job_id, IsolatedFailure("internal_error", internal_error_message(exc)))
 
 
 @contextmanager
@@ -130,7 +124,7 @@ def _failed(job_id: str, failure: IsolatedFailure) -> str:
         if not requeued:
             message = failure.message
             if limit is not None:
-                message += f" (on each of its {lifecycle.attempt_of(session, job_id)} attempts)"
+                message += f" (attempt {lifecycle.attempt_of(session, job_id)}: it is not retried again)"
             lifecycle.fail(session, job_id, failure.code, message)
             return JobStatus.FAILED
     log.warning("job %s: %s: %s; re-queued", job_id, failure.code, failure.message)
@@ -273,9 +267,7 @@ def resend_lost_work() -> list[str]:
     if refused:
         with unit_of_work() as session:
             lifecycle.mark_validation_unsent(session, refused)
-    removed = remove_abandoned(settings.work_dir)
-    if removed:
-        log.info("removed %d directory(ies) of dead attempts: %s", len(removed), [p.name for p in removed])
+    remove_dead_attempts()
     return sent + model_ids
 
 
@@ -291,7 +283,7 @@ def _send(jobs: list[tuple[str, bool]]) -> list[str]:
     return sent
 
 
-def _acknowledge_dead_deliveries(settings) -> None:
+def _acknowledge_dead_deliveries(settings: Settings) -> None:
     """Acknowledge the messages a dead worker took and never acknowledged (Redis keeps them until
     the visibility timeout, then would hand them out again).
 
@@ -336,8 +328,8 @@ def _acknowledge_dead_deliveries(settings) -> None:
 
 
 def remove_dead_attempts() -> None:
-    """At start-up: delete the directories of attempts no live worker runs (this host's earlier
-    incarnation, killed mid-job)."""
+    """Delete the directories of attempts no live process runs (a worker killed mid-job): at a
+    worker's start-up and in every sweep."""
     removed = remove_abandoned(get_settings().work_dir)
     if removed:
         log.info("removed %d directory(ies) of dead attempts: %s", len(removed), [p.name for p in removed])
