@@ -217,3 +217,16 @@ def test_jobs_waiting_behind_a_busy_worker_are_never_sent_twice(tmp_path, redis_
         # Waiting: the 200 jobs and the tiny model's validation, once each; held: the busy job's.
         assert set(counts) == {(201, 1)}, counts
         assert api.get(f"/v1/jobs/{busy}").json()["status"] == "running"
+
+
+def test_only_dead_attempts_directories_are_removed(tmp_path):
+    from worker.sandbox import JobDir, Sandbox, remove_abandoned
+
+    dead = _dead_attempt_dir(tmp_path)
+    live = JobDir.create(tmp_path, "job-live-", Sandbox(False))
+    try:
+        assert remove_abandoned(tmp_path) == [dead]
+        assert live.root.exists() and not dead.exists()
+    finally:
+        live.remove()
+    assert remove_abandoned(tmp_path) == [] and list(tmp_path.iterdir()) == []
