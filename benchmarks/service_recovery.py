@@ -67,7 +67,7 @@ def wait_running(client: httpx.Client, service: Service, job_id: str, keys: list
         time.sleep(0.1)
     while True:
         for key in keys:
-            process = model_process(service.processes[key])
+            process = model_process(service.processes[key], job_id)
             if process is not None:
                 time.sleep(1.0)
                 return key, process
@@ -115,7 +115,7 @@ def recovery(tmp: Path, trials: int) -> None:
                     until(lambda: job(client, job_id)["attempts"] == 3 and job(client, job_id)["status"] == "running")
                     child_kills.append(time.monotonic() - killed)
                     client.post(f"/v1/jobs/{job_id}/cancel")
-                    until(lambda: not any(model_process(service.processes[k]) for k in keys), 0.2)
+                    until(lambda: not any(model_process(service.processes[k], job_id) for k in keys), 0.2)
             spread("SIGKILL of the worker running a job → the job running again", worker_kills, " (target ≤ 40 s)")
             spread("SIGKILL of the job's model process → the job running again", child_kills)
         finally:

@@ -168,15 +168,18 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(family, timeout=10)
 
 
-def model_process(worker: subprocess.Popen) -> psutil.Process | None:
-    """The process running the model's code under this worker (inside bubblewrap), if any."""
+def model_process(worker: subprocess.Popen, job_id: str | None = None) -> psutil.Process | None:
+    """The process running the model's code under this worker (inside bubblewrap), if any; with
+    `job_id`, only that job's (its bubblewrap command line binds the job's directory)."""
     try:
         children = psutil.Process(worker.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return None
     for child in children:
         try:
-            if "worker.sandbox_child" in " ".join(child.cmdline()) and child.name() != "bwrap":
+            if "worker.sandbox_child" not in " ".join(child.cmdline()) or child.name() == "bwrap":
+                continue
+            if job_id is None or any(f"/job-{job_id}-" in " ".join(p.cmdline()) for p in child.parents()):
                 return child
         except psutil.NoSuchProcess:
             continue

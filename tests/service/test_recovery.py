@@ -73,7 +73,7 @@ def _running_model(api, job_id: str, workers: list[subprocess.Popen]) -> tuple[s
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for worker in workers:
-            model = model_process(worker)
+            model = model_process(worker, job_id)
             if model is not None:
                 time.sleep(0.5)  # into the model's code, past start-up
                 return worker, model
@@ -183,6 +183,18 @@ def test_a_worker_killed_mid_job_is_replaced_within_the_heartbeat_timeout_leavin
         assert recovered_in < HEARTBEAT_TIMEOUT_S + SWEEP_S + 10, recovered_in
         job = wait_job(api, job_id)
         assert (job["status"], job["attempts"]) == ("succeeded", 2), job
+        assert _eventually(lambda: _leftovers(service) == []), _leftovers(service)
+        assert _eventually(lambda: broker_messages(service) == (0, 0)), broker_messages(service)
+
+
+def test_a_job_whose_worker_dies_on_its_last_attempt_fails_as_worker_lost(tmp_path, redis_broker):
+    with _service(tmp_path, redis_broker, COMPACTOR_MAX_ATTEMPTS="1") as service, api_client(service.url) as api:
+        workers = [service.start_worker(key="w1"), service.start_worker(key="w2")]
+        job_id = _spinner_job(api, rounds=400_000)
+        holder, _ = _running_model(api, job_id, workers)
+        kill_tree(holder.pid)
+        job = wait_job(api, job_id, timeout=HEARTBEAT_TIMEOUT_S + SWEEP_S + 30)
+        assert (job["status"], job["error"]["code"], job["attempts"]) == ("failed", "worker_lost", 1), job
         assert _eventually(lambda: _leftovers(service) == []), _leftovers(service)
         assert _eventually(lambda: broker_messages(service) == (0, 0)), broker_messages(service)
 
