@@ -28,7 +28,11 @@ REDIS_UNACKED, REDIS_UNACKED_INDEX = "unacked", "unacked_index"
 
 def recovery_queue(queue: str) -> str:
     """The queue a lost or killed job is sent to again: workers drain it before `queue`, so a job
-    that was already running goes ahead of the jobs submitted after it."""
+    that was already running goes ahead of the jobs submitted after it.
+
+    A queue rather than message priorities: kombu emulates priorities on Redis but not on its
+    SQLAlchemy transport (the embedded broker), while a fixed queue order works on both.
+    """
     return f"{queue}.recovery"
 
 
