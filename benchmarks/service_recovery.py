@@ -9,6 +9,7 @@ and Redis with real worker processes:
    undisturbed and with one worker killed midway.
 
 Run: .venv/bin/python benchmarks/service_recovery.py [--trials 3] [--watch-s 300] [--burst 0]
+(`--trials 0` or `--watch-s 0` skips that part).
 """
 
 from __future__ import annotations
@@ -198,8 +199,10 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=0, help="jobs in the burst (0: skip it)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        recovery(Path(tmp), args.trials)
-        flood(Path(tmp), args.watch_s)
+        if args.trials:
+            recovery(Path(tmp), args.trials)
+        if args.watch_s:
+            flood(Path(tmp), args.watch_s)
         if args.burst:
             burst(Path(tmp), args.burst, kill_midway=False)
             burst(Path(tmp), args.burst, kill_midway=True)
