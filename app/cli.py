@@ -45,19 +45,15 @@ def worker_command(
 ) -> list[str]:
     """The Celery worker command line (the test harness starts workers with it too): a job worker,
     or with `notifier` the webhook worker beside it (worker/notifier.py)."""
-    from app.queue import webhook_queue
+    from app.queue import webhook_queue, worker_queues
 
     queue = queue or get_settings().queue_name
     # Threads, not prefork: each job's torch work already runs in its own spawned process, and a
     # prefork child (a daemon) may not start processes of its own.
-    app, queues, role = "worker.celery_app:celery_app", queue, "compactor"
+    app, queues, role = "worker.celery_app:celery_app", worker_queues(queue), "compactor"
     if notifier:
-        app, queues, role, concurrency = (
-            "worker.notifier:celery_app",
-            webhook_queue(queue),
-            "notifier",
-            NOTIFIER_THREADS,
-        )
+        app, queues, role = "worker.notifier:celery_app", [webhook_queue(queue)], "notifier"
+        concurrency = NOTIFIER_THREADS
     return [
         sys.executable,
         "-m",
@@ -70,7 +66,7 @@ def worker_command(
         "-c",
         str(concurrency),
         "-Q",
-        queues,
+        ",".join(queues),
         "--loglevel",
         loglevel,
         "-n",

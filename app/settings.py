@@ -41,9 +41,18 @@ class Settings(BaseSettings):
     job_time_limit_s: float = Field(3600.0, description="Wall-clock limit of one job's torch work.")
     validate_time_limit_s: float = Field(300.0, description="Wall-clock limit of a model's validation.")
     job_memory_limit_bytes: int | None = Field(None, description="Address-space limit of a job's child process.")
-    max_attempts: int = Field(3, description="Deliveries of a job before it is failed as lost.")
-    requeue_interval_s: float = Field(30.0, description="How often the worker re-sends jobs whose enqueue was lost.")
-    requeue_after_s: float = Field(60.0, description="A queued job older than this with no worker is re-sent.")
+    max_attempts: int = Field(3, description="Attempts of a job before it is failed as lost (or killed).")
+    heartbeat_timeout_s: float = Field(
+        30.0,
+        description="A running job whose worker has not beaten for this long is lost: it is re-queued "
+        "ahead of newer jobs (workers beat every sixth of it).",
+    )
+    requeue_interval_s: float = Field(
+        5.0, description="How often each worker sweeps for lost jobs, dead attempts' leftovers and unsent work."
+    )
+    requeue_after_s: float = Field(
+        60.0, description="A job the API could not send (the broker was down) is sent again once this old."
+    )
     blob_grace_s: float = Field(
         86400.0,
         description="A blob no row references is deleted only once nobody has "

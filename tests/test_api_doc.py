@@ -75,3 +75,11 @@ def test_step_tables_match_the_schema(heading, schema):
 def test_the_readme_points_at_this_document_not_outside_the_repository():
     readme = (ROOT / "README.md").read_text()
     assert "docs/api.md" in readme and "../shared" not in readme
+
+
+def test_every_documented_failure_code_is_one_the_service_can_store():
+    section = DOC.split("### Why a job failed", 1)[1].split("\n#", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \|", section, re.M)
+    sources = "\n".join(p.read_text() for folder in ("app", "worker") for p in (ROOT / folder).rglob("*.py"))
+    assert {"model_error", "internal_error", "out_of_memory", "killed", "timeout", "worker_lost"} <= set(documented)
+    assert [code for code in documented if f'"{code}"' not in sources] == []

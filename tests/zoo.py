@@ -190,6 +190,21 @@ class TinyEncoder(nn.Module):
         return self.encoder(self.embed(tokens)).mean(dim=1)
 
 
+class Spinner(nn.Module):
+    """Busy for a while: `rounds` tanh of a tiny input (about 1 µs each), for jobs that must run long
+    enough to be killed or waited behind."""
+
+    def __init__(self, rounds: int):
+        super().__init__()
+        self.rounds = rounds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for _ in range(self.rounds):
+            y = torch.tanh(y)
+        return y
+
+
 def round_trip(model: torch.jit.ScriptModule) -> tuple[torch.jit.ScriptModule, int]:
     """Save and reload a TorchScript module as a user would; returns (reloaded, file size)."""
     buffer = io.BytesIO()

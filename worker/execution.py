@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from app import queue
 from app.db import read_only_session, unit_of_work
 from app.errors import CompactorError
 from app.inspection import check_torchscript_archive
@@ -19,11 +23,12 @@ from app.models import CompressionJob, Dataset, UploadedModel
 from app.models.job import JobStatus, job_progress
 from app.reports.html import headline
 from app.services import blobs, lifecycle, webhooks
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 from app.storage import BlobCorrupted, get_blob_store
 from worker.cpu_share import cpu_share
+from worker.errors import internal_error_message
 from worker.isolation import IsolatedFailure, current_sandbox, job_limits, run_isolated
-from worker.sandbox import JobDir, OutputRejected
+from worker.sandbox import JobDir, OutputRejected, remove_abandoned
 
 log = logging.getLogger(__name__)
 WORKER_NAME = socket.gethostname()
@@ -31,6 +36,8 @@ PROGRESS_EVERY_S = 0.5
 # jobs this worker runs at once (its Celery concurrency, recorded when it starts): each job's CPU
 # threads are the worker's usable cores divided by this
 job_slots = 1
+# The service's own code failing may be a passing accident (a database hiccup): one more attempt.
+INTERNAL_ERROR_ATTEMPTS = 2
 
 
 def validate_model(model_id: str) -> str:
@@ -62,17 +69,71 @@ def validate_model(model_id: str) -> str:
 
 
 def run_job(job_id: str) -> str:
-    """Claim and run a job; returns its final status. A duplicate delivery finds it claimed and stops."""
+    """Claim and run a job; returns its status when this attempt ends. A duplicate delivery finds
+    it claimed and stops."""
     with unit_of_work() as session:
         if not lifecycle.claim(session, job_id, WORKER_NAME):
             return lifecycle.status_of(session, job_id) or "missing"
+        attempt = lifecycle.attempt_of(session, job_id)
+    with _heartbeat(job_id, attempt):
+        try:
+            return _run_claimed(job_id)
+        except IsolatedFailure as failure:
+            return _failed(job_id, failure)
+        except Exception as exc:
+            log.exception("job %s: the worker's own code failed outside the model's process", job_id)
+            return _failed(job_id, IsolatedFailure("internal_error", internal_error_message(exc)))
+
+
+@contextmanager
+def _heartbeat(job_id: str, attempt: int) -> Iterator[None]:
+    """Beat for this attempt every sixth of the heartbeat timeout while it runs, whatever it is doing
+    (copying inputs, a long step that reports no progress): only a dead worker stops beating."""
+    every_s = get_settings().heartbeat_timeout_s / 6
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                with unit_of_work() as session:
+                    if not lifecycle.beat(session, job_id, attempt):
+                        return
+            except Exception:
+                log.warning("job %s: heartbeat failed; trying again", job_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread.start()
     try:
-        return _run_claimed(job_id)
-    except Exception as exc:
-        log.exception("job %s failed outside the model's process", job_id)
-        with unit_of_work() as session:
-            lifecycle.fail(session, job_id, "internal_error", f"the worker hit an unexpected error: {exc}")
-        return JobStatus.FAILED
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def _failed(job_id: str, failure: IsolatedFailure) -> str:
+    """Record how an attempt failed: retried when the failure was not the job's doing (a signal from
+    outside; the service's own code, once), failed with the code otherwise. Returns the status."""
+    settings = get_settings()
+    if failure.code == "internal_error":
+        log.error("job %s: internal error: %s\n%s", job_id, failure.message, failure.traceback or "(traceback above)")
+    retry_limits = {
+        "killed": settings.max_attempts,
+        "internal_error": min(INTERNAL_ERROR_ATTEMPTS, settings.max_attempts),
+    }
+    with unit_of_work() as session:
+        if failure.code == "canceled" or lifecycle.status_of(session, job_id) == JobStatus.CANCELED:
+            return JobStatus.CANCELED
+        limit = retry_limits.get(failure.code)
+        requeued = limit is not None and lifecycle.requeue(session, job_id, failure.message, limit)
+        if not requeued:
+            message = failure.message
+            if limit is not None:
+                message += f" (attempt {lifecycle.attempt_of(session, job_id)}: it is not retried again)"
+            lifecycle.fail(session, job_id, failure.code, message)
+            return JobStatus.FAILED
+    log.warning("job %s: %s: %s; re-queued", job_id, failure.code, failure.message)
+    _send([(job_id, True)])
+    return JobStatus.QUEUED
 
 
 def _run_claimed(job_id: str) -> str:
@@ -111,27 +172,20 @@ def _run_claimed(job_id: str) -> str:
             last["at"] = now
             return _progress(job_id, message)
 
-        try:
-            outcome = run_isolated(
-                "worker.runner:execute_job",
-                {
-                    "spec": spec,
-                    "files": files,
-                    "device": settings.worker_device,
-                    "cpu": cpu_share(job_slots, settings.worker_threads).describe(),
-                    "extra_time_s": settings.measure_extra_time_s,
-                },
-                job_limits(settings.job_time_limit_s),
-                on_progress,
-                job=job,
-            )
-            artifact = _checked_artifact(job, outcome)
-        except IsolatedFailure as failure:
-            with unit_of_work() as session:
-                if failure.code == "canceled" or lifecycle.status_of(session, job_id) == JobStatus.CANCELED:
-                    return JobStatus.CANCELED
-                lifecycle.fail(session, job_id, failure.code, failure.message)
-            return JobStatus.FAILED
+        outcome = run_isolated(
+            "worker.runner:execute_job",
+            {
+                "spec": spec,
+                "files": files,
+                "device": settings.worker_device,
+                "cpu": cpu_share(job_slots, settings.worker_threads).describe(),
+                "extra_time_s": settings.measure_extra_time_s,
+            },
+            job_limits(settings.job_time_limit_s),
+            on_progress,
+            job=job,
+        )
+        artifact = _checked_artifact(job, outcome)
         stored = store.put_file(artifact)
         report = {"job_id": job_id, **outcome["report"]}
         report["result"]["size_bytes"] = stored.size
@@ -198,27 +252,100 @@ def _job_files(spec: dict, model_id: str, job: JobDir) -> dict:
 
 
 def resend_lost_work() -> list[str]:
-    """Find queued jobs whose message was lost, running jobs whose worker died, validations that
-    never ran and webhook attempts whose message was lost; send them again. Returns the ids sent."""
-    from app import queue
+    """One sweep: re-queue running jobs whose worker died, acknowledge the messages dead workers
+    held, send what the broker does not hold, re-send validations that never ran and webhook
+    attempts that are overdue, and delete dead attempts' directories. Returns the ids sent.
 
+    Celery's own mechanisms do part of this: late acknowledgement keeps a job's message in the
+    broker until the job ends, so a job that waits in the queue is never lost and never re-sent.
+    What they cannot do is notice a dead worker in time: its messages come back only after the
+    visibility timeout, which must outlast the longest job; and `reject_on_worker_lost` applies to a
+    prefork child dying under a live parent, while our worker is one process (a thread pool) that
+    dies whole. So each worker watches the others' heartbeats in the database.
+    """
     settings = get_settings()
     with unit_of_work() as session:
-        job_ids = lifecycle.jobs_to_resend(
-            session,
-            settings.requeue_after_s,
-            heartbeat_timeout_s=max(120.0, 4 * settings.requeue_interval_s),
-            max_attempts=settings.max_attempts,
-        )
-        model_ids = lifecycle.models_to_revalidate(session, settings.requeue_after_s)
-        delivery_ids = webhooks.lost_deliveries(session, settings.requeue_after_s)
-    for job_id in job_ids:
-        queue.send(queue.RUN_JOB, job_id)
-    for model_id in model_ids:
-        queue.send(queue.VALIDATE_MODEL, model_id)
+        recovered = lifecycle.recover_lost_jobs(session, settings.heartbeat_timeout_s, settings.max_attempts)
+    if recovered:
+        log.warning("re-queued %d job(s) whose worker stopped responding: %s", len(recovered), recovered)
+    _acknowledge_dead_deliveries(settings)
+    with unit_of_work() as session:
+        to_send = lifecycle.claim_unsent(session, settings.requeue_after_s)
+        model_ids = lifecycle.claim_unsent_validations(session)
+        delivery_ids = webhooks.overdue_deliveries(session, settings.requeue_after_s)
+    sent = _send(to_send)
+    refused = [model_id for model_id in model_ids if not queue.send(queue.VALIDATE_MODEL, model_id)]
+    if refused:
+        with unit_of_work() as session:
+            lifecycle.mark_validation_unsent(session, refused)
     for delivery_id in delivery_ids:
         queue.send(queue.DELIVER_WEBHOOK, delivery_id)
-    return job_ids + model_ids + delivery_ids
+    remove_dead_attempts()
+    return sent + model_ids + delivery_ids
+
+
+def _send(jobs: list[tuple[str, bool]]) -> list[str]:
+    """Send jobs already marked as sent (to the recovery queue when they ran before); those the
+    broker refused are marked unsent again, for the next sweep."""
+    sent, refused = [], []
+    for job_id, ran_before in jobs:
+        (sent if queue.send(queue.RUN_JOB, job_id, recovery=ran_before) else refused).append(job_id)
+    if refused:
+        with unit_of_work() as session:
+            lifecycle.mark_unsent(session, refused)
+    return sent
+
+
+def _acknowledge_dead_deliveries(settings: Settings) -> None:
+    """Acknowledge the messages a dead worker took and never acknowledged (Redis keeps them until
+    the visibility timeout, then would hand them out again).
+
+    A job's message held longer than the heartbeat timeout goes when its job has ended or it is not
+    the running attempt's (it was delivered before that attempt started); a queued job's (a worker
+    died before claiming it) goes and the job is marked unsent, to be sent again. A validation's
+    goes when the model is no longer validating, or once it is held past the validation time limit
+    (its worker died), and the validation is then marked unsent.
+    """
+    timeout = settings.heartbeat_timeout_s
+    held = [
+        d
+        for d in queue.unacknowledged()
+        if d.queue in queue.worker_queues(settings.queue_name) and d.args and d.age_s > timeout
+    ]
+    jobs_held = [d for d in held if d.task == queue.RUN_JOB]
+    validations_held = [d for d in held if d.task == queue.VALIDATE_MODEL]
+    if not held:
+        return
+    with unit_of_work() as session:
+        jobs = lifecycle.running_since(session, [d.args[0] for d in jobs_held])
+        models = lifecycle.model_statuses(session, [d.args[0] for d in validations_held])
+        jobs_lost, validations_lost = [], []
+        for delivery in jobs_held:
+            status, running_for = jobs.get(delivery.args[0], (None, None))
+            if status == JobStatus.RUNNING and running_for is not None and delivery.age_s < running_for + timeout:
+                continue  # the running attempt's own message
+            if status == JobStatus.QUEUED:
+                jobs_lost.append(delivery.args[0])
+            queue.forget(delivery.tag)
+            log.info("acknowledged a dead worker's message for job %s (%s)", delivery.args[0], status or "gone")
+        for delivery in validations_held:
+            status = models.get(delivery.args[0])
+            if status == "validating":
+                if delivery.age_s < settings.validate_time_limit_s + timeout:
+                    continue  # may still be validating
+                validations_lost.append(delivery.args[0])
+            queue.forget(delivery.tag)
+            log.info("acknowledged a dead worker's validation of model %s (%s)", delivery.args[0], status or "gone")
+        lifecycle.mark_unsent(session, jobs_lost)
+        lifecycle.mark_validation_unsent(session, validations_lost)
+
+
+def remove_dead_attempts() -> None:
+    """Delete the directories of attempts no live process runs (a worker killed mid-job): at a
+    worker's start-up and in every sweep."""
+    removed = remove_abandoned(get_settings().work_dir)
+    if removed:
+        log.info("removed %d directory(ies) of dead attempts: %s", len(removed), [p.name for p in removed])
 
 
 def collect_orphan_blobs() -> list[str]:

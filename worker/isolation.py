@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from app.settings import get_settings
+from worker.cgroup import oom_kills
 from worker.sandbox import MAX_ENTRIES, JobDir, Sandbox, SandboxUnavailable, package_dir
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 64 * 1024 * 1024  # one message; a report of a large model is a few MB
 MAX_STRING = 4000  # any one string the child sends
 MAX_ERROR_MESSAGE = 1500
+MAX_TRACEBACK = 8000
 USAGE_EVERY_S = 1.0
 _CRASH_SIGNALS = {
     signal.SIGSEGV: "segmentation fault",
@@ -43,13 +45,20 @@ _CRASH_SIGNALS = {
 }
 
 
-class IsolatedFailure(Exception):
-    """The child did not return a result: `code` is one of model_crashed, timeout, out_of_memory,
-    output_too_large, canceled, sandbox_unavailable, or an engine's own error code."""
+# Signals that stop a process from outside (an operator, a supervisor, a shutdown), never a crash of
+# the model's own making: the job is retried, as when its worker is lost.
+_OUTSIDE_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 
-    def __init__(self, code: str, message: str):
+
+class IsolatedFailure(Exception):
+    """The child did not return a result: `code` is one of model_error, internal_error,
+    model_crashed, killed, timeout, out_of_memory, output_too_large, canceled, sandbox_unavailable,
+    or an engine's own error code. `traceback` is the child's, for an internal_error (untrusted text,
+    for the worker's log only)."""
+
+    def __init__(self, code: str, message: str, traceback: str | None = None):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.traceback = code, message, traceback
 
 
 @dataclass
@@ -132,6 +141,7 @@ def run_isolated(
             "writable": sandbox.writable(job),
             "sys_path": [code_root],
         }
+        oom_kills_before = oom_kills()
         with open(job.log_path, "wb") as child_log:
             process = subprocess.Popen(
                 command,
@@ -145,7 +155,7 @@ def run_isolated(
         child_end.close()
         try:
             parent_end.sendall(json.dumps(request).encode() + b"\n")
-            return _serve(process, parent_end, job, limits, on_progress)
+            return _serve(process, parent_end, job, limits, on_progress, oom_kills_before)
         finally:
             if process.poll() is None:
                 _kill(process)
@@ -157,7 +167,12 @@ def run_isolated(
 
 
 def _serve(
-    process: subprocess.Popen, channel: socket.socket, job: JobDir, limits: Limits, on_progress: Callable[[dict], bool]
+    process: subprocess.Popen,
+    channel: socket.socket,
+    job: JobDir,
+    limits: Limits,
+    on_progress: Callable[[dict], bool],
+    oom_kills_before: int | None,
 ) -> Any:
     deadline = time.monotonic() + limits.time_s
     next_usage = time.monotonic() + USAGE_EVERY_S
@@ -207,7 +222,7 @@ def _serve(
                     "COMPACTOR_SANDBOX_MAX_OUTPUT_BYTES if the model needs it",
                 )
     process.wait(10)
-    raise _exit_failure(process.returncode, heard, job)
+    raise _exit_failure(process.returncode, heard, job, oom_kills_before)
 
 
 def _finish(process: subprocess.Popen) -> None:
@@ -257,20 +272,27 @@ def _reported_failure(payload: Any) -> IsolatedFailure:
     if not isinstance(code, str) or not code.replace("_", "").isalnum() or len(code) > 40:
         code = "model_error"
     message = str(payload.get("message") or "the model's process reported an error without a message")
-    return IsolatedFailure(code, message[:MAX_ERROR_MESSAGE])
+    trace = payload.get("traceback") if code == "internal_error" else None
+    return IsolatedFailure(code, message[:MAX_ERROR_MESSAGE], str(trace)[:MAX_TRACEBACK] if trace else None)
 
 
-def _exit_failure(exitcode: int | None, heard: bool, job: JobDir) -> IsolatedFailure:
+def _exit_failure(exitcode: int | None, heard: bool, job: JobDir, oom_kills_before: int | None) -> IsolatedFailure:
     _log_child_output(job)
     if exitcode is not None and exitcode > 128:  # bubblewrap exits 128 + N for a child killed by signal N
         exitcode = -(exitcode - 128)
     if exitcode is not None and exitcode < 0:
         sig = -exitcode
-        if sig == signal.SIGKILL:
+        if sig == signal.SIGKILL and _oom_killed_since(oom_kills_before):
             return IsolatedFailure(
                 "out_of_memory",
-                "the process running the model was killed by the system, most "
-                "likely for running out of memory; try smaller batch sizes",
+                "the kernel's out-of-memory killer stopped the process running the model (the "
+                "machine ran out of memory); try smaller batch sizes or a worker with more memory",
+            )
+        if sig in _OUTSIDE_SIGNALS:
+            return IsolatedFailure(
+                "killed",
+                f"the process running the model was stopped by a signal from outside "
+                f"({signal.Signals(sig).name}), not by anything the model did",
             )
         if sig == signal.SIGXFSZ:
             return IsolatedFailure(
@@ -290,6 +312,12 @@ def _exit_failure(exitcode: int | None, heard: bool, job: JobDir) -> IsolatedFai
     if reason:
         return IsolatedFailure("sandbox_unavailable", f"the sandbox could not start: {reason}")
     return IsolatedFailure("model_crashed", f"the process running the model exited unexpectedly (exit code {exitcode})")
+
+
+def _oom_killed_since(before: int | None) -> bool:
+    """True when the memory cgroup counted an OOM kill since `before` (None: not countable here)."""
+    after = oom_kills()
+    return before is not None and after is not None and after > before
 
 
 def _sandbox_error(job: JobDir) -> str | None:

@@ -18,7 +18,8 @@ celery_app.conf.update(task_acks_late=True, worker_prefetch_multiplier=4, worker
 
 @celery_app.task(name=queue.DELIVER_WEBHOOK)
 def deliver_webhook(delivery_id: str) -> None:
-    """One attempt; the next, if one is due, is sent to run when its wait is over."""
+    """One attempt; the next, if one is due soon, is sent to run when its wait is over (later ones
+    are sent by the sweeper once due)."""
     delay = webhooks.attempt(delivery_id)
-    if delay is not None:
+    if delay is not None and delay <= webhooks.COUNTDOWN_LIMIT_S:
         queue.send(queue.DELIVER_WEBHOOK, delivery_id, countdown=delay)

@@ -22,7 +22,7 @@ from worker.engines.measure import BenchmarkConfig, measure_models
 from worker.engines.measure.quality import fidelity_score, output_leaves
 from worker.engines.modules import load_model, save_model
 from worker.engines.pipeline import PipelineContext, parse_step, run_step
-from worker.errors import describe_error
+from worker.errors import is_out_of_memory
 
 Emit = Callable[[dict], None]
 STEPS_SHARE = 80.0  # percent of the progress bar the steps take; measuring takes the rest
@@ -250,7 +250,7 @@ def _run(model: torch.jit.ScriptModule, data: ModelData, device: torch.device):
         try:
             return model(*(t.to(device) for t in data.inputs))
         except Exception as exc:
-            if describe_error(exc)["code"] == "out_of_memory":
+            if is_out_of_memory(exc):
                 raise
             raise EngineError("model_error", f"the model does not run on the job's inputs: {model_text(exc)}") from exc
 

@@ -15,14 +15,16 @@ its parent), and the same binary works from a plain user account as from root.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 INSIDE = "/job"
@@ -45,6 +47,9 @@ _SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin")
 # What libc and the dynamic loader read from /etc; nothing else of it (no passwd, no hosts, no ssl).
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
 MAX_ENTRIES = 10_000  # files and directories a job may write
+LOCK_NAME = ".attempt.lock"
+# A directory without its lock yet is being made (or its maker died in those microseconds).
+UNLOCKED_GRACE_S = 300.0
 
 
 class SandboxUnavailable(Exception):
@@ -64,19 +69,26 @@ class JobDir:
     """A job's private directory: `in/` (copies of its inputs), `out/` (what it writes), `tmp/`.
 
     Paths handed to the child are the paths it sees: under `/job` in the sandbox, the host paths
-    when the sandbox is off.
+    when the sandbox is off. The attempt that made it holds a lock on it (`LOCK_NAME`) for as long as
+    it lives: the kernel drops the lock when that process dies however it dies, so any worker can
+    tell a dead attempt's directory from a live one (`remove_abandoned`) without knowing who made it.
     """
 
     root: Path
     sandbox: Sandbox
+    _lock: int | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, parent: Path, prefix: str, sandbox: Sandbox) -> JobDir:
         Path(parent).mkdir(parents=True, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        # Locked under another name, then renamed: a sweeper never sees the lock file unlocked.
+        fd = os.open(root / f"{LOCK_NAME}.new", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(root / f"{LOCK_NAME}.new", root / LOCK_NAME)
         for name in ("in", "out", "tmp"):
             (root / name).mkdir()
-        return cls(root, sandbox)
+        return cls(root, sandbox, fd)
 
     @property
     def sandboxed(self) -> bool:
@@ -144,6 +156,49 @@ class JobDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def remove_abandoned(parent: Path) -> list[Path]:
+    """Delete the job directories under `parent` whose attempt no longer lives; returns them.
+
+    An attempt's process holds its directory's lock until it removes the directory, so a lock that
+    can be taken belongs to an attempt that died (a worker killed mid-job). Called when a worker
+    starts and by every sweep.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        root = Path(entry.path)
+        try:
+            fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                young = time.time() - entry.stat(follow_symlinks=False).st_mtime < UNLOCKED_GRACE_S
+            except FileNotFoundError:
+                continue
+            if not young:
+                shutil.rmtree(root, ignore_errors=True)
+                removed.append(root)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # a live attempt's
+            continue
+        try:
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(root)
+        finally:
+            os.close(fd)
+    return removed
 
 
 class Sandbox:

@@ -65,9 +65,14 @@ def _require_sandbox(**_) -> None:
 
 @worker_ready.connect
 def _start_sweeper(**_) -> None:
-    """Re-send lost jobs now and then every `requeue_interval_s`, so an accepted job is never lost;
-    delete orphaned blobs every `blob_collect_interval_s`."""
+    """Remove dead attempts' directories, then sweep (`execution.resend_lost_work`) now and every
+    `requeue_interval_s`, so an accepted job is never lost; delete orphaned blobs every
+    `blob_collect_interval_s`."""
     settings = get_settings()
+    try:
+        execution.remove_dead_attempts()
+    except OSError:
+        log.exception("removing dead attempts' directories failed; the sweeps retry it")
 
     def sweep_forever() -> None:
         next_collection = time.monotonic()

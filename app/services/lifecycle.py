@@ -110,33 +110,50 @@ def set_model_validation(session: Session, model_id: str, summary: dict | None, 
     model.summary, model.error = summary, error
 
 
-def jobs_to_resend(
-    session: Session, requeue_after_s: float, heartbeat_timeout_s: float, max_attempts: int
-) -> list[str]:
-    """Find jobs an accident left behind and make them runnable again; returns the ids to send.
-
-    - queued and never enqueued (the broker was down at submission), or enqueued long ago and still
-      not claimed (the message was lost): send again;
-    - running with a stale heartbeat (the worker died): back to queued and send again, or failed
-      `worker_lost` once it has used all its attempts.
-    """
-    now = utcnow()
-    resend = list(
-        session.scalars(
-            select(CompressionJob.id).where(
-                CompressionJob.status == JobStatus.QUEUED,
-                or_(
-                    CompressionJob.enqueued_at.is_(None),
-                    CompressionJob.enqueued_at < now - timedelta(seconds=requeue_after_s),
-                ),
-            )
+def beat(session: Session, job_id: str, attempt: int) -> bool:
+    """The heartbeat of a running attempt; False when the job has moved on (finished, canceled, or
+    re-queued and claimed again: a later attempt's heartbeat is not this one's to keep)."""
+    result = session.execute(
+        update(CompressionJob)
+        .where(
+            CompressionJob.id == job_id,
+            CompressionJob.status == JobStatus.RUNNING,
+            CompressionJob.attempts == attempt,
         )
+        .values(heartbeat_at=utcnow())
     )
+    return result.rowcount == 1
+
+
+def attempt_of(session: Session, job_id: str) -> int:
+    return session.scalar(select(CompressionJob.attempts).where(CompressionJob.id == job_id)) or 0
+
+
+def requeue(session: Session, job_id: str, reason: str, attempts_below: int) -> bool:
+    """Move a running job back to queued, marked as being sent (the caller sends it next), when it
+    has used fewer than `attempts_below` attempts; False otherwise (nothing changed)."""
+    return _move(
+        session,
+        job_id,
+        JobStatus.QUEUED,
+        CompressionJob.status == JobStatus.RUNNING,
+        CompressionJob.attempts < attempts_below,
+        enqueued_at=utcnow(),
+        progress=job_progress(JobStatus.QUEUED, f"re-queued: {reason}"),
+    )
+
+
+def recover_lost_jobs(session: Session, heartbeat_timeout_s: float, max_attempts: int) -> list[str]:
+    """Running jobs whose worker stopped beating (it died): back to queued, to be sent again to the
+    recovery queue, or failed `worker_lost` once they have used all their attempts. Returns the
+    re-queued ids; they are left unsent (`enqueued_at` cleared) for `claim_unsent` to send."""
+    now = utcnow()
     # Still running with a stale heartbeat when the UPDATE runs: a job that finished or beat since is left alone.
     stale = (
         CompressionJob.status == JobStatus.RUNNING,
         CompressionJob.heartbeat_at < now - timedelta(seconds=heartbeat_timeout_s),
     )
+    requeued = []
     for job_id, attempts in session.execute(select(CompressionJob.id, CompressionJob.attempts).where(*stale)).all():
         if attempts >= max_attempts:
             _move(
@@ -155,24 +172,109 @@ def jobs_to_resend(
             job_id,
             JobStatus.QUEUED,
             *stale,
+            enqueued_at=None,
             progress=job_progress(JobStatus.QUEUED, "re-queued: its worker stopped responding"),
         ):
-            resend.append(job_id)
-    for job_id in resend:
-        session.execute(update(CompressionJob).where(CompressionJob.id == job_id).values(enqueued_at=now))
-    return resend
+            requeued.append(job_id)
+    return requeued
 
 
-def models_to_revalidate(session: Session, older_than_s: float) -> list[str]:
-    """Models still `validating` long after upload: their validation message was lost (or its worker
-    died), so it is sent again. Validation is idempotent."""
-    cutoff = utcnow() - timedelta(seconds=older_than_s)
-    return list(
-        session.scalars(
-            select(UploadedModel.id).where(
-                UploadedModel.status == "validating",
-                UploadedModel.deleted_at.is_(None),
-                UploadedModel.created_at < cutoff,
-            )
+def claim_unsent(session: Session, requeue_after_s: float) -> list[tuple[str, bool]]:
+    """Queued jobs the broker does not hold, marked as being sent; [(id, ran_before)] to send.
+
+    Unsent: `enqueued_at` is empty, because the API's send failed (looked at once the send has had
+    `requeue_after_s` to finish), or because the job was re-queued (it ran before: at once, and to the
+    recovery queue). A job once sent is the broker's to keep (its message is acknowledged only when
+    the job ends), so a job merely waiting in the queue is never sent twice. Marking and selecting is
+    one UPDATE, so two sweepers never send the same job.
+    """
+    now = utcnow()
+    rows = session.execute(
+        update(CompressionJob)
+        .where(
+            CompressionJob.status == JobStatus.QUEUED,
+            CompressionJob.enqueued_at.is_(None),
+            or_(
+                CompressionJob.attempts > 0,
+                CompressionJob.created_at < now - timedelta(seconds=requeue_after_s),
+            ),
         )
+        .values(enqueued_at=now)
+        .returning(CompressionJob.id, CompressionJob.attempts)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [(job_id, attempts > 0) for job_id, attempts in rows]
+
+
+def mark_unsent(session: Session, job_ids: list[str]) -> None:
+    """Jobs whose send failed (or whose message a dead worker took): the next sweep sends them."""
+    if job_ids:
+        session.execute(
+            update(CompressionJob)
+            .where(CompressionJob.id.in_(job_ids), CompressionJob.status == JobStatus.QUEUED)
+            .values(enqueued_at=None)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def running_since(session: Session, job_ids: list[str]) -> dict[str, tuple[JobStatus, float | None]]:
+    """{id: (status, seconds since the current attempt started)} of the jobs that exist."""
+    now = utcnow()
+    rows = session.execute(
+        select(CompressionJob.id, CompressionJob.status, CompressionJob.started_at).where(
+            CompressionJob.id.in_(job_ids)
+        )
+    ).all()
+    return {
+        job_id: (status, (now - started).total_seconds() if started is not None else None)
+        for job_id, status, started in rows
+    }
+
+
+VALIDATION_UNSENT = {
+    "code": "validation_unsent",
+    "message": "the broker could not be reached to queue this model's validation; a worker sends it again shortly",
+}
+
+
+def mark_validation_unsent(session: Session, model_ids: list[str]) -> None:
+    """Models whose validation message was never sent (or was taken by a worker that died)."""
+    if model_ids:
+        session.execute(
+            update(UploadedModel)
+            .where(UploadedModel.id.in_(model_ids), UploadedModel.status == "validating")
+            .values(error=VALIDATION_UNSENT)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def claim_unsent_validations(session: Session) -> list[str]:
+    """Models marked unsent, unmarked now (the caller sends them; `mark_validation_unsent` again if
+    that fails). A model merely waiting for its validation is never sent again."""
+    rows = session.execute(
+        select(UploadedModel.id, UploadedModel.error).where(
+            UploadedModel.status == "validating", UploadedModel.deleted_at.is_(None)
+        )
+    ).all()
+    claimed = []
+    for model_id, error in rows:
+        if (error or {}).get("code") == VALIDATION_UNSENT["code"]:
+            session.execute(
+                update(UploadedModel)
+                .where(UploadedModel.id == model_id, UploadedModel.status == "validating")
+                .values(error=None)
+                .execution_options(synchronize_session=False)
+            )
+            claimed.append(model_id)
+    return claimed
+
+
+def model_statuses(session: Session, model_ids: list[str]) -> dict[str, str]:
+    """{id: status} of the models that exist and are not deleted."""
+    return dict(
+        session.execute(
+            select(UploadedModel.id, UploadedModel.status).where(
+                UploadedModel.id.in_(model_ids), UploadedModel.deleted_at.is_(None)
+            )
+        ).all()
     )

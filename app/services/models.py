@@ -14,6 +14,7 @@ from app.inspection import check_torchscript_archive
 from app.models import CompressionJob, UploadedModel
 from app.models.job import ACTIVE_STATUSES
 from app.multipart import ReceivedUpload
+from app.services import lifecycle
 from app.services.uploads import get_live, list_live, soft_delete
 from app.storage import BlobStore
 
@@ -32,8 +33,19 @@ def create_model(session: Session, store: BlobStore, tenant: str, upload: Receiv
     session.add(model)
     session.flush()
     model_id = model.id
-    after_commit(session, lambda: queue.send(queue.VALIDATE_MODEL, model_id))
+    after_commit(session, lambda: dispatch_validation(model_id))
     return model
+
+
+def dispatch_validation(model_id: str) -> None:
+    """Send a committed model's validation; when the broker refuses it, mark the model so that the
+    sweeper sends it (a validation waiting in the queue is never sent twice)."""
+    if queue.send(queue.VALIDATE_MODEL, model_id):
+        return
+    from app.db import unit_of_work
+
+    with unit_of_work() as session:
+        lifecycle.mark_validation_unsent(session, [model_id])
 
 
 def get_model(session: Session, tenant: str, model_id: str) -> UploadedModel:

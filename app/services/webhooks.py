@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 _CLAIM_S = 120.0
 # An attempt message may arrive this early (countdowns are not exact) and still count as due.
 _EARLY_S = 2.0
+# Longer waits are not a message's countdown: Redis would hand a message held unacknowledged for
+# hours out again (its visibility timeout), so the sweeper sends the attempt once it is due.
+COUNTDOWN_LIMIT_S = 600.0
 
 
 def check_callback_url(url: str) -> None:
@@ -226,8 +229,9 @@ def _next_delay(attempts_made: int, created_at, settings) -> float | None:
     return delay
 
 
-def lost_deliveries(session: Session, overdue_s: float) -> list[str]:
-    """Pending deliveries whose attempt is overdue by `overdue_s`: their message was lost."""
+def overdue_deliveries(session: Session, overdue_s: float) -> list[str]:
+    """Pending deliveries whose attempt is overdue by `overdue_s`: their message was lost, or their
+    wait was left to the sweeper (`COUNTDOWN_LIMIT_S`)."""
     cutoff = utcnow() - timedelta(seconds=overdue_s)
     return list(
         session.scalars(

@@ -96,3 +96,22 @@ def fill_disk(emit, mib: int) -> str:
             fh.write(b"\0" * (1 << 20))
         time.sleep(0.02)
     return "filled"
+
+
+def service_bug(emit):
+    """The service's own code failing (not a model's): a plain Python error outside TorchScript."""
+    emit({"stage": "measuring"})
+    return {"batches": 0}["latency"]
+
+
+def scripted_raise(emit):
+    """A model's own `raise`, inside its TorchScript."""
+    import torch
+
+    class Refuses(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool(x.sum() > -1.0):
+                raise RuntimeError("this model refuses")
+            return x
+
+    return torch.jit.script(Refuses())(torch.ones(2)).tolist()

@@ -3,8 +3,10 @@ Celery worker as subprocesses, exactly as production runs them."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 
 PG_ADMIN_URL = os.environ.get("COMPACTOR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("COMPACTOR_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -106,11 +109,13 @@ class Service:
         )
         wait_until_up(self.url, self.processes["api"], self.log_dir / "api.log")
 
-    def start_worker(self, concurrency: int = 1) -> None:
+    def start_worker(self, concurrency: int = 1, key: str = "worker") -> subprocess.Popen:
+        """Start a Celery worker, known as `key` here (its log is `<key>.log`)."""
         from app.cli import worker_command
 
         queue, name = self.env["COMPACTOR_QUEUE_NAME"], f"test-{uuid.uuid4().hex[:6]}@%h"
-        self._spawn("worker", worker_command(concurrency, "INFO", queue, name))
+        self._spawn(key, worker_command(concurrency, "INFO", queue, name))
+        return self.processes[key]
 
     def start_notifier(self) -> None:
         """The webhook worker (worker/notifier.py), as `compactor worker` starts beside each worker."""
@@ -153,3 +158,58 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
             pass
         time.sleep(0.2)
     raise RuntimeError(f"server at {url} did not come up:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a machine or container dying takes them."""
+    try:
+        process = psutil.Process(pid)
+        family = [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=10)
+
+
+def model_process(worker: subprocess.Popen, job_id: str | None = None) -> psutil.Process | None:
+    """The process running the model's code under this worker (inside bubblewrap), if any; with
+    `job_id`, only that job's (its bubblewrap command line binds the job's directory)."""
+    try:
+        children = psutil.Process(worker.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    for child in children:
+        try:
+            if "worker.sandbox_child" not in " ".join(child.cmdline()) or child.name() == "bwrap":
+                continue
+            if job_id is None or any(f"/job-{job_id}-" in " ".join(p.cmdline()) for p in child.parents()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def broker_messages(service: Service) -> tuple[int, int]:
+    """(messages waiting in the service's queues, messages workers hold unacknowledged)."""
+    from app.queue import REDIS_UNACKED, worker_queues
+
+    queues = worker_queues(service.env["COMPACTOR_QUEUE_NAME"])
+    url = service.env["COMPACTOR_BROKER_URL"]
+    if url.startswith("redis"):
+        import redis
+
+        client = redis.Redis.from_url(url)
+        waiting = sum(client.llen(name) for name in queues)
+        held = sum(1 for raw in client.hvals(REDIS_UNACKED) if json.loads(raw)[2] in queues)
+        return waiting, held
+    with sqlite3.connect(url.split("///", 1)[1]) as db:
+        (waiting,) = db.execute(
+            "SELECT count(*) FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+            f"WHERE m.visible AND q.name IN ({','.join('?' * len(queues))})",
+            queues,
+        ).fetchone()
+    return waiting, 0  # the virtual transport holds unacknowledged messages in the worker's memory

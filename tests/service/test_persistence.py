@@ -68,18 +68,38 @@ def test_progress_and_finish_stop_after_cancel(session):
     assert job.status == JobStatus.CANCELED and job.artifact_sha256 is None
 
 
-def test_sweep_resends_unsent_and_orphaned_jobs(session):
-    never_sent = _job(session)
-    fresh = _job(session, enqueued_at=utcnow())
-    orphan = _job(session, status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow() - timedelta(hours=1))
-    exhausted = _job(session, status=JobStatus.RUNNING, attempts=3, heartbeat_at=utcnow() - timedelta(hours=1))
-    resent = lifecycle.jobs_to_resend(session, requeue_after_s=60, heartbeat_timeout_s=120, max_attempts=3)
-    assert never_sent.id in resent and orphan.id in resent
-    assert fresh.id not in resent and exhausted.id not in resent
-    session.refresh(orphan)
-    session.refresh(exhausted)
-    assert orphan.status == JobStatus.QUEUED
+def test_sweep_recovers_lost_jobs_and_sends_only_what_the_broker_does_not_hold(session):
+    hour_ago = utcnow() - timedelta(hours=1)
+    never_sent = _job(session, created_at=hour_ago)  # the API's send failed
+    just_created = _job(session)  # the API's send may still be on its way
+    waiting = _job(session, created_at=hour_ago, enqueued_at=hour_ago)  # in the queue: never re-sent
+    orphan = _job(session, status=JobStatus.RUNNING, attempts=1, heartbeat_at=hour_ago, enqueued_at=hour_ago)
+    exhausted = _job(session, status=JobStatus.RUNNING, attempts=3, heartbeat_at=hour_ago)
+    alive = _job(session, status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow() - timedelta(seconds=20))
+
+    recovered = lifecycle.recover_lost_jobs(session, heartbeat_timeout_s=30, max_attempts=3)
+    assert orphan.id in recovered and not {exhausted.id, alive.id} & set(recovered)
+    sent = dict(lifecycle.claim_unsent(session, requeue_after_s=60))
+
+    assert sent[never_sent.id] is False and sent[orphan.id] is True  # a job that ran: the recovery queue
+    assert not {just_created.id, waiting.id, alive.id, exhausted.id} & set(sent)
+    assert lifecycle.claim_unsent(session, requeue_after_s=60) == []  # marked: another sweeper sends nothing
+    for job in (orphan, exhausted, alive):
+        session.refresh(job)
+    assert orphan.status == JobStatus.QUEUED and orphan.enqueued_at is not None
     assert exhausted.status == JobStatus.FAILED and exhausted.error["code"] == "worker_lost"
+    assert alive.status == JobStatus.RUNNING
+
+
+def test_a_heartbeat_keeps_only_its_own_attempt_alive(session):
+    job = _job(session)
+    lifecycle.claim(session, job.id, "w")
+    assert lifecycle.beat(session, job.id, attempt=1) is True
+    assert lifecycle.requeue(session, job.id, "killed", attempts_below=3) is True
+    lifecycle.claim(session, job.id, "w2")
+    assert lifecycle.beat(session, job.id, attempt=1) is False  # the first attempt's worker is a zombie
+    assert lifecycle.beat(session, job.id, attempt=2) is True
+    assert lifecycle.requeue(session, job.id, "killed", attempts_below=2) is False  # attempts used up
 
 
 def _committed_running_job(engine) -> str:
@@ -179,10 +199,10 @@ def test_a_delivery_whose_message_was_lost_is_found_again(session):
     job.spec = {"callback_url": "https://hooks.example.com/x"}
     lifecycle.cancel(session, job.id)
     (delivery,) = webhooks.deliveries_of(session, job.id)
-    assert delivery.id not in webhooks.lost_deliveries(session, overdue_s=60)
+    assert delivery.id not in webhooks.overdue_deliveries(session, overdue_s=60)
     delivery.next_attempt_at = utcnow() - timedelta(minutes=5)
     session.flush()
-    assert delivery.id in webhooks.lost_deliveries(session, overdue_s=60)
+    assert delivery.id in webhooks.overdue_deliveries(session, overdue_s=60)
 
 
 def test_retries_follow_the_schedule_and_stop_at_the_window():
@@ -192,3 +212,16 @@ def test_retries_follow_the_schedule_and_stop_at_the_window():
     assert webhooks._next_delay(2, now, settings) == 300
     assert webhooks._next_delay(3, now, settings) is None  # the schedule is spent
     assert webhooks._next_delay(2, now - timedelta(seconds=3400), settings) is None  # past the window
+
+
+def test_a_validation_is_sent_again_only_when_its_send_failed(session):
+    waiting = UploadedModel(name="w", size_bytes=1, sha256="1" * 64)
+    unsent = UploadedModel(name="u", size_bytes=1, sha256="2" * 64)
+    session.add_all([waiting, unsent])
+    session.flush()
+    lifecycle.mark_validation_unsent(session, [unsent.id])
+    session.refresh(unsent)
+    assert unsent.status == "validating" and unsent.error["code"] == "validation_unsent"  # says why it waits
+    claimed = lifecycle.claim_unsent_validations(session)
+    assert unsent.id in claimed and waiting.id not in claimed
+    assert unsent.id not in lifecycle.claim_unsent_validations(session)
