@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import struct
 import zipfile
 
 import numpy as np
@@ -188,6 +190,27 @@ def test_bad_datasets_are_refused(api, arrays, code):
     np.savez(buffer, **arrays)
     response = api.post("/v1/datasets", files={"file": ("d.npz", buffer.getvalue())})
     assert response.status_code == 422 and response.json()["code"] == code, response.text
+
+
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        ([], "neither .npz nor .safetensors"),
+        ("hello", "neither .npz nor .safetensors"),
+        ({"input": 1}, "not an object"),
+        ({"input": {"dtype": "F32", "shape": [2, 2]}}, "no data_offsets"),
+        ({"input": {"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}}, "no shape"),
+    ],
+)
+def test_safetensors_with_a_malformed_header_is_a_422_naming_it(api, header, reason):
+    raw = json.dumps(header).encode()
+    content = struct.pack("<Q", len(raw)) + raw + bytes(16)
+
+    response = api.post("/v1/datasets", files={"file": ("d.safetensors", content)})
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "dataset_invalid" and reason in response.json()["detail"]
 
 
 def test_unknown_ids_are_404_problems(api):
