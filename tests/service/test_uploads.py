@@ -228,6 +228,15 @@ def test_unknown_ids_are_404_problems(api):
         assert response.json()["code"].endswith("not_found")
 
 
+def test_a_method_not_allowed_is_a_405_problem_with_allow(api):
+    response = api.put("/v1/models")
+
+    assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert set(response.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}
+    assert api.delete("/v1/jobs/x/cancel").headers["allow"] == "POST"
+
+
 def test_health_and_readiness(api):
     assert api.get("/healthz").json() == {"status": "ok"}
     ready = api.get("/readyz")
