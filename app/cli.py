@@ -89,7 +89,17 @@ def serve(
     if not no_worker:
         worker = subprocess.Popen(worker_command(concurrency, "WARNING"), preexec_fn=_die_with_parent)
     try:
-        uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="warning")
+        # h11, not httptools (uvicorn's choice where installed): httptools puts no limit on headers
+        # (a 64 MiB one was read in full), h11 stops reading past its incomplete-event limit.
+        uvicorn.run(
+            "app.main:app",
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="warning",
+            http="h11",
+            h11_max_incomplete_event_size=get_settings().max_request_header_bytes,
+        )
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
