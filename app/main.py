@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api.limits import RequestHeaderLimit
+from app.api.guards import RequestGuard
 from app.api.openapi import contract_openapi
 from app.api.routes import datasets, health, jobs, models
 from app.errors import install_error_handlers
@@ -40,7 +40,7 @@ def create_app() -> FastAPI:
         ],
     )
     install_error_handlers(app)
-    app.add_middleware(RequestHeaderLimit, limit=get_settings().max_request_header_bytes)
+    app.add_middleware(RequestGuard, header_limit=get_settings().max_request_header_bytes)
     for module in (models, datasets, jobs, health):
         app.include_router(module.router)
     app.openapi = lambda: contract_openapi(app)

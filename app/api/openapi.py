@@ -18,6 +18,7 @@ from app.schemas.common import Problem
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _PROBLEM_TEXT = {
+    400: "Malformed request (a body that is not UTF-8 JSON)",
     401: "Missing or wrong API key",
     404: "Not found (a resource of another tenant is answered the same)",
     409: "Conflict with the resource's state",

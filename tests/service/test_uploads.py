@@ -3,6 +3,7 @@ and every kind of bad upload refused with a clear code and nothing left half-sto
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -235,6 +236,28 @@ def test_a_method_not_allowed_is_a_405_problem_with_allow(api):
     assert response.headers["content-type"].startswith("application/problem+json")
     assert set(response.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}
     assert api.delete("/v1/jobs/x/cancel").headers["allow"] == "POST"
+
+
+def test_nul_bytes_anywhere_are_422_not_a_database_error(api):
+    """Postgres text holds no NUL: each place one can come in is refused before a query sees it."""
+    model = upload_model(api, traced_cnn())
+    cursor = base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|a\x00b").decode()
+    for response, code in (
+        (api.get("/v1/models/a%00b"), "nul_byte"),
+        (api.get("/v1/jobs", params={"model_id": "a\x00b"}), "nul_byte"),
+        (api.get("/v1/jobs/compare", params={"ids": "a\x00b"}), "nul_byte"),
+        (api.get("/v1/models", params={"cursor": cursor}), "invalid_cursor"),
+        (
+            api.post("/v1/jobs", json={"model_id": model["id"], "name": "a\x00b", "input_spec": [{"shape": [1, 4]}]}),
+            "validation_failed",
+        ),
+        (
+            api.post("/v1/models", files={"file": ("m.pt", torchscript_bytes(traced_cnn()))}, data={"name": "a\x00b"}),
+            "invalid_name",
+        ),
+    ):
+        assert response.status_code == 422, response.text
+        assert response.json()["code"] == code, response.text
 
 
 def test_health_and_readiness(api):

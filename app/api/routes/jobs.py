@@ -53,7 +53,7 @@ _CREATED_JOB["headers"]["Idempotent-Replayed"] = {
     status_code=202,
     operation_id="create_job",
     response_model=JobRead,
-    responses={202: _CREATED_JOB, **problems(409)},
+    responses={202: _CREATED_JOB, **problems(400, 409)},
 )
 def create_job(
     spec: Annotated[JobSpec, Body(openapi_examples=JOB_SPEC_EXAMPLES)],
