@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from app.api.guards import RequestGuard
 from app.api.openapi import contract_openapi
-from app.api.routes import datasets, health, jobs, models
+from app.api.routes import datasets, health, jobs, models, workers
 from app.errors import install_error_handlers
 from app.settings import get_settings
 
@@ -41,7 +41,7 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, header_limit=get_settings().max_request_header_bytes)
-    for module in (models, datasets, jobs, health):
+    for module in (models, datasets, jobs, workers, health):
         app.include_router(module.router)
     app.openapi = lambda: contract_openapi(app)
     return app

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 RUN_JOB = "compactor.run_job"
 VALIDATE_MODEL = "compactor.validate_model"
+# The remote-control command each worker answers with its identity (worker.status).
+WORKER_STATUS = "compactor_status"
 
 
 def make_celery(include: Sequence[str] = ()) -> Celery:
@@ -68,3 +70,15 @@ def check_broker() -> None:
     """Raise when the broker cannot be reached (for /readyz)."""
     with _celery().connection_for_write() as connection:
         connection.ensure_connection(max_retries=1, timeout=2)
+
+
+def broadcasts_reach_workers() -> bool:
+    """Whether remote-control broadcasts reach the workers: kombu's SQLAlchemy transport (the
+    embedded default) has no fanout, so a question asked over it reaches no other process."""
+    return not get_settings().broker_url.startswith("sqla+")
+
+
+def ask_workers(command: str, timeout: float) -> dict[str, dict]:
+    """{node name: reply} of every worker that answers the remote-control `command` within `timeout` s."""
+    replies = _celery().control.broadcast(command, reply=True, timeout=timeout)
+    return {name: reply for answer in replies or [] for name, reply in answer.items()}

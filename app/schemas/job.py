@@ -263,6 +263,9 @@ class JobRead(BaseModel):
     progress: JobProgress
     error: ErrorInfo | None = None
     attempts: int
+    worker: str | None = Field(
+        None, description="Celery node name (`<name>@<host>`) of the worker that last claimed the job."
+    )
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

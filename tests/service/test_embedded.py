@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -56,7 +57,11 @@ def test_readme_walkthrough_against_compactor_serve(tmp_path):
                 + (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
             )
         assert result.returncode == 0, result.stderr + (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
-        assert re.search(r"job [0-9a-f-]+: succeeded", result.stdout), result.stdout
+        job_id = re.search(r"job ([0-9a-f-]+): succeeded", result.stdout).group(1)
+        base = f"http://127.0.0.1:{port}"
+        # the embedded worker's node name is the job's worker; the SQLite broker cannot list workers
+        assert re.fullmatch(r"compactor-\d+@.+", httpx.get(f"{base}/v1/jobs/{job_id}").json()["worker"])
+        assert httpx.get(f"{base}/v1/workers").json()["complete"] is False
         assert re.search(r"[\d.]+× (faster|slower) at batch 8, [\d.]+× smaller", result.stdout), result.stdout
         compressed = torch.jit.load(str(tmp_path / "compressed.pt"))
         with torch.inference_mode():

@@ -34,6 +34,7 @@ def to_read(job: CompressionJob) -> JobRead:
         progress=job.progress,
         error=job.error,
         attempts=job.attempts,
+        worker=job.worker,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
