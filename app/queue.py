@@ -79,6 +79,10 @@ def broadcasts_reach_workers() -> bool:
 
 
 def ask_workers(command: str, timeout: float) -> dict[str, dict]:
-    """{node name: reply} of every worker that answers the remote-control `command` within `timeout` s."""
+    """{node name: reply} of every worker that answers the remote-control `command` within `timeout` s;
+    raises when the broker cannot be reached."""
+    # kombu's mailbox publishes with retries and no limit: unchecked, a broker that is down would
+    # hold the request forever.
+    check_broker()
     replies = _celery().control.broadcast(command, reply=True, timeout=timeout)
     return {name: reply for answer in replies or [] for name, reply in answer.items()}

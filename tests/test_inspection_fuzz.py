@@ -23,6 +23,9 @@ from app.inspection import check_torchscript_archive, inspect_dataset
 from tests import zoo
 from worker.engines.data import load_dataset
 
+# Rewritten archives may repeat a name on purpose (zipfile warns).
+pytestmark = pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
+
 # Derandomized: the same examples on every run, so CI is repeatable; no example database on disk.
 FUZZ = settings(
     max_examples=300,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from app import queue
+from app.errors import ServiceUnavailable
 from app.schemas.common import WorkerInfo, WorkerList
 
 REPLY_WAIT_S = 1.0  # how long the answers are collected: a worker busy with a job still answers at once
@@ -17,7 +18,13 @@ def list_workers() -> WorkerList:
             detail="the embedded SQLite broker carries no broadcasts, so workers cannot be listed; "
             "use Redis (COMPACTOR_BROKER_URL) to see them",
         )
-    replies = queue.ask_workers(queue.WORKER_STATUS, REPLY_WAIT_S)
+    try:
+        replies = queue.ask_workers(queue.WORKER_STATUS, REPLY_WAIT_S)
+    except Exception as exc:  # whatever kombu raises for a broker it cannot reach
+        raise ServiceUnavailable(
+            f"the broker cannot be reached to ask the workers: {type(exc).__name__}: {exc}"[:300],
+            code="broker_unavailable",
+        ) from exc
     workers = [WorkerInfo(name=name, **reply) for name, reply in sorted(replies.items()) if isinstance(reply, dict)]
     return WorkerList(
         workers=workers, complete=True, detail=f"{len(workers)} worker(s) answered within {REPLY_WAIT_S:g} s"

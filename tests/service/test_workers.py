@@ -7,7 +7,9 @@ import socket
 import time
 from datetime import UTC, datetime, timedelta
 
-from tests.service.conftest import traced_cnn, upload_model, wait_job
+import httpx
+
+from tests.service.conftest import second_api, traced_cnn, upload_model, wait_job
 from tests.service.servers import Service
 
 QUICK = {"batch_sizes": [1], "warmup": 1, "iterations": 5}
@@ -50,3 +52,12 @@ def test_live_workers_are_listed_and_a_job_names_the_one_that_ran_it(api, servic
 
     # a stopped worker no longer answers, so it is no longer listed
     assert [w["pid"] for w in _workers(api, 1)] == [service.processes["worker"].pid]
+
+
+def test_listing_workers_without_a_broker_is_a_503_naming_it(service, tmp_path):
+    with second_api(service, tmp_path, COMPACTOR_BROKER_URL="redis://127.0.0.1:1/0") as url:
+        started = time.monotonic()
+        response = httpx.get(f"{url}/v1/workers", timeout=60)
+
+    assert response.status_code == 503 and response.json()["code"] == "broker_unavailable", response.text
+    assert time.monotonic() - started < 30

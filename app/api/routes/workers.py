@@ -12,7 +12,7 @@ from app.services import workers as service
 router = APIRouter(prefix="/v1/workers", tags=["service"], responses=problems(*COMMON_PROBLEMS))
 
 
-@router.get("", operation_id="list_workers", response_model=WorkerList)
+@router.get("", operation_id="list_workers", response_model=WorkerList, responses=problems(503))
 def list_workers(_: TenantDep):
     """The workers that answer now: node name, host and process, device, queues, running jobs, last heartbeat."""
     return service.list_workers()
