@@ -114,9 +114,18 @@ def serve(
             command = worker_command(concurrency, "WARNING", notifier=notifier)
             children.append(subprocess.Popen(command, preexec_fn=_die_with_parent))
     try:
+        # h11, not httptools (uvicorn's choice where installed): httptools puts no limit on headers
+        # (a 64 MiB one was read in full), h11 stops reading past its incomplete-event limit.
         # Event streams stay open until their job ends: shutdown closes them after 5 s, not never.
         uvicorn.run(
-            "app.main:app", host=host, port=port, workers=workers, log_level="warning", timeout_graceful_shutdown=5
+            "app.main:app",
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="warning",
+            http="h11",
+            h11_max_incomplete_event_size=get_settings().max_request_header_bytes,
+            timeout_graceful_shutdown=5,
         )
     finally:
         _stop(children)

@@ -7,9 +7,12 @@ validation (loading the model) happens in a worker.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
+import tokenize
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,18 @@ import numpy as np
 from app.errors import InvalidInput
 
 _INPUT_NAME = re.compile(r"^input(?:_(\d+))?$")
+# What reading a damaged zip (or an .npy header in one) raises: numpy parses the header with
+# Python's tokenizer, and zipfile raises zlib's and its own errors besides BadZipFile.
+_DAMAGED_ZIP = (
+    zipfile.BadZipFile,
+    ValueError,
+    OSError,
+    EOFError,
+    NotImplementedError,
+    SyntaxError,
+    tokenize.TokenError,
+    zlib.error,
+)
 
 
 def check_torchscript_archive(path: Path, size: int) -> None:
@@ -38,7 +53,7 @@ def check_torchscript_archive(path: Path, size: int) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError) as exc:
+    except _DAMAGED_ZIP as exc:
         raise InvalidInput(f"the archive is damaged: {exc}", code="not_torchscript") from exc
     names = [entry.filename for entry in entries]
     if any(_points_outside(entry) for entry in entries):
@@ -87,61 +102,120 @@ def _npz_headers(path: Path) -> dict[str, dict]:
             for info in archive.infolist():
                 if not info.filename.endswith(".npy"):
                     raise InvalidInput(f"unexpected member {info.filename!r} in the .npz", code="dataset_invalid")
+                name = info.filename[:-4]
                 with archive.open(info) as fh:
                     version = np.lib.format.read_magic(fh)
                     if version == (1, 0):
                         shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
                     else:
                         shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                    header_size = fh.tell()
                 if dtype.hasobject:
                     raise InvalidInput(
-                        f"array {info.filename[:-4]!r} holds Python objects (pickles are refused)",
-                        code="dataset_pickle_refused",
+                        f"array {name!r} holds Python objects (pickles are refused)", code="dataset_pickle_refused"
                     )
-                arrays[info.filename[:-4]] = {"shape": list(shape), "dtype": str(dtype)}
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+                # The header is only a claim: the worker loads what the member holds, so both must agree.
+                if math.prod(shape) * dtype.itemsize != info.file_size - header_size:
+                    raise InvalidInput(
+                        f"array {name!r} declares shape {list(shape)} of {dtype} but holds "
+                        f"{info.file_size - header_size} bytes of data",
+                        code="dataset_invalid",
+                    )
+                arrays[name] = {"shape": list(shape), "dtype": str(dtype)}
+    except _DAMAGED_ZIP as exc:
         raise InvalidInput(f"the .npz file is damaged: {exc}", code="dataset_invalid") from exc
     return arrays
 
 
+# safetensors dtype → (numpy name, bytes per element): the dtypes the worker's loader
+# (safetensors.numpy) reads; BF16 is not among them, since numpy has no bfloat16.
 _ST_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
+_NOT_A_DATASET = "the file is neither .npz nor .safetensors"
 
 
 def _safetensors_header(path: Path) -> dict[str, dict]:
+    """The arrays a .safetensors header declares, held to the rules the worker's loader enforces:
+    a JSON object of {dtype, shape, data_offsets} entries whose byte ranges tile the data exactly."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            raise InvalidInput("the file is neither .npz nor .safetensors", code="dataset_invalid")
+            raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid")
         (length,) = struct.unpack("<Q", raw)
         if length > min(size - 8, 100 * 1024 * 1024):
-            raise InvalidInput("the file is neither .npz nor .safetensors", code="dataset_invalid")
+            raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid")
+        raw = fh.read(length)
+        # UTF-8 and starting with '{', as the loader demands (json.loads alone would also take UTF-16).
         try:
-            header = json.loads(fh.read(length))
-        except ValueError as exc:
-            raise InvalidInput("the file is neither .npz nor .safetensors", code="dataset_invalid") from exc
-    header.pop("__metadata__", None)
-    arrays = {}
-    for name, info in header.items():
-        dtype = _ST_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise InvalidInput(f"array {name!r} has unsupported dtype {info.get('dtype')}", code="dataset_invalid")
-        begin, end = info["data_offsets"]
-        if end > size - 8 - length:
+            header = json.loads(raw.decode("utf-8")) if raw[:1] == b"{" else None
+        except (ValueError, RecursionError) as exc:
+            raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid") from exc
+    if header is None:
+        raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid")
+    if not isinstance(header, dict):
+        raise InvalidInput("the .safetensors header is not a JSON object of arrays", code="dataset_invalid")
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise InvalidInput("the .safetensors __metadata__ must map names to strings", code="dataset_invalid")
+    data_size = size - 8 - length
+    arrays, ranges = {}, []
+    for name, entry in header.items():
+        dtype, shape, (begin, end) = _safetensors_entry(name, entry)
+        if end - begin != math.prod(shape) * _ST_DTYPES[dtype][1]:
+            raise InvalidInput(
+                f"array {name!r}: shape {shape} of {dtype} does not fill its data_offsets [{begin}, {end}]",
+                code="dataset_invalid",
+            )
+        if end > data_size:
             raise InvalidInput("the .safetensors file is truncated", code="dataset_invalid")
-        arrays[name] = {"shape": list(info["shape"]), "dtype": dtype}
+        arrays[name] = {"shape": shape, "dtype": _ST_DTYPES[dtype][0]}
+        ranges.append((begin, end))
+    position = 0
+    for begin, end in sorted(ranges):
+        if begin != position:
+            raise InvalidInput("the arrays' data_offsets overlap or leave gaps", code="dataset_invalid")
+        position = end
+    if position != data_size:
+        raise InvalidInput("the .safetensors file has bytes no array claims", code="dataset_invalid")
     return arrays
+
+
+def _safetensors_entry(name: str, entry) -> tuple[str, list[int], tuple[int, int]]:
+    """(dtype, shape, (begin, end)) of one header entry, or InvalidInput naming what is wrong."""
+
+    def refuse(what: str) -> InvalidInput:
+        return InvalidInput(f"array {name!r} in the .safetensors header {what}", code="dataset_invalid")
+
+    def is_count(value) -> bool:  # what the loader reads as a 64-bit size
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+    if not isinstance(entry, dict):
+        raise refuse("is not an object with dtype, shape and data_offsets")
+    dtype = entry.get("dtype")
+    if dtype == "BF16":
+        raise refuse("is bfloat16, which datasets cannot hold: store it as float32 (F32)")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise refuse(f"has unsupported dtype {dtype!r} (supported: {', '.join(_ST_DTYPES)})")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(map(is_count, shape)):
+        raise refuse("has no shape (a list of non-negative integers)")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))):
+        raise refuse("has no data_offsets (two non-negative integers)")
+    begin, end = offsets
+    if begin > end:
+        raise refuse(f"has data_offsets [{begin}, {end}] that end before they begin")
+    return dtype, shape, (begin, end)
 
 
 def _check_arrays(arrays: dict[str, dict]) -> int:

@@ -7,8 +7,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api.guards import RequestGuard
 from app.api.openapi import contract_openapi
-from app.api.routes import datasets, health, jobs, models, webhooks
+from app.api.routes import datasets, health, jobs, models, webhooks, workers
 from app.errors import install_error_handlers
 from app.settings import get_settings
 
@@ -40,7 +41,8 @@ def create_app() -> FastAPI:
         ],
     )
     install_error_handlers(app)
-    for module in (models, datasets, jobs, webhooks, health):
+    app.add_middleware(RequestGuard, header_limit=get_settings().max_request_header_bytes)
+    for module in (models, datasets, jobs, webhooks, workers, health):
         app.include_router(module.router)
     app.openapi = lambda: contract_openapi(app)
     return app

@@ -59,6 +59,10 @@ def visibility_timeout_s(settings: Settings) -> float:
     return settings.job_time_limit_s + settings.validate_time_limit_s + 600
 
 
+# The remote-control command each worker answers with its identity (worker.status).
+WORKER_STATUS = "compactor_status"
+
+
 def make_celery(include: Sequence[str] = ()) -> Celery:
     """A Celery application on the configured broker and queue; `include` names task modules."""
     settings = get_settings()
@@ -194,3 +198,19 @@ def forget(tag: str) -> None:
     client = _redis()
     if client is not None:
         client.pipeline().zrem(REDIS_UNACKED_INDEX, tag).hdel(REDIS_UNACKED, tag).execute()
+
+
+def broadcasts_reach_workers() -> bool:
+    """Whether remote-control broadcasts reach the workers: kombu's SQLAlchemy transport (the
+    embedded default) has no fanout, so a question asked over it reaches no other process."""
+    return not get_settings().broker_url.startswith("sqla+")
+
+
+def ask_workers(command: str, timeout: float) -> dict[str, dict]:
+    """{node name: reply} of every worker that answers the remote-control `command` within `timeout` s;
+    raises when the broker cannot be reached."""
+    # kombu's mailbox publishes with retries and no limit: unchecked, a broker that is down would
+    # hold the request forever.
+    check_broker()
+    replies = _celery().control.broadcast(command, reply=True, timeout=timeout)
+    return {name: reply for answer in replies or [] for name, reply in answer.items()}

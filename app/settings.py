@@ -34,6 +34,19 @@ class Settings(BaseSettings):
         "its inputs, its outputs); default: data_dir/work.",
     )
     max_upload_bytes: int = Field(2 * GIB, description="Largest accepted upload, enforced while streaming.")
+    max_request_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest request line plus headers the API reads; past it the connection gets a 400 and is closed.",
+    )
+    max_input_elements: int = Field(
+        2**24,
+        ge=1,
+        description="Most elements one declared input_spec shape may have (the product of its dims); more is a 422.",
+    )
+    max_input_elements_total: int = Field(
+        2**25, ge=1, description="Most elements all of a job's declared input_spec shapes may have together."
+    )
     api_keys: list[str] = Field(
         default_factory=list, description="Bearer API keys; empty = auth off. 'key' or 'tenant:key'."
     )

@@ -8,7 +8,6 @@ copies of its inputs only; its artifact is checked before it enters the store.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +30,6 @@ from worker.isolation import IsolatedFailure, current_sandbox, job_limits, run_i
 from worker.sandbox import JobDir, OutputRejected, remove_abandoned
 
 log = logging.getLogger(__name__)
-WORKER_NAME = socket.gethostname()
 PROGRESS_EVERY_S = 0.5
 # jobs this worker runs at once (its Celery concurrency, recorded when it starts): each job's CPU
 # threads are the worker's usable cores divided by this
@@ -68,11 +66,11 @@ def validate_model(model_id: str) -> str:
     return "ready" if error is None else "invalid"
 
 
-def run_job(job_id: str) -> str:
-    """Claim and run a job; returns its status when this attempt ends. A duplicate delivery finds
-    it claimed and stops."""
+def run_job(job_id: str, worker: str) -> str:
+    """Claim and run a job for the worker named `worker` (its Celery node name); returns its status
+    when this attempt ends. A duplicate delivery finds it claimed and stops."""
     with unit_of_work() as session:
-        if not lifecycle.claim(session, job_id, WORKER_NAME):
+        if not lifecycle.claim(session, job_id, worker):
             return lifecycle.status_of(session, job_id) or "missing"
         attempt = lifecycle.attempt_of(session, job_id)
     with _heartbeat(job_id, attempt):

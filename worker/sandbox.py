@@ -324,7 +324,7 @@ class Sandbox:
         """NVIDIA device nodes for a GPU worker: the devices, nothing else of /dev."""
         if self.device == "cpu":
             return []
-        nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+        nodes = gpu_device_nodes()
         args = []
         for node in nodes:
             args += ["--dev-bind", node, node]
@@ -341,6 +341,11 @@ class Sandbox:
                 "/sys/devices",
             ]
         return args
+
+
+def gpu_device_nodes() -> list[str]:
+    """The NVIDIA device nodes of this host (what a GPU job is given)."""
+    return sorted(str(p) for p in Path("/dev").glob("nvidia*"))
 
 
 def package_dir(name: str) -> Path:

@@ -10,7 +10,7 @@ from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from app import queue
 from app.settings import get_settings
-from worker import cpu_share, execution
+from worker import cpu_share, execution, status  # noqa: F401 (status registers its remote-control command)
 from worker.celery_app import celery_app
 from worker.isolation import IsolatedFailure, check_sandbox
 
@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 _stop = threading.Event()
 
 
-@celery_app.task(name=queue.RUN_JOB)
-def run_job(job_id: str) -> str:
-    return execution.run_job(job_id)
+@celery_app.task(name=queue.RUN_JOB, bind=True)
+def run_job(self, job_id: str) -> str:
+    # The node name (`compactor-<pid>@<host>`) tells two workers on one host apart.
+    return execution.run_job(job_id, worker=self.request.hostname)
 
 
 @celery_app.task(name=queue.VALIDATE_MODEL)

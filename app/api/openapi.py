@@ -19,6 +19,7 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 EVENT_STREAM = "text/event-stream"
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _PROBLEM_TEXT = {
+    400: "Malformed request (a body that is not UTF-8 JSON)",
     401: "Missing or wrong API key",
     404: "Not found (a resource of another tenant is answered the same)",
     409: "Conflict with the resource's state",
@@ -26,6 +27,7 @@ _PROBLEM_TEXT = {
     415: "Unsupported media type (not multipart, or not a TorchScript archive / dataset file)",
     422: "Invalid input, naming the fields",
     500: "Internal error (e.g. a stored blob no longer matches its sha256)",
+    503: "A service this answer needs (the broker) cannot be reached",
 }
 # Every /v1 route may answer these: auth (when keys are configured) and request validation.
 COMMON_PROBLEMS = (401, 422)

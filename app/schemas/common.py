@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,3 +47,29 @@ class Readiness(BaseModel):
     status: Literal["ready", "unavailable"]
     checks: dict[str, str] = Field(description="`ok`, or the error, per dependency (database, broker, storage).")
     sandbox: Literal["on", "off"] = Field(description="`off`: uploaded models run unsandboxed, as the worker's user.")
+
+
+class WorkerInfo(BaseModel):
+    """A live worker, as it answered just now."""
+
+    name: str = Field(description="Celery node name, as a job's `worker` shows it.")
+    host: str
+    pid: int
+    device: str = Field(description="`COMPACTOR_WORKER_DEVICE`: auto, cpu or cuda.")
+    gpus: list[str] = Field(description="NVIDIA device nodes on its host (given to GPU jobs).")
+    queues: list[str]
+    concurrency: int = Field(description="Jobs it runs at once.")
+    running_jobs: list[str] = Field(description="Ids of the jobs it is running now.")
+    started_at: datetime
+    last_heartbeat: datetime = Field(description="When it answered.")
+
+
+class WorkerList(BaseModel):
+    """What GET /v1/workers answers."""
+
+    workers: list[WorkerInfo]
+    complete: bool = Field(
+        description="`false` when the broker cannot carry the question (the embedded SQLite broker): "
+        "the list is then empty, not a sign that no worker runs."
+    )
+    detail: str

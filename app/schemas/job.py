@@ -22,6 +22,26 @@ class _Strict(BaseModel):
     # A misspelt field must be a 422 naming it, never silently ignored.
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul_bytes(cls, data):
+        # No database text holds a NUL (Postgres refuses it), and no name or id contains one.
+        if isinstance(data, dict):
+            _refuse(
+                cls.__name__,
+                [((key, *where), "NUL bytes are not allowed in text") for key, where in _nul_strings(data)],
+            )
+        return data
+
+
+def _nul_strings(data: dict):
+    """(field, [index]) of each string, or string in a list, holding a NUL; nested objects check themselves."""
+    for key, value in data.items():
+        if isinstance(value, str) and "\x00" in value:
+            yield key, ()
+        elif isinstance(value, list):
+            yield from ((key, (index,)) for index, item in enumerate(value) if isinstance(item, str) and "\x00" in item)
+
 
 def _refuse(title: str, broken: list[tuple[tuple, str]]) -> None:
     """Raise one validation error per broken rule, each at the field it names (pydantic prefixes
@@ -269,6 +289,9 @@ class JobRead(BaseModel):
     progress: JobProgress
     error: ErrorInfo | None = None
     attempts: int
+    worker: str | None = Field(
+        None, description="Celery node name (`<name>@<host>`) of the worker that last claimed the job."
+    )
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

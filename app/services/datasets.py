@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -12,7 +10,7 @@ from app.inspection import inspect_dataset
 from app.models import CompressionJob, Dataset
 from app.models.job import ACTIVE_STATUSES
 from app.multipart import ReceivedUpload
-from app.services.uploads import get_live, list_live, soft_delete
+from app.services.uploads import display_name, get_live, list_live, soft_delete
 from app.storage import BlobStore
 
 
@@ -20,6 +18,7 @@ def create_dataset(session: Session, store: BlobStore, tenant: str, upload: Rece
     """Validate the file's arrays (names, dtypes, sample counts; no pickles) and store it."""
     writer = upload.writer
     try:
+        name = display_name(upload, "dataset")
         if writer.size == 0:
             raise InvalidInput("the file is empty", code="empty_file")
         file_format, arrays, num_samples = inspect_dataset(writer.temp_path, upload.filename)
@@ -27,10 +26,9 @@ def create_dataset(session: Session, store: BlobStore, tenant: str, upload: Rece
     except BaseException:
         writer.discard()
         raise
-    name = upload.fields.get("name") or Path(upload.filename or "dataset").name
     dataset = Dataset(
         tenant=tenant,
-        name=name[:255],
+        name=name,
         file_format=file_format,
         size_bytes=writer.size,
         sha256=sha256,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +22,7 @@ from app.services import lifecycle, webhooks
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.pagination import paginate
+from app.settings import get_settings
 
 
 def check_spec(session: Session, tenant: str, spec: JobSpec) -> None:
@@ -49,8 +51,34 @@ def check_spec(session: Session, tenant: str, spec: JobSpec) -> None:
     for index, step in enumerate(spec.steps):
         if isinstance(step, DistillStep) and step.student_model_id:
             exists(["steps", index, "student_model_id"], get_model, step.student_model_id)
+    errors += _oversized_inputs(spec)
     if errors:
         raise InvalidInput("; ".join(e["msg"] for e in errors), code="invalid_job_spec", errors=errors)
+
+
+def _oversized_inputs(spec: JobSpec) -> list[dict]:
+    """Declared input shapes past the service's limits: refused here, not when the worker tries to
+    allocate them. A setting, not the schema: lowering it must not make stored jobs unreadable."""
+    settings = get_settings()
+    sizes = [math.prod(item.shape) for item in spec.input_spec or ()]
+    errors = [
+        {
+            "loc": ["body", "input_spec", index, "shape"],
+            "msg": f"shape {spec.input_spec[index].shape} has {size:,} elements; this service allows at most "
+            f"{settings.max_input_elements:,} per input (COMPACTOR_MAX_INPUT_ELEMENTS)",
+        }
+        for index, size in enumerate(sizes)
+        if size > settings.max_input_elements
+    ]
+    if not errors and sum(sizes) > settings.max_input_elements_total:
+        errors.append(
+            {
+                "loc": ["body", "input_spec"],
+                "msg": f"the inputs have {sum(sizes):,} elements together; this service allows at most "
+                f"{settings.max_input_elements_total:,} (COMPACTOR_MAX_INPUT_ELEMENTS_TOTAL)",
+            }
+        )
+    return errors
 
 
 def _spec_hash(spec: JobSpec) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -15,7 +13,7 @@ from app.models import CompressionJob, UploadedModel
 from app.models.job import ACTIVE_STATUSES
 from app.multipart import ReceivedUpload
 from app.services import lifecycle
-from app.services.uploads import get_live, list_live, soft_delete
+from app.services.uploads import display_name, get_live, list_live, soft_delete
 from app.storage import BlobStore
 
 
@@ -23,13 +21,13 @@ def create_model(session: Session, store: BlobStore, tenant: str, upload: Receiv
     """Check the archive's structure, store its bytes, and queue full validation on a worker."""
     writer = upload.writer
     try:
+        name = display_name(upload, "model.pt")
         check_torchscript_archive(writer.temp_path, writer.size)
         sha256 = writer.commit().sha256
     except BaseException:
         writer.discard()
         raise
-    name = upload.fields.get("name") or Path(upload.filename or "model.pt").name
-    model = UploadedModel(tenant=tenant, name=name[:255], size_bytes=writer.size, sha256=sha256, status="validating")
+    model = UploadedModel(tenant=tenant, name=name, size_bytes=writer.size, sha256=sha256, status="validating")
     session.add(model)
     session.flush()
     model_id = model.id

@@ -35,6 +35,8 @@ def _decode(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, row_id = raw.split("|", 1)
+        if "\x00" in row_id:
+            raise ValueError("NUL in the id")
         return datetime.fromisoformat(created), row_id
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput("the cursor is not one this API returned", code="invalid_cursor") from exc

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db import after_commit, read_only_session
-from app.errors import NotFound
+from app.errors import InvalidInput, NotFound
 from app.models.base import utcnow
+from app.multipart import ReceivedUpload
 from app.services.blobs import collect_orphans
 from app.services.pagination import paginate
 from app.settings import get_settings
 from app.storage import BlobStore
 
 log = logging.getLogger(__name__)
+
+
+def display_name(upload: ReceivedUpload, default: str) -> str:
+    """The upload's `name` field, else its file name, else `default`: at most 255 characters."""
+    name = upload.fields.get("name") or Path(upload.filename or default).name
+    if "\x00" in name:
+        raise InvalidInput("the name (or file name) contains a NUL byte", code="invalid_name")
+    return name[:255]
 
 
 def get_live(session: Session, table, tenant: str, row_id: str, what: str):

@@ -90,19 +90,19 @@ class Service:
         self.processes[name] = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def start_api(self, workers: int = 1) -> None:
+        # `compactor serve --no-worker`, as production runs the API: its HTTP parser and limits.
         self._spawn(
             "api",
             [
                 sys.executable,
                 "-m",
-                "uvicorn",
-                "app.main:app",
+                "app.cli",
+                "serve",
+                "--no-worker",
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--log-level",
-                "warning",
                 "--workers",
                 str(workers),
             ],

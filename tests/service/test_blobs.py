@@ -182,7 +182,7 @@ def test_a_cancel_after_the_artifact_is_stored_leaves_no_blob(settings_on_test_d
     monkeypatch.setattr(execution, "run_isolated", compressed)
     monkeypatch.setattr(lifecycle, "succeed", cancel_then_succeed)
 
-    assert execution.run_job(job_id) == JobStatus.CANCELED
+    assert execution.run_job(job_id, worker="test@host") == JobStatus.CANCELED
     assert stored and not store.exists(stored[0]) and store.exists(model_blob.sha256)
     with read_only_session() as session:
         job = session.get(CompressionJob, job_id)

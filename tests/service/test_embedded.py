@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -57,7 +58,11 @@ def test_readme_walkthrough_against_compactor_serve(tmp_path):
                 + (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
             )
         assert result.returncode == 0, result.stderr + (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
-        assert re.search(r"job [0-9a-f-]+: succeeded", result.stdout), result.stdout
+        job_id = re.search(r"job ([0-9a-f-]+): succeeded", result.stdout).group(1)
+        base = f"http://127.0.0.1:{port}"
+        # the embedded worker's node name is the job's worker; the SQLite broker cannot list workers
+        assert re.fullmatch(r"compactor-\d+@.+", httpx.get(f"{base}/v1/jobs/{job_id}").json()["worker"])
+        assert httpx.get(f"{base}/v1/workers").json()["complete"] is False
         # curl -N followed the job's events to the end: the last one is its final state
         events = [json.loads(line[5:]) for line in result.stdout.splitlines() if line.startswith("data:")]
         assert events and events[-1]["status"] == "succeeded", result.stdout

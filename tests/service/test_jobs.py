@@ -74,6 +74,10 @@ def test_spec_refusals_say_why(api):
             ["steps", 0, "quantize", "exclude"],
             "validation_failed",
         ),
+        # 7.7 TB of synthetic input once allocated: past COMPACTOR_MAX_INPUT_ELEMENTS (2**24) per input,
+        ({**base, "input_spec": [{"shape": [1, 3, 100000, 100000]}]}, ["input_spec", 0, "shape"], "invalid_job_spec"),
+        # and three inputs of 12M elements, each allowed, past COMPACTOR_MAX_INPUT_ELEMENTS_TOTAL (2**25)
+        ({**base, "input_spec": [{"shape": [1, 4000, 3000]}] * 3}, ["input_spec"], "invalid_job_spec"),
     ]
     for spec, loc, code in cases:
         response = api.post("/v1/jobs", json=spec)

@@ -3,9 +3,12 @@ and every kind of bad upload refused with a clear code and nothing left half-sto
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
+import json
 import os
+import struct
 import zipfile
 
 import numpy as np
@@ -190,6 +193,27 @@ def test_bad_datasets_are_refused(api, arrays, code):
     assert response.status_code == 422 and response.json()["code"] == code, response.text
 
 
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        ([], "neither .npz nor .safetensors"),
+        ("hello", "neither .npz nor .safetensors"),
+        ({"input": 1}, "not an object"),
+        ({"input": {"dtype": "F32", "shape": [2, 2]}}, "no data_offsets"),
+        ({"input": {"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}}, "no shape"),
+    ],
+)
+def test_safetensors_with_a_malformed_header_is_a_422_naming_it(api, header, reason):
+    raw = json.dumps(header).encode()
+    content = struct.pack("<Q", len(raw)) + raw + bytes(16)
+
+    response = api.post("/v1/datasets", files={"file": ("d.safetensors", content)})
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "dataset_invalid" and reason in response.json()["detail"]
+
+
 def test_unknown_ids_are_404_problems(api):
     for path in (
         "/v1/models/nope",
@@ -203,6 +227,37 @@ def test_unknown_ids_are_404_problems(api):
         assert response.status_code == 404, path
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["code"].endswith("not_found")
+
+
+def test_a_method_not_allowed_is_a_405_problem_with_allow(api):
+    response = api.put("/v1/models")
+
+    assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert set(response.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}
+    assert api.delete("/v1/jobs/x/cancel").headers["allow"] == "POST"
+
+
+def test_nul_bytes_anywhere_are_422_not_a_database_error(api):
+    """Postgres text holds no NUL: each place one can come in is refused before a query sees it."""
+    model = upload_model(api, traced_cnn())
+    cursor = base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|a\x00b").decode()
+    for response, code in (
+        (api.get("/v1/models/a%00b"), "nul_byte"),
+        (api.get("/v1/jobs", params={"model_id": "a\x00b"}), "nul_byte"),
+        (api.get("/v1/jobs/compare", params={"ids": "a\x00b"}), "nul_byte"),
+        (api.get("/v1/models", params={"cursor": cursor}), "invalid_cursor"),
+        (
+            api.post("/v1/jobs", json={"model_id": model["id"], "name": "a\x00b", "input_spec": [{"shape": [1, 4]}]}),
+            "validation_failed",
+        ),
+        (
+            api.post("/v1/models", files={"file": ("m.pt", torchscript_bytes(traced_cnn()))}, data={"name": "a\x00b"}),
+            "invalid_name",
+        ),
+    ):
+        assert response.status_code == 422, response.text
+        assert response.json()["code"] == code, response.text
 
 
 def test_health_and_readiness(api):

@@ -41,6 +41,7 @@ def to_read(job: CompressionJob, deliveries: list | None = None) -> JobRead:
         progress=job.progress,
         error=job.error,
         attempts=job.attempts,
+        worker=job.worker,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -64,7 +65,7 @@ _CREATED_JOB["headers"]["Idempotent-Replayed"] = {
     status_code=202,
     operation_id="create_job",
     response_model=JobRead,
-    responses={202: _CREATED_JOB, **problems(409)},
+    responses={202: _CREATED_JOB, **problems(400, 409)},
 )
 def create_job(
     spec: Annotated[JobSpec, Body(openapi_examples=JOB_SPEC_EXAMPLES)],
