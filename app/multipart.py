@@ -1,8 +1,9 @@
 """Streaming multipart/form-data: file parts go straight to the blob store, never whole in memory.
 
 Starlette's own form parser spools the whole file before the handler runs and cannot stop an
-oversized upload early; this parser feeds each chunk to a `BlobWriter` as it arrives, so the size
-limit is enforced on the bytes actually received (413 mid-stream) and memory stays flat.
+oversized upload early; this parser feeds each chunk to a `BlobWriter` as it arrives (a local temp
+file, or a multipart upload to the object store), so the size limit is enforced on the bytes
+actually received (413 mid-stream) and memory stays flat.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import CompactorError, InvalidInput, PayloadTooLarge, UnsupportedMedia
-from app.storage import BlobWriter, LocalBlobStore
+from app.storage import BlobStore, BlobWriter
 
 MAX_FIELD_BYTES = 64 * 1024
 
@@ -28,7 +29,7 @@ class ReceivedUpload:
 
 
 async def receive_upload(
-    request: Request, store: LocalBlobStore, max_bytes: int, file_field: str = "file"
+    request: Request, store: BlobStore, max_bytes: int, file_field: str = "file"
 ) -> ReceivedUpload:
     """Parse a multipart body, streaming `file_field` into a blob writer (hashing as it goes).
 
@@ -44,6 +45,9 @@ async def receive_upload(
 
     result = ReceivedUpload()
     state = _PartState()
+    # The parser's callbacks are synchronous; file bytes wait here to be written from the event
+    # loop (an object store's writes must not block it). At most one received chunk's worth.
+    pending: list[bytes] = []
 
     def on_part_begin() -> None:
         state.reset()
@@ -71,7 +75,7 @@ async def receive_upload(
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if state.name == file_field and result.writer is not None:
-            result.writer.write(data[start:end])
+            pending.append(data[start:end])
         else:
             state.value += data[start:end]
             if len(state.value) > MAX_FIELD_BYTES:
@@ -96,6 +100,9 @@ async def receive_upload(
     try:
         async for chunk in request.stream():
             parser.write(chunk)
+            for piece in pending:
+                await result.writer.awrite(piece)
+            pending.clear()
         parser.finalize()
         if result.writer is None:
             raise InvalidInput(

@@ -146,7 +146,8 @@ def _checked_artifact(job: JobDir, outcome) -> Path:
         raise IsolatedFailure("model_crashed", "the model's process returned no report")
     try:
         path = job.output_file(outcome.get("artifact_path"))
-        check_torchscript_archive(path, path.stat().st_size)
+        with open(path, "rb") as fh:
+            check_torchscript_archive(fh, path.stat().st_size)
     except (OutputRejected, OSError) as exc:
         raise IsolatedFailure("artifact_invalid", f"the job's artifact was refused: {exc}") from None
     except CompactorError as exc:

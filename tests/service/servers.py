@@ -58,6 +58,41 @@ def check_redis() -> None:
     redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
 
 
+@contextmanager
+def s3_endpoint(log_dir: Path) -> Iterator[dict]:
+    """A real S3 endpoint on this machine, moto's standalone server in its own process (the way
+    s3fs tests itself), with a fresh bucket; the `COMPACTOR_*` settings that point at it."""
+    port = free_port()
+    log = open(log_dir / "moto.log", "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/moto-api/", timeout=1)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log_tail = (log_dir / "moto.log").read_text()[-2000:]
+                    raise RuntimeError(f"the S3 endpoint did not start: {log_tail}") from None
+                time.sleep(0.2)
+        bucket = f"compactor-{uuid.uuid4().hex[:8]}"
+        httpx.put(f"{url}/{bucket}").raise_for_status()  # moto accepts an unsigned CreateBucket
+        yield {
+            "COMPACTOR_STORAGE_URL": f"s3://{bucket}/blobs-test",
+            "COMPACTOR_S3_ENDPOINT_URL": url,
+            "COMPACTOR_S3_REGION": "us-east-1",
+            "COMPACTOR_S3_ACCESS_KEY_ID": "testing",
+            "COMPACTOR_S3_SECRET_ACCESS_KEY": "testing",
+        }
+    finally:
+        stop_process(process, 10)
+        log.close()
+
+
 def service_env(data_dir: Path, database_url: str, broker_url: str, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
     env.update(
