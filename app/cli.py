@@ -37,8 +37,9 @@ cli.add_typer(jobs, name="jobs")
 # ---- the service ----
 
 
-def worker_command(concurrency: int, loglevel: str, queue: str | None = None, name: str | None = None) -> list[str]:
-    """The Celery worker command line (the test harness starts workers with it too)."""
+def worker_command(concurrency: int, loglevel: str, name: str | None = None) -> list[str]:
+    """The Celery worker command line (the test harness starts workers with it too). The worker
+    picks its queues itself, from the device kind it serves (`app.queue.queues_served`)."""
     # Threads, not prefork: each job's torch work already runs in its own spawned process, and a
     # prefork child (a daemon) may not start processes of its own.
     return [
@@ -52,8 +53,6 @@ def worker_command(concurrency: int, loglevel: str, queue: str | None = None, na
         "threads",
         "-c",
         str(concurrency),
-        "-Q",
-        queue or get_settings().queue_name,
         "--loglevel",
         loglevel,
         "-n",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.errors import CompactorError, InvalidInput, PayloadTooLarge, UnsupportedMedia
+from app.errors import CompactorError, InvalidInput, PayloadTooLarge, ServiceUnavailable, UnsupportedMedia
 from app.storage import BlobStore, BlobWriter
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -100,9 +100,8 @@ async def receive_upload(
     try:
         async for chunk in request.stream():
             parser.write(chunk)
-            for piece in pending:
-                await result.writer.awrite(piece)
-            pending.clear()
+            if pending:
+                await _store(result.writer, pending)
         parser.finalize()
         if result.writer is None:
             raise InvalidInput(
@@ -110,7 +109,10 @@ async def receive_upload(
                 code="file_required",
                 errors=[{"loc": ["body", file_field], "msg": "field required"}],
             )
-        result.writer.finish()
+        try:
+            result.writer.finish()
+        except OSError as exc:
+            raise _unavailable(exc) from exc
         return result
     except CompactorError:
         _discard(result)
@@ -118,6 +120,20 @@ async def receive_upload(
     except Exception as exc:
         _discard(result)
         raise InvalidInput(f"malformed multipart body: {exc}", code="malformed_multipart") from exc
+
+
+async def _store(writer: BlobWriter, pending: list[bytes]) -> None:
+    try:
+        for piece in pending:
+            await writer.awrite(piece)
+    except OSError as exc:
+        raise _unavailable(exc) from exc
+    pending.clear()
+
+
+def _unavailable(exc: OSError) -> ServiceUnavailable:
+    # The store failed, not the client's body: a 503 to retry, never a 422 blaming the upload.
+    return ServiceUnavailable(f"the blob store failed while storing the upload: {exc}", code="storage_unavailable")
 
 
 def _discard(result: ReceivedUpload) -> None:

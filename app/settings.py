@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     )
     blob_collect_interval_s: float = Field(3600.0, description="How often a worker deletes blobs no row references.")
     queue_name: str = Field("compactor", description="Celery queue the API sends to and workers consume.")
+    worker_metrics_port: int | None = Field(
+        None, description="Port of a worker's own Prometheus /metrics (its jobs); none: not served."
+    )
     worker_device: str = Field("auto", description="Device the worker computes on: auto, cpu or cuda.")
     sandbox: Literal["on", "off"] = Field(
         "on",
@@ -88,6 +91,9 @@ class Settings(BaseSettings):
         4096,
         description="RLIMIT_NPROC of a sandboxed job: processes and threads "
         "of the worker's user (Linux does not apply it to uid 0).",
+    )
+    log_format: Literal["console", "json"] = Field(
+        "console", description="'json': every log line one JSON object, with request id, tenant and job id."
     )
     environment: str = Field("development", description="'production' refuses insecure defaults.")
 

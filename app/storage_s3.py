@@ -18,6 +18,7 @@ is lost. The local store has no such window.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -32,6 +33,8 @@ from fsspec.asyn import sync
 from app.errors import BlobCorrupted, PayloadTooLarge
 from app.settings import Settings
 from app.storage import _SHA256, BlobStore, BlobWriter, LocalBlobStore, StoredBlob
+
+log = logging.getLogger(__name__)
 
 # Chunks received from the event loop are handed to s3fs in batches this large, so a 1 GiB upload
 # costs a thousand thread hops, not one per network read.
@@ -83,13 +86,17 @@ class S3BlobWriter(BlobWriter):
         return StoredBlob(self.sha256, self.size, created)
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.discard()  # aborts the multipart upload
         self._pending.clear()
         try:
+            if not self._file.closed:
+                self._file.discard()  # aborts the multipart upload
             self._store.fs.rm_file(self.temp_key)
         except FileNotFoundError:
             pass
+        except Exception:
+            # Discarding follows a failure already being reported; the bucket's lifecycle rule
+            # (README) removes what is left.
+            log.warning("could not remove the staged upload %s", self.temp_key, exc_info=True)
 
 
 class S3BlobStore(BlobStore):
@@ -124,7 +131,10 @@ class S3BlobStore(BlobStore):
             secret=secret,
             endpoint_url=settings.s3_endpoint_url,
             client_kwargs={"region_name": settings.s3_region} if settings.s3_region else {},
-            config_kwargs={"signature_version": "s3v4"},  # presigned URLs too: SigV2 is gone from AWS
+            # s3v4 for presigned URLs too (SigV2 is gone from AWS). Completing a multipart upload
+            # or copying a large object may take a store tens of seconds: s3fs' 15 s read timeout
+            # would retry a request that is still succeeding.
+            config_kwargs={"signature_version": "s3v4", "read_timeout": 300},
             # Other processes write and delete blobs: a cached listing would be a stale answer.
             use_listings_cache=False,
             skip_instance_cache=True,

@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+from app import metrics
 from app.db import read_only_session, unit_of_work
 from app.errors import CompactorError
 from app.inspection import check_torchscript_archive
@@ -62,13 +63,29 @@ def run_job(job_id: str) -> str:
     with unit_of_work() as session:
         if not lifecycle.claim(session, job_id, WORKER_NAME):
             return lifecycle.status_of(session, job_id) or "missing"
+    log.info("job %s started (attempt on %s)", job_id, WORKER_NAME)
+    started = time.monotonic()
+    status = JobStatus.FAILED
     try:
-        return _run_claimed(job_id)
+        status = _run_claimed(job_id)
+        log.info("job %s finished: %s", job_id, status)
+        return status
     except Exception as exc:
         log.exception("job %s failed outside the model's process", job_id)
         with unit_of_work() as session:
             lifecycle.fail(session, job_id, "internal_error", f"the worker hit an unexpected error: {exc}")
         return JobStatus.FAILED
+    finally:
+        _observe(job_id, status, time.monotonic() - started)
+
+
+def _observe(job_id: str, status: str, seconds: float) -> None:
+    try:
+        with read_only_session() as session:
+            spec = session.get(CompressionJob, job_id).spec
+        metrics.observe_job(spec, str(status), seconds)
+    except Exception:
+        log.warning("could not record the metrics of job %s", job_id, exc_info=True)
 
 
 def _run_claimed(job_id: str) -> str:
@@ -202,8 +219,9 @@ def resend_lost_work() -> list[str]:
             max_attempts=settings.max_attempts,
         )
         model_ids = lifecycle.models_to_revalidate(session, settings.requeue_after_s)
+        device_kinds = {job_id: queue.job_device_kind(session.get(CompressionJob, job_id).spec) for job_id in job_ids}
     for job_id in job_ids:
-        queue.send(queue.RUN_JOB, job_id)
+        queue.send(queue.RUN_JOB, job_id, device_kind=device_kinds[job_id])
     for model_id in model_ids:
         queue.send(queue.VALIDATE_MODEL, model_id)
     return job_ids + model_ids

@@ -10,6 +10,7 @@ from fastapi import Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app import logs
 from app.db import read_only_session, unit_of_work
 from app.errors import Unauthorized
 from app.settings import Settings, get_settings
@@ -50,11 +51,13 @@ async def get_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None,
     """The caller's tenant from `Authorization: Bearer <key>`; 'default' when no keys are configured."""
     settings = get_settings()
     if not settings.api_keys:
+        logs.tenant.set("default")
         return "default"
     if credentials is not None and credentials.credentials:
         for entry in settings.api_keys:
             tenant, sep, key = entry.rpartition(":")
             if hmac.compare_digest(key, credentials.credentials):
+                logs.tenant.set(tenant if sep else "default")  # on this request's log lines
                 return tenant if sep else "default"
     raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
 

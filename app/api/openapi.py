@@ -25,6 +25,7 @@ _PROBLEM_TEXT = {
     415: "Unsupported media type (not multipart, or not a TorchScript archive / dataset file)",
     422: "Invalid input, naming the fields",
     500: "Internal error (e.g. a stored blob no longer matches its sha256)",
+    503: "A dependency failed (e.g. the object store while storing an upload: `storage_unavailable`); retry",
 }
 # Every /v1 route may answer these: auth (when keys are configured) and request validation.
 COMMON_PROBLEMS = (401, 422)

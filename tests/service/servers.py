@@ -144,8 +144,7 @@ class Service:
     def start_worker(self, concurrency: int = 1) -> None:
         from app.cli import worker_command
 
-        queue, name = self.env["COMPACTOR_QUEUE_NAME"], f"test-{uuid.uuid4().hex[:6]}@%h"
-        self._spawn("worker", worker_command(concurrency, "INFO", queue, name))
+        self._spawn("worker", worker_command(concurrency, "INFO", f"test-{uuid.uuid4().hex[:6]}@%h"))
 
     def stop(self, name: str | None = None) -> None:
         for key in [name] if name else list(self.processes):
@@ -155,8 +154,12 @@ class Service:
             stop_process(process, 20)
 
     def log(self, name: str) -> str:
+        return self.log_text(name)[-5000:]
+
+    def log_text(self, name: str) -> str:
+        """The whole log of process `name`."""
         path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+        return path.read_text(errors="replace") if path.exists() else ""
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
