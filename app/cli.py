@@ -40,20 +40,16 @@ cli.add_typer(jobs, name="jobs")
 NOTIFIER_THREADS = 8  # webhook attempts wait on the network, not the CPU
 
 
-def worker_command(
-    concurrency: int, loglevel: str, queue: str | None = None, name: str | None = None, notifier: bool = False
-) -> list[str]:
+def worker_command(concurrency: int, loglevel: str, name: str | None = None, notifier: bool = False) -> list[str]:
     """The Celery worker command line (the test harness starts workers with it too): a job worker,
-    or with `notifier` the webhook worker beside it (worker/notifier.py)."""
-    from app.queue import webhook_queue, worker_queues
-
-    queue = queue or get_settings().queue_name
+    or with `notifier` the webhook worker beside it (worker/notifier.py). Each picks its queues
+    itself, from its own settings: a job worker those of the device kind it serves
+    (`app.queue.queues_served`), a notifier the webhook queue."""
     # Threads, not prefork: each job's torch work already runs in its own spawned process, and a
     # prefork child (a daemon) may not start processes of its own.
-    app, queues, role = "worker.celery_app:celery_app", worker_queues(queue), "compactor"
+    app, role = "worker.celery_app:celery_app", "compactor"
     if notifier:
-        app, queues, role = "worker.notifier:celery_app", [webhook_queue(queue)], "notifier"
-        concurrency = NOTIFIER_THREADS
+        app, role, concurrency = "worker.notifier:celery_app", "notifier", NOTIFIER_THREADS
     return [
         sys.executable,
         "-m",
@@ -65,8 +61,6 @@ def worker_command(
         "threads",
         "-c",
         str(concurrency),
-        "-Q",
-        ",".join(queues),
         "--loglevel",
         loglevel,
         "-n",

@@ -165,11 +165,14 @@ class CompactorClient:
         partial = dest.with_name(dest.name + ".part")
         digest = hashlib.sha256()
         try:
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifact") as response:
+            # A service on an object store may answer 307 to a presigned URL; the ETag that names
+            # the sha256 is the service's, not the store's.
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifact", follow_redirects=True) as response:
                 if response.is_error:
                     response.read()
                     raise _problem(response)
-                etag = response.headers.get("etag", "").removeprefix("W/").strip('"')
+                answer = response.history[0] if response.history else response
+                etag = answer.headers.get("etag", "").removeprefix("W/").strip('"')
                 with open(partial, "wb") as out:
                     for chunk in response.iter_bytes(_CHUNK):
                         digest.update(chunk)

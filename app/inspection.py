@@ -1,7 +1,8 @@
 """Torch-free checks of uploaded files: TorchScript archive structure and dataset array headers.
 
 The API never unpickles or imports torch: it reads zip directories and array headers only. Full
-validation (loading the model) happens in a worker.
+validation (loading the model) happens in a worker. Each check reads a seekable binary file (a local
+file, or a staged upload in an object store read by ranges), never the whole of it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import struct
 import tokenize
 import zipfile
 import zlib
-from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -34,13 +35,14 @@ _DAMAGED_ZIP = (
 )
 
 
-def check_torchscript_archive(path: Path, size: int) -> None:
-    """Raise InvalidInput unless `path` is structurally a TorchScript archive (a zip with code/)."""
+def check_torchscript_archive(fh: BinaryIO, size: int) -> None:
+    """Raise InvalidInput unless the file `fh` (of `size` bytes) is structurally a TorchScript
+    archive (a zip with code/)."""
     if size == 0:
         raise InvalidInput("the file is empty", code="empty_file")
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as fh:
-            head = fh.read(2)
+    if not zipfile.is_zipfile(fh):
+        fh.seek(0)
+        head = fh.read(2)
         if head[:1] == b"\x80":
             raise InvalidInput(
                 "this is a legacy torch.save pickle, not a TorchScript archive: export the model "
@@ -51,7 +53,7 @@ def check_torchscript_archive(path: Path, size: int) -> None:
             "the file is not a TorchScript archive (not a zip file, or truncated)", code="not_torchscript"
         )
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(fh) as archive:
             entries = archive.infolist()
     except _DAMAGED_ZIP as exc:
         raise InvalidInput(f"the archive is damaged: {exc}", code="not_torchscript") from exc
@@ -83,22 +85,22 @@ def _points_outside(entry: zipfile.ZipInfo) -> bool:
     return is_link or name.startswith("/") or ".." in name.split("/") or ":" in name.split("/", 1)[0]
 
 
-def inspect_dataset(path: Path, filename: str | None) -> tuple[str, dict[str, dict], int]:
+def inspect_dataset(fh: BinaryIO, size: int) -> tuple[str, dict[str, dict], int]:
     """Read array names, shapes and dtypes of an .npz or .safetensors file without loading data.
 
     Returns (file_format, {name: {shape, dtype}}, num_samples); raises InvalidInput with a reason.
     """
-    if zipfile.is_zipfile(path):
-        file_format, arrays = "npz", _npz_headers(path)
+    if zipfile.is_zipfile(fh):
+        file_format, arrays = "npz", _npz_headers(fh)
     else:
-        file_format, arrays = "safetensors", _safetensors_header(path)
+        file_format, arrays = "safetensors", _safetensors_header(fh, size)
     return file_format, arrays, _check_arrays(arrays)
 
 
-def _npz_headers(path: Path) -> dict[str, dict]:
+def _npz_headers(fh: BinaryIO) -> dict[str, dict]:
     arrays = {}
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(fh) as archive:
             for info in archive.infolist():
                 if not info.filename.endswith(".npy"):
                     raise InvalidInput(f"unexpected member {info.filename!r} in the .npz", code="dataset_invalid")
@@ -143,23 +145,22 @@ _ST_DTYPES = {
 _NOT_A_DATASET = "the file is neither .npz nor .safetensors"
 
 
-def _safetensors_header(path: Path) -> dict[str, dict]:
+def _safetensors_header(fh: BinaryIO, size: int) -> dict[str, dict]:
     """The arrays a .safetensors header declares, held to the rules the worker's loader enforces:
     a JSON object of {dtype, shape, data_offsets} entries whose byte ranges tile the data exactly."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(size - 8, 100 * 1024 * 1024):
-            raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid")
-        raw = fh.read(length)
-        # UTF-8 and starting with '{', as the loader demands (json.loads alone would also take UTF-16).
-        try:
-            header = json.loads(raw.decode("utf-8")) if raw[:1] == b"{" else None
-        except (ValueError, RecursionError) as exc:
-            raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid") from exc
+    fh.seek(0)
+    raw = fh.read(8)
+    if len(raw) < 8:
+        raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid")
+    (length,) = struct.unpack("<Q", raw)
+    if length > min(size - 8, 100 * 1024 * 1024):
+        raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid")
+    raw = fh.read(length)
+    # UTF-8 and starting with '{', as the loader demands (json.loads alone would also take UTF-16).
+    try:
+        header = json.loads(raw.decode("utf-8")) if raw[:1] == b"{" else None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid") from exc
     if header is None:
         raise InvalidInput(_NOT_A_DATASET, code="dataset_invalid")
     if not isinstance(header, dict):

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app import observability
 from app.api.guards import RequestGuard
 from app.api.openapi import contract_openapi
 from app.api.routes import datasets, health, jobs, models, webhooks, workers
@@ -26,7 +27,9 @@ async def _lifespan(_: FastAPI):
     yield
 
 
-def create_app() -> FastAPI:
+def create_app(observe: bool = True) -> FastAPI:
+    """The application; `observe=False` leaves out /metrics and the request middleware (for the
+    benchmark that measures what they cost)."""
     app = FastAPI(
         title="Compactor",
         version="1.0.0",
@@ -42,6 +45,8 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, header_limit=get_settings().max_request_header_bytes)
+    if observe:
+        observability.install(app)
     for module in (models, datasets, jobs, webhooks, workers, health):
         app.include_router(module.router)
     app.openapi = lambda: contract_openapi(app)

@@ -1,8 +1,9 @@
 """Streaming multipart/form-data: file parts go straight to the blob store, never whole in memory.
 
 Starlette's own form parser spools the whole file before the handler runs and cannot stop an
-oversized upload early; this parser feeds each chunk to a `BlobWriter` as it arrives, so the size
-limit is enforced on the bytes actually received (413 mid-stream) and memory stays flat.
+oversized upload early; this parser feeds each chunk to a `BlobWriter` as it arrives (a local temp
+file, or a multipart upload to the object store), so the size limit is enforced on the bytes
+actually received (413 mid-stream) and memory stays flat.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.errors import CompactorError, InvalidInput, PayloadTooLarge, UnsupportedMedia
-from app.storage import BlobWriter, LocalBlobStore
+from app.errors import CompactorError, InvalidInput, PayloadTooLarge, ServiceUnavailable, UnsupportedMedia
+from app.storage import BlobStore, BlobWriter
 
 MAX_FIELD_BYTES = 64 * 1024
 
@@ -28,7 +29,7 @@ class ReceivedUpload:
 
 
 async def receive_upload(
-    request: Request, store: LocalBlobStore, max_bytes: int, file_field: str = "file"
+    request: Request, store: BlobStore, max_bytes: int, file_field: str = "file"
 ) -> ReceivedUpload:
     """Parse a multipart body, streaming `file_field` into a blob writer (hashing as it goes).
 
@@ -44,6 +45,9 @@ async def receive_upload(
 
     result = ReceivedUpload()
     state = _PartState()
+    # The parser's callbacks are synchronous; file bytes wait here to be written from the event
+    # loop (an object store's writes must not block it). At most one received chunk's worth.
+    pending: list[bytes] = []
 
     def on_part_begin() -> None:
         state.reset()
@@ -71,7 +75,7 @@ async def receive_upload(
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if state.name == file_field and result.writer is not None:
-            result.writer.write(data[start:end])
+            pending.append(data[start:end])
         else:
             state.value += data[start:end]
             if len(state.value) > MAX_FIELD_BYTES:
@@ -96,6 +100,8 @@ async def receive_upload(
     try:
         async for chunk in request.stream():
             parser.write(chunk)
+            if pending:
+                await _store(result.writer, pending)
         parser.finalize()
         if result.writer is None:
             raise InvalidInput(
@@ -103,7 +109,10 @@ async def receive_upload(
                 code="file_required",
                 errors=[{"loc": ["body", file_field], "msg": "field required"}],
             )
-        result.writer.finish()
+        try:
+            result.writer.finish()
+        except OSError as exc:
+            raise _unavailable(exc) from exc
         return result
     except CompactorError:
         _discard(result)
@@ -111,6 +120,20 @@ async def receive_upload(
     except Exception as exc:
         _discard(result)
         raise InvalidInput(f"malformed multipart body: {exc}", code="malformed_multipart") from exc
+
+
+async def _store(writer: BlobWriter, pending: list[bytes]) -> None:
+    try:
+        for piece in pending:
+            await writer.awrite(piece)
+    except OSError as exc:
+        raise _unavailable(exc) from exc
+    pending.clear()
+
+
+def _unavailable(exc: OSError) -> ServiceUnavailable:
+    # The store failed, not the client's body: a 503 to retry, never a 422 blaming the upload.
+    return ServiceUnavailable(f"the blob store failed while storing the upload: {exc}", code="storage_unavailable")
 
 
 def _discard(result: ReceivedUpload) -> None:

@@ -1,4 +1,9 @@
-"""The broker connection, and sending work to Celery workers by task name.
+"""The broker connection, the queues, and sending work to Celery workers by task name.
+
+Work is routed by the device it needs: one queue per device kind (`<queue_name>.cpu`,
+`<queue_name>.cuda`). A job whose benchmark asks for `cuda` goes to the cuda queue and waits there
+for a GPU worker; everything else (validation included) goes to the cpu queue, which every worker
+serves. Queue names are made here and nowhere else.
 
 The worker builds its Celery application from `make_celery` and adds its own behaviour; nothing
 here imports the worker, so `worker` depends on `app` and never the reverse.
@@ -14,8 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 from kombu.utils.scheduling import FairCycle
 
+from app import logs
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -25,21 +32,6 @@ VALIDATE_MODEL = "compactor.validate_model"
 DELIVER_WEBHOOK = "compactor.deliver_webhook"
 # kombu's Redis transport keeps every delivered, not yet acknowledged message here (its defaults).
 REDIS_UNACKED, REDIS_UNACKED_INDEX = "unacked", "unacked_index"
-
-
-def recovery_queue(queue: str) -> str:
-    """The queue a lost or killed job is sent to again: workers drain it before `queue`, so a job
-    that was already running goes ahead of the jobs submitted after it.
-
-    A queue rather than message priorities: kombu emulates priorities on Redis but not on its
-    SQLAlchemy transport (the embedded broker), while a fixed queue order works on both.
-    """
-    return f"{queue}.recovery"
-
-
-def worker_queues(queue: str) -> list[str]:
-    """The queues a worker consumes, in the order it takes from them."""
-    return [recovery_queue(queue), queue]
 
 
 class _InOrderCycle(FairCycle):
@@ -61,6 +53,46 @@ def visibility_timeout_s(settings: Settings) -> float:
 
 # The remote-control command each worker answers with its identity (worker.status).
 WORKER_STATUS = "compactor_status"
+
+CPU, CUDA = "cpu", "cuda"
+DEVICE_KINDS = (CPU, CUDA)
+
+
+def queue_for(device_kind: str, recovery: bool = False, base: str | None = None) -> str:
+    """The queue of work that needs `device_kind` (`base` is the settings' queue_name by default).
+
+    With `recovery`: the queue a lost or killed job is sent to again. Workers drain it before the
+    others, so a job that was already running goes ahead of the jobs submitted after it. A queue
+    rather than message priorities: kombu emulates priorities on Redis but not on its SQLAlchemy
+    transport (the embedded broker), while a fixed queue order works on both.
+    """
+    if device_kind not in DEVICE_KINDS:
+        raise ValueError(f"unknown device kind {device_kind!r}: one of {DEVICE_KINDS}")
+    name = f"{base or get_settings().queue_name}.{device_kind}"
+    return f"{name}.recovery" if recovery else name
+
+
+def job_device_kind(spec: dict) -> str:
+    """The device kind a job's spec needs: cuda only when its benchmark asks for cuda ('auto' runs
+    on whatever worker takes it)."""
+    return CUDA if (spec.get("benchmark") or {}).get("device") == CUDA else CPU
+
+
+def queues_served(device_kind: str, base: str | None = None) -> list[str]:
+    """The queues a worker on `device_kind` consumes, in the order it takes from them: the
+    recovery queues first; a GPU worker also takes CPU work, after its own."""
+    kinds = [CUDA, CPU] if device_kind == CUDA else [CPU]
+    return [queue_for(k, True, base) for k in kinds] + [queue_for(k, False, base) for k in kinds]
+
+
+def job_queues(base: str | None = None) -> list[str]:
+    """Every queue jobs and validations are sent to."""
+    return [queue_for(kind, recovery, base) for kind in DEVICE_KINDS for recovery in (True, False)]
+
+
+def webhook_queue(base: str | None = None) -> str:
+    """The queue of webhook deliveries (consumed by worker/notifier.py, never by job workers)."""
+    return f"{base or get_settings().queue_name}.webhooks"
 
 
 def make_celery(include: Sequence[str] = ()) -> Celery:
@@ -91,7 +123,7 @@ def make_celery(include: Sequence[str] = ()) -> Celery:
         transport_options = {}
     app = Celery("compactor", broker=settings.broker_url, include=list(include))
     app.conf.update(
-        task_default_queue=settings.queue_name,
+        task_default_queue=queue_for(CPU),
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options,
@@ -110,26 +142,48 @@ def _celery() -> Celery:
     return _client
 
 
-def webhook_queue(queue_name: str) -> str:
-    """The queue of webhook deliveries beside the job queue `queue_name` (see worker/notifier.py)."""
-    return f"{queue_name}.webhooks"
-
-
-def send(task: str, *args: str, recovery: bool = False, countdown: float | None = None) -> bool:
-    """Send a task (to the recovery queue: ahead of the others; to run `countdown` seconds from
-    now); False (logged) when the broker is unreachable — the sweeper re-sends later."""
+def send(task: str, *args: str, device_kind: str = CPU, recovery: bool = False, countdown: float | None = None) -> bool:
+    """Send a task to the queue of `device_kind` (its recovery queue: ahead of the others; a
+    webhook to the notifiers' queue), to run `countdown` seconds from now if given; False (logged)
+    when the broker is unreachable — the sweeper re-sends later."""
     client = _celery()
-    name = client.conf.task_default_queue
-    if task == DELIVER_WEBHOOK:
-        name = webhook_queue(name)
-    elif recovery:
-        name = recovery_queue(name)
+    name = webhook_queue() if task == DELIVER_WEBHOOK else queue_for(device_kind, recovery)
     try:
-        client.send_task(task, args=list(args), queue=name, countdown=countdown)
+        # The request that caused the work is named in the worker's log lines for it.
+        headers = {"compactor_request_id": logs.request_id.get()}
+        client.send_task(task, args=list(args), queue=name, headers=headers, countdown=countdown)
         return True
     except Exception:
         log.exception("could not enqueue %s%s; it will be re-sent", task, args)
         return False
+
+
+def queue_depths() -> dict[str, int]:
+    """Messages waiting in each device queue; empty when the broker cannot be asked (logged)."""
+    depths = {}
+    try:
+        with _celery().connection_for_read() as connection, connection.channel() as channel:
+            for kind in DEVICE_KINDS:
+                name = queue_for(kind)
+                try:
+                    depths[name] = channel.queue_declare(queue=name, passive=True).message_count
+                except ChannelError:
+                    depths[name] = 0  # never declared: nothing was ever sent there
+    except Exception:
+        log.warning("could not read the queues' depth from the broker", exc_info=True)
+    return depths
+
+
+def live_workers(timeout: float = 0.5) -> int | None:
+    """How many workers answer a ping on the broker within `timeout`; None where the broker cannot
+    broadcast (the embedded SQLite broker) or cannot be reached."""
+    if not get_settings().broker_url.startswith(("redis://", "rediss://", "amqp://")):
+        return None
+    try:
+        return len(_celery().control.ping(timeout=timeout))
+    except Exception:
+        log.warning("could not ping the workers", exc_info=True)
+        return None
 
 
 def check_broker() -> None:

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1024**3
@@ -28,6 +28,28 @@ class Settings(BaseSettings):
         None, description="Celery broker URL; default: SQLite (kombu sqlalchemy transport) in data_dir."
     )
     storage_dir: Path | None = Field(None, description="Blob store directory; default: data_dir/blobs.")
+    storage_url: str | None = Field(
+        None,
+        description="s3://bucket/prefix: keep blobs in an S3-compatible object store instead of "
+        "storage_dir, so API and workers need no shared directory.",
+    )
+    s3_endpoint_url: str | None = Field(None, description="The S3 API endpoint (MinIO, Ceph, R2…); default: AWS.")
+    s3_region: str | None = Field(None, description="The bucket's region; default: the SDK's.")
+    s3_access_key_id: str | None = Field(None, description="Access key; default: the SDK's credential chain.")
+    s3_secret_access_key: SecretStr | None = Field(None, description="Secret key of s3_access_key_id.")
+    s3_part_bytes: int = Field(
+        8 * 1024 * 1024,
+        description="Multipart part size of uploads to the object store: what one upload holds in memory.",
+    )
+    s3_presign_downloads: bool = Field(
+        False, description="Answer model and artifact downloads with a 307 to a presigned object-store URL."
+    )
+    s3_presign_expires_s: int = Field(900, description="How long a presigned download URL stays valid.")
+    cache_dir: Path | None = Field(
+        None,
+        description="Local copies of object-store blobs, by sha256 (workers, API downloads); default: data_dir/cache.",
+    )
+    cache_max_bytes: int = Field(20 * GIB, description="Bytes the local blob cache keeps before evicting the oldest.")
     work_dir: Path | None = Field(
         None,
         description="Where a worker makes each job's private directory (copies of "
@@ -74,6 +96,9 @@ class Settings(BaseSettings):
     )
     blob_collect_interval_s: float = Field(3600.0, description="How often a worker deletes blobs no row references.")
     queue_name: str = Field("compactor", description="Celery queue the API sends to and workers consume.")
+    worker_metrics_port: int | None = Field(
+        None, description="Port of a worker's own Prometheus /metrics (its jobs); none: not served."
+    )
     worker_device: str = Field("auto", description="Device the worker computes on: auto, cpu or cuda.")
     worker_threads: int | None = Field(
         None,
@@ -115,6 +140,9 @@ class Settings(BaseSettings):
     events_poll_interval_s: float = Field(
         0.5, gt=0, description="How often an open event stream (GET /v1/jobs/{id}/events) looks for changes."
     )
+    log_format: Literal["console", "json"] = Field(
+        "console", description="'json': every log line one JSON object, with request id, tenant and job id."
+    )
     environment: str = Field("development", description="'production' refuses insecure defaults.")
 
     @model_validator(mode="after")
@@ -126,6 +154,8 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
         if self.storage_dir is None:
             self.storage_dir = self.data_dir / "blobs"
+        if self.cache_dir is None:
+            self.cache_dir = self.data_dir / "cache"
         if self.work_dir is None:
             self.work_dir = self.data_dir / "work"
         if self.environment == "production" and self.database_url.startswith("sqlite"):

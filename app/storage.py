@@ -1,6 +1,7 @@
 """Content-addressed blob storage: files named by their sha256, written atomically.
 
-`BlobStore` is the small interface an object store can implement later; `LocalBlobStore` keeps
+`BlobStore` is the small interface both stores implement (the S3-compatible one is
+`app.storage_s3`); `LocalBlobStore` keeps
 blobs on local disk as `<root>/<aa>/<bb>/<sha256>`, written to a temp file and renamed into place,
 so a reader never sees a half-written blob and a failed upload leaves nothing behind. A blob read
 for a job or a download is first checked against its size and sha256 (once per process while the
@@ -23,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from app.errors import BlobCorrupted, PayloadTooLarge
 
@@ -40,38 +42,78 @@ class StoredBlob:
     created_stamp: int | None
 
 
-class BlobWriter:
-    """Receives an upload chunk by chunk, hashing it and enforcing the size limit as bytes arrive."""
+class BlobWriter(ABC):
+    """Receives an upload chunk by chunk, hashing it and enforcing the size limit as bytes arrive.
 
-    def __init__(self, store: LocalBlobStore, max_bytes: int):
-        self._store = store
+    The bytes are staged (a temp file, a temp object) until `commit()` stores them under their
+    sha256; `discard()` drops them. `open_staged()` reads them back for the API's structural checks.
+    """
+
+    def __init__(self, max_bytes: int):
         self._max_bytes = max_bytes
-        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
-        self._file = os.fdopen(fd, "wb")
-        self.temp_path = Path(name)
         self._hash = hashlib.sha256()
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
+        self._account(chunk)
+        self._stage(chunk)
+
+    def _account(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self._max_bytes:
             raise PayloadTooLarge(f"the upload exceeds the limit of {self._max_bytes} bytes")
         self._hash.update(chunk)
-        self._file.write(chunk)
 
+    async def awrite(self, chunk: bytes) -> None:
+        """`write` from the event loop; a store whose writes may wait on the network runs it in a thread."""
+        self.write(chunk)
+
+    @abstractmethod
+    def _stage(self, chunk: bytes) -> None: ...
+
+    @abstractmethod
     def finish(self) -> str:
-        """Flush to disk and return the sha256; the blob is not stored until `commit()`."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        return self._hash.hexdigest()
+        """Make the staged bytes durable and return the sha256; the blob is not stored until `commit()`."""
+
+    @abstractmethod
+    def open_staged(self) -> BinaryIO:
+        """The staged bytes as a seekable binary file (after `finish()`)."""
 
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
+    @abstractmethod
     def commit(self) -> StoredBlob:
-        """Move the finished temp file into the store under its hash."""
+        """Store the finished bytes under their hash."""
+
+    @abstractmethod
+    def discard(self) -> None: ...
+
+
+class LocalBlobWriter(BlobWriter):
+    """Stages an upload in a temp file of the store's tmp directory."""
+
+    def __init__(self, store: LocalBlobStore, max_bytes: int):
+        super().__init__(max_bytes)
+        self._store = store
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
+        self._file = os.fdopen(fd, "wb")
+        self.temp_path = Path(name)
+
+    def _stage(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+
+    def finish(self) -> str:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self.sha256
+
+    def open_staged(self) -> BinaryIO:
+        return open(self.temp_path, "rb")
+
+    def commit(self) -> StoredBlob:
         return StoredBlob(self.sha256, self.size, self._store.adopt(self.temp_path, self.sha256))
 
     def discard(self) -> None:
@@ -86,26 +128,36 @@ class BlobStore(ABC):
     @abstractmethod
     def writer(self, max_bytes: int) -> BlobWriter: ...
 
-    @abstractmethod
-    def adopt(self, path: Path, sha256: str) -> int | None:
-        """Move a finished local file into the store (atomically) under `sha256`, stamping the blob.
+    def put_file(self, path: Path) -> StoredBlob:
+        """Copy a local file into the store (a job's artifact).
 
-        Returns:
-            The stamp when this write created the blob; None when those bytes were already stored
-            (their blob is stamped anew, so a collection in progress spares it).
+        The returned blob's `created_stamp` is the stamp when this write created the blob; None
+        when those bytes were already stored (their blob is stamped anew, so a collection in
+        progress spares it).
         """
-
-    @abstractmethod
-    def local_path(self, sha256: str) -> Path:
-        """A local file path to read the blob from (an object store would download it)."""
+        writer = self.writer(max_bytes=1 << 62)
+        try:
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    writer.write(chunk)
+            writer.finish()
+            return writer.commit()
+        except BaseException:
+            writer.discard()
+            raise
 
     @abstractmethod
     def verified_path(self, sha256: str, size: int) -> Path:
-        """`local_path`, after checking the blob still has this size and sha256.
+        """A local file holding the blob, checked to have this size and sha256 (an object store
+        downloads it into a bounded local cache first).
 
         Raises:
             BlobCorrupted: the blob is missing or its bytes no longer match.
         """
+
+    def download_url(self, sha256: str, filename: str) -> str | None:
+        """A URL the client may fetch the blob from directly (a presigned one); None: the API serves it."""
+        return None
 
     @abstractmethod
     def exists(self, sha256: str) -> bool: ...
@@ -135,12 +187,14 @@ class LocalBlobStore(BlobStore):
         self._verified: dict[str, tuple[int, int, int, int]] = {}
 
     def writer(self, max_bytes: int) -> BlobWriter:
-        return BlobWriter(self, max_bytes)
+        return LocalBlobWriter(self, max_bytes)
 
     def local_path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256[2:4] / sha256
 
     def adopt(self, path: Path, sha256: str) -> int | None:
+        """Move a finished local file into the store (atomically) under `sha256`, stamping the blob;
+        the stamp when this created the blob, None when those bytes were already stored."""
         target = self.local_path(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -159,19 +213,6 @@ class LocalBlobStore(BlobStore):
             Path(path).unlink(missing_ok=True)
             return created
 
-    def put_file(self, path: Path) -> StoredBlob:
-        """Copy a local file into the store."""
-        writer = self.writer(max_bytes=1 << 62)
-        try:
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    writer.write(chunk)
-            writer.finish()
-            return writer.commit()
-        except BaseException:
-            writer.discard()
-            raise
-
     def verified_path(self, sha256: str, size: int) -> Path:
         path = self.local_path(sha256)
         try:
@@ -180,7 +221,7 @@ class LocalBlobStore(BlobStore):
             raise BlobCorrupted(f"the stored file {sha256} is missing") from None
         # Any write changes ctime, and nothing can set ctime back: an unchanged stamp is an unchanged file.
         stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-        if self._verified.get(sha256) == stamp:
+        if self._verified.get(sha256) == stamp and info.st_size == size:
             return path
         with open(path, "rb") as fh:
             digest = hashlib.file_digest(fh, "sha256")
@@ -236,15 +277,23 @@ class LocalBlobStore(BlobStore):
         probe.close()
 
 
-_STORE: LocalBlobStore | None = None
+_STORE: tuple[tuple, BlobStore] | None = None
 
 
-def get_blob_store() -> LocalBlobStore:
-    """The process-wide blob store at the configured storage directory."""
+def get_blob_store() -> BlobStore:
+    """The process-wide blob store: the S3-compatible one at `storage_url` when it is set, else the
+    local directory `storage_dir`."""
     global _STORE
     from app.settings import get_settings
 
-    root = get_settings().storage_dir
-    if _STORE is None or _STORE.root != root:
-        _STORE = LocalBlobStore(root)
-    return _STORE
+    settings = get_settings()
+    key = (settings.storage_url, settings.storage_dir, settings.cache_dir)
+    if _STORE is None or _STORE[0] != key:
+        if settings.storage_url:
+            from app.storage_s3 import S3BlobStore  # s3fs is imported only where it is used
+
+            store: BlobStore = S3BlobStore.from_settings(settings)
+        else:
+            store = LocalBlobStore(settings.storage_dir)
+        _STORE = (key, store)
+    return _STORE[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.service.servers import REDIS_URL, Service, postgres_database, service_env  # noqa: E402
+from tests.service.servers import REDIS_URL, Service, postgres_database, s3_endpoint, service_env  # noqa: E402
 
 
 def tiny_model_bytes() -> bytes:
@@ -20,4 +20,4 @@ def tiny_model_bytes() -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["REDIS_URL", "Service", "postgres_database", "service_env", "tiny_model_bytes", "ROOT"]
+__all__ = ["REDIS_URL", "Service", "postgres_database", "s3_endpoint", "service_env", "tiny_model_bytes", "ROOT"]

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from app import queue
+from sqlalchemy import select
+
+from app import metrics, queue
 from app.db import read_only_session, unit_of_work
 from app.errors import CompactorError
 from app.inspection import check_torchscript_archive
@@ -73,14 +75,30 @@ def run_job(job_id: str, worker: str) -> str:
         if not lifecycle.claim(session, job_id, worker):
             return lifecycle.status_of(session, job_id) or "missing"
         attempt = lifecycle.attempt_of(session, job_id)
+    log.info("job %s started (attempt %d on %s)", job_id, attempt, worker)
+    started = time.monotonic()
+    status = JobStatus.FAILED
     with _heartbeat(job_id, attempt):
         try:
-            return _run_claimed(job_id)
+            status = _run_claimed(job_id)
         except IsolatedFailure as failure:
-            return _failed(job_id, failure)
+            status = _failed(job_id, failure)
         except Exception as exc:
             log.exception("job %s: the worker's own code failed outside the model's process", job_id)
-            return _failed(job_id, IsolatedFailure("internal_error", internal_error_message(exc)))
+            status = _failed(job_id, IsolatedFailure("internal_error", internal_error_message(exc)))
+        finally:
+            _observe(job_id, status, time.monotonic() - started)
+    log.info("job %s: %s", job_id, status)
+    return status
+
+
+def _observe(job_id: str, status: str, seconds: float) -> None:
+    try:
+        with read_only_session() as session:
+            spec = session.get(CompressionJob, job_id).spec
+        metrics.observe_job(spec, str(status), seconds)
+    except Exception:
+        log.warning("could not record the metrics of job %s", job_id, exc_info=True)
 
 
 @contextmanager
@@ -208,7 +226,8 @@ def _checked_artifact(job: JobDir, outcome) -> Path:
         raise IsolatedFailure("model_crashed", "the model's process returned no report")
     try:
         path = job.output_file(outcome.get("artifact_path"))
-        check_torchscript_archive(path, path.stat().st_size)
+        with open(path, "rb") as fh:
+            check_torchscript_archive(fh, path.stat().st_size)
     except (OutputRejected, OSError) as exc:
         raise IsolatedFailure("artifact_invalid", f"the job's artifact was refused: {exc}") from None
     except CompactorError as exc:
@@ -286,8 +305,15 @@ def _send(jobs: list[tuple[str, bool]]) -> list[str]:
     """Send jobs already marked as sent (to the recovery queue when they ran before); those the
     broker refused are marked unsent again, for the next sweep."""
     sent, refused = [], []
+    with read_only_session() as session:
+        specs = dict(
+            session.execute(
+                select(CompressionJob.id, CompressionJob.spec).where(CompressionJob.id.in_([j for j, _ in jobs]))
+            ).all()
+        )
     for job_id, ran_before in jobs:
-        (sent if queue.send(queue.RUN_JOB, job_id, recovery=ran_before) else refused).append(job_id)
+        kind = queue.job_device_kind(specs.get(job_id) or {})
+        (sent if queue.send(queue.RUN_JOB, job_id, device_kind=kind, recovery=ran_before) else refused).append(job_id)
     if refused:
         with unit_of_work() as session:
             lifecycle.mark_unsent(session, refused)
@@ -305,11 +331,7 @@ def _acknowledge_dead_deliveries(settings: Settings) -> None:
     (its worker died), and the validation is then marked unsent.
     """
     timeout = settings.heartbeat_timeout_s
-    held = [
-        d
-        for d in queue.unacknowledged()
-        if d.queue in queue.worker_queues(settings.queue_name) and d.args and d.age_s > timeout
-    ]
+    held = [d for d in queue.unacknowledged() if d.queue in queue.job_queues() and d.args and d.age_s > timeout]
     jobs_held = [d for d in held if d.task == queue.RUN_JOB]
     validations_held = [d for d in held if d.task == queue.VALIDATE_MODEL]
     if not held:

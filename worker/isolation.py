@@ -95,7 +95,7 @@ def job_limits(time_s: float) -> Limits:
 def current_sandbox() -> Sandbox:
     """The sandbox the settings ask for, refusing to expose any of the service's data paths."""
     settings = get_settings()
-    forbidden = [settings.data_dir, settings.storage_dir]
+    forbidden = [settings.data_dir, settings.storage_dir, settings.cache_dir]
     if settings.is_sqlite:
         forbidden.append(Path(settings.database_url.split("///", 1)[-1]).parent)
     return Sandbox(settings.sandbox == "on", settings.worker_device, forbidden)

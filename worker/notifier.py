@@ -9,11 +9,19 @@ torch and runs no model, so it needs no sandbox.
 
 from __future__ import annotations
 
+from celery.signals import celeryd_after_setup
+
 from app import queue
 from app.services import webhooks
 
 celery_app = queue.make_celery()
 celery_app.conf.update(task_acks_late=True, worker_prefetch_multiplier=4, worker_hijack_root_logger=False)
+
+
+@celeryd_after_setup.connect
+def _consume_webhooks(instance, **_) -> None:
+    """The webhook queue only: the job queues are the job workers'."""
+    instance.app.amqp.queues.select([queue.webhook_queue()])
 
 
 @celery_app.task(name=queue.DELIVER_WEBHOOK)

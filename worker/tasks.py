@@ -6,11 +6,11 @@ import logging
 import threading
 import time
 
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, setup_logging, worker_init, worker_ready, worker_shutdown
 
-from app import queue
+from app import logs, queue
 from app.settings import get_settings
-from worker import cpu_share, execution, status  # noqa: F401 (status registers its remote-control command)
+from worker import cpu_share, devices, execution, status  # noqa: F401 (status registers its remote-control command)
 from worker.celery_app import celery_app
 from worker.isolation import IsolatedFailure, check_sandbox
 
@@ -18,15 +18,38 @@ log = logging.getLogger(__name__)
 _stop = threading.Event()
 
 
+def _request_id(task) -> str | None:
+    # Set by app.queue.send from the request that caused the work; absent on a sweeper's re-send.
+    return getattr(task.request, "compactor_request_id", None)
+
+
 @celery_app.task(name=queue.RUN_JOB, bind=True)
 def run_job(self, job_id: str) -> str:
     # The node name (`compactor-<pid>@<host>`) tells two workers on one host apart.
-    return execution.run_job(job_id, worker=self.request.hostname)
+    with logs.bound(request_id=_request_id(self), job_id=job_id):
+        return execution.run_job(job_id, worker=self.request.hostname)
 
 
-@celery_app.task(name=queue.VALIDATE_MODEL)
-def validate_model(model_id: str) -> str:
-    return execution.validate_model(model_id)
+@celery_app.task(name=queue.VALIDATE_MODEL, bind=True)
+def validate_model(self, model_id: str) -> str:
+    with logs.bound(request_id=_request_id(self)):
+        return execution.validate_model(model_id)
+
+
+if get_settings().log_format == "json":
+    # Connected only then: any receiver of this signal stops Celery from setting up its own logs.
+    @setup_logging.connect
+    def _json_logs(loglevel=None, **_) -> None:
+        logs.configure("json", loglevel or logging.INFO)
+
+
+@celeryd_after_setup.connect
+def _consume_device_queues(instance, **_) -> None:
+    """Consume the queues of the device kind this worker serves (a GPU worker: cuda and cpu)."""
+    kind = devices.device_kind(get_settings().worker_device)
+    # select, not select_add: these queues only, in this order (recovery queues first).
+    instance.app.amqp.queues.select(queue.queues_served(kind))
+    log.info("serving %s work from queues %s", kind, ", ".join(queue.queues_served(kind)))
 
 
 @worker_init.connect
@@ -62,6 +85,17 @@ def _require_sandbox(**_) -> None:
         )
         raise SystemExit(3) from None
     log.info("model sandbox ready (bubblewrap, Landlock ABI %s)", seen.get("landlock_abi"))
+
+
+@worker_ready.connect
+def _serve_metrics(**_) -> None:
+    """This worker's own /metrics (its jobs by op and outcome, with durations), when a port is set."""
+    port = get_settings().worker_metrics_port
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port)
+        log.info("metrics on port %d", port)
 
 
 @worker_ready.connect

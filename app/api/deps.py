@@ -10,10 +10,11 @@ from fastapi import Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app import logs
 from app.db import read_only_session, unit_of_work
 from app.errors import Unauthorized
 from app.settings import Settings, get_settings
-from app.storage import LocalBlobStore, get_blob_store
+from app.storage import BlobStore, get_blob_store
 
 
 def get_session() -> Iterator[Session]:
@@ -37,7 +38,7 @@ async def settings_dependency() -> Settings:
     return get_settings()
 
 
-async def store_dependency() -> LocalBlobStore:
+async def store_dependency() -> BlobStore:
     return get_blob_store()
 
 
@@ -50,11 +51,13 @@ async def get_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None,
     """The caller's tenant from `Authorization: Bearer <key>`; 'default' when no keys are configured."""
     settings = get_settings()
     if not settings.api_keys:
+        logs.tenant.set("default")
         return "default"
     if credentials is not None and credentials.credentials:
         for entry in settings.api_keys:
             tenant, sep, key = entry.rpartition(":")
             if hmac.compare_digest(key, credentials.credentials):
+                logs.tenant.set(tenant if sep else "default")  # on this request's log lines
                 return tenant if sep else "default"
     raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
 
@@ -64,7 +67,7 @@ async def get_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None,
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 TenantDep = Annotated[str, Depends(get_tenant)]
-StoreDep = Annotated[LocalBlobStore, Depends(store_dependency)]
+StoreDep = Annotated[BlobStore, Depends(store_dependency)]
 SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 LimitQuery = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 CursorQuery = Annotated[str | None, Query(description="The next_cursor of the previous page.")]

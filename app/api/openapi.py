@@ -27,7 +27,8 @@ _PROBLEM_TEXT = {
     415: "Unsupported media type (not multipart, or not a TorchScript archive / dataset file)",
     422: "Invalid input, naming the fields",
     500: "Internal error (e.g. a stored blob no longer matches its sha256)",
-    503: "A service this answer needs (the broker) cannot be reached",
+    503: "A service this answer needs cannot be reached (the broker, or the object store while storing "
+    "an upload: `storage_unavailable`); retry",
 }
 # Every /v1 route may answer these: auth (when keys are configured) and request validation.
 COMMON_PROBLEMS = (401, 422)
@@ -47,7 +48,7 @@ _ETAG = _header("The blob's sha256, quoted: send it back as If-None-Match or If-
 
 
 def download_responses(what: str) -> dict[int | str, dict[str, Any]]:
-    """200 / 206 / 304 of a blob download (ETag = sha256, Range and If-Range supported)."""
+    """200 / 206 / 304 / 307 of a blob download (ETag = sha256, Range and If-Range supported)."""
     return {
         200: {
             "description": what,
@@ -60,6 +61,10 @@ def download_responses(what: str) -> dict[int | str, dict[str, Any]]:
             "headers": {"ETag": _ETAG, "Content-Range": _header("`bytes start-end/size`.")},
         },
         304: {"description": "Not modified: If-None-Match named this blob's ETag", "headers": {"ETag": _ETAG}},
+        307: {
+            "description": "Fetch the bytes from the object store (COMPACTOR_S3_PRESIGN_DOWNLOADS): a presigned URL",
+            "headers": {"ETag": _ETAG, "Location": _header("The presigned URL, valid for a while.")},
+        },
         # Starlette's FileResponse answers these two itself, in plain text
         400: {"description": "Malformed Range header", "content": {"text/plain": {"schema": {"type": "string"}}}},
         416: {

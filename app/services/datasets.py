@@ -21,7 +21,8 @@ def create_dataset(session: Session, store: BlobStore, tenant: str, upload: Rece
         name = display_name(upload, "dataset")
         if writer.size == 0:
             raise InvalidInput("the file is empty", code="empty_file")
-        file_format, arrays, num_samples = inspect_dataset(writer.temp_path, upload.filename)
+        with writer.open_staged() as staged:
+            file_format, arrays, num_samples = inspect_dataset(staged, writer.size)
         sha256 = writer.commit().sha256
     except BaseException:
         writer.discard()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 
 from sqlalchemy import select
@@ -15,7 +16,7 @@ from app.db import after_commit
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import CompressionJob
 from app.models.base import utcnow
-from app.models.job import JobStatus
+from app.models.job import JobStatus, job_progress
 from app.outbound import AddressRefused
 from app.schemas.job import DistillStep, JobSpec
 from app.services import lifecycle, webhooks
@@ -23,6 +24,8 @@ from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.pagination import paginate
 from app.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 def check_spec(session: Session, tenant: str, spec: JobSpec) -> None:
@@ -98,14 +101,17 @@ def create_job(
         if existing is not None:
             return _replay(existing, spec_hash), False
     check_spec(session, tenant, spec)
+    stored_spec = spec.model_dump(mode="json")
+    device_kind = queue.job_device_kind(stored_spec)
     job = CompressionJob(
         tenant=tenant,
         name=spec.name,
         model_id=spec.model_id,
-        spec=spec.model_dump(mode="json"),
+        spec=stored_spec,
         spec_hash=spec_hash,
         idempotency_key=idempotency_key,
         status=JobStatus.QUEUED,
+        progress=queued_progress(device_kind),
     )
     try:
         with session.begin_nested():
@@ -117,13 +123,25 @@ def create_job(
             raise
         return _replay(existing, spec_hash), False
     job_id = job.id
-    after_commit(session, lambda: dispatch(job_id))
+    log.info("job %s created (%s)", job_id, device_kind, extra={"job_id": job_id})
+    after_commit(session, lambda: dispatch(job_id, device_kind))
     return job, True
 
 
-def dispatch(job_id: str) -> None:
-    """Send a committed job to the workers and remember when; a failed send is retried by the sweeper."""
-    if queue.send(queue.RUN_JOB, job_id):
+def queued_progress(device_kind: str) -> dict:
+    """A new job's progress: a cuda job says that it waits for a GPU worker (none may be running)."""
+    if device_kind == queue.CUDA:
+        return job_progress(
+            JobStatus.QUEUED,
+            f"waiting for a GPU worker: it runs when a worker serving '{queue.CUDA}' takes it "
+            f"(queue {queue.queue_for(queue.CUDA)})",
+        )
+    return job_progress(JobStatus.QUEUED)
+
+
+def dispatch(job_id: str, device_kind: str) -> None:
+    """Send a committed job to its device's queue and remember when; a failed send is retried by the sweeper."""
+    if queue.send(queue.RUN_JOB, job_id, device_kind=device_kind):
         from app.db import unit_of_work
 
         with unit_of_work() as session:

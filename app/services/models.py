@@ -22,7 +22,8 @@ def create_model(session: Session, store: BlobStore, tenant: str, upload: Receiv
     writer = upload.writer
     try:
         name = display_name(upload, "model.pt")
-        check_torchscript_archive(writer.temp_path, writer.size)
+        with writer.open_staged() as staged:
+            check_torchscript_archive(staged, writer.size)
         sha256 = writer.commit().sha256
     except BaseException:
         writer.discard()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import time
+import uuid
 from contextlib import contextmanager
 
 import httpx
@@ -15,8 +16,18 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from app.migrate import upgrade
+from app.settings import Settings
+from app.storage_s3 import S3BlobStore
 from tests import zoo
-from tests.service.servers import REDIS_URL, Service, api_client, check_redis, postgres_database, service_env
+from tests.service.servers import (
+    REDIS_URL,
+    Service,
+    api_client,
+    check_redis,
+    postgres_database,
+    s3_endpoint,
+    service_env,
+)
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +63,33 @@ def redis_broker():
     check_redis()  # fails (never skips) when Redis is down
     # Its own Redis database, so two checkouts testing at once never take each other's jobs.
     return f"{REDIS_URL}/{os.environ.get('COMPACTOR_TEST_REDIS_DB', '5')}"
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory):
+    """A real S3 endpoint (moto's server) with a bucket: the settings that point a service at it."""
+    with s3_endpoint(tmp_path_factory.mktemp("s3")) as env:
+        yield env
+
+
+def s3_store(s3_env: dict, cache_dir, own_prefix: bool = True, **options) -> S3BlobStore:
+    """An S3 blob store on the endpoint of `s3_env` (a service's environment will do), caching into
+    `cache_dir`; under a prefix of its own unless `own_prefix` is False."""
+    settings = Settings(
+        **{
+            name.removeprefix("COMPACTOR_").lower(): value
+            for name, value in s3_env.items()
+            if name.startswith(("COMPACTOR_S3_", "COMPACTOR_STORAGE_URL"))
+        },
+        data_dir=cache_dir.parent,
+        cache_dir=cache_dir,
+    )
+    if own_prefix:
+        settings.storage_url = f"{settings.storage_url}/{uuid.uuid4().hex[:8]}"
+    store = S3BlobStore.from_settings(settings)
+    for name, value in options.items():
+        setattr(store, name, value)
+    return store
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,41 @@ def check_redis() -> None:
     redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
 
 
+@contextmanager
+def s3_endpoint(log_dir: Path) -> Iterator[dict]:
+    """A real S3 endpoint on this machine, moto's standalone server in its own process (the way
+    s3fs tests itself), with a fresh bucket; the `COMPACTOR_*` settings that point at it."""
+    port = free_port()
+    log = open(log_dir / "moto.log", "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/moto-api/", timeout=1)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log_tail = (log_dir / "moto.log").read_text()[-2000:]
+                    raise RuntimeError(f"the S3 endpoint did not start: {log_tail}") from None
+                time.sleep(0.2)
+        bucket = f"compactor-{uuid.uuid4().hex[:8]}"
+        httpx.put(f"{url}/{bucket}").raise_for_status()  # moto accepts an unsigned CreateBucket
+        yield {
+            "COMPACTOR_STORAGE_URL": f"s3://{bucket}/blobs-test",
+            "COMPACTOR_S3_ENDPOINT_URL": url,
+            "COMPACTOR_S3_REGION": "us-east-1",
+            "COMPACTOR_S3_ACCESS_KEY_ID": "testing",
+            "COMPACTOR_S3_SECRET_ACCESS_KEY": "testing",
+        }
+    finally:
+        stop_process(process, 10)
+        log.close()
+
+
 def service_env(data_dir: Path, database_url: str, broker_url: str, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
     env.update(
@@ -113,16 +148,14 @@ class Service:
         """Start a Celery worker, known as `key` here (its log is `<key>.log`)."""
         from app.cli import worker_command
 
-        queue, name = self.env["COMPACTOR_QUEUE_NAME"], f"test-{uuid.uuid4().hex[:6]}@%h"
-        self._spawn(key, worker_command(concurrency, "INFO", queue, name))
+        self._spawn(key, worker_command(concurrency, "INFO", f"test-{uuid.uuid4().hex[:6]}@%h"))
         return self.processes[key]
 
     def start_notifier(self) -> None:
         """The webhook worker (worker/notifier.py), as `compactor worker` starts beside each worker."""
         from app.cli import worker_command
 
-        queue, name = self.env["COMPACTOR_QUEUE_NAME"], f"notifier-{uuid.uuid4().hex[:6]}@%h"
-        self._spawn("notifier", worker_command(1, "INFO", queue, name, notifier=True))
+        self._spawn("notifier", worker_command(1, "INFO", f"notifier-{uuid.uuid4().hex[:6]}@%h", notifier=True))
 
     def stop(self, name: str | None = None) -> None:
         for key in [name] if name else list(self.processes):
@@ -132,8 +165,12 @@ class Service:
             stop_process(process, 20)
 
     def log(self, name: str) -> str:
+        return self.log_text(name)[-5000:]
+
+    def log_text(self, name: str) -> str:
+        """The whole log of process `name`."""
         path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+        return path.read_text(errors="replace") if path.exists() else ""
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
@@ -195,9 +232,9 @@ def model_process(worker: subprocess.Popen, job_id: str | None = None) -> psutil
 
 def broker_messages(service: Service) -> tuple[int, int]:
     """(messages waiting in the service's queues, messages workers hold unacknowledged)."""
-    from app.queue import REDIS_UNACKED, worker_queues
+    from app.queue import REDIS_UNACKED, job_queues
 
-    queues = worker_queues(service.env["COMPACTOR_QUEUE_NAME"])
+    queues = job_queues(service.env["COMPACTOR_QUEUE_NAME"])
     url = service.env["COMPACTOR_BROKER_URL"]
     if url.startswith("redis"):
         import redis

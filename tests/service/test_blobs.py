@@ -1,11 +1,13 @@
-"""Blob collection on the real Postgres: every referenced blob kept, orphans deleted once old, a
-blob written again mid-collection spared, a deleted upload's blob freed unless an artifact is the
-same bytes, and a job canceled after storing its artifact leaving none."""
+"""Blob collection on the real Postgres, in the local store and on the S3 endpoint: every referenced
+blob kept, orphans deleted once old, a blob written again mid-collection spared, a deleted upload's
+blob freed unless an artifact is the same bytes, and a job canceled after storing its artifact
+leaving none."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,25 +18,49 @@ from app.models.base import utcnow
 from app.models.job import JobStatus
 from app.services import blobs, lifecycle, models
 from app.settings import get_settings
-from app.storage import LocalBlobStore, get_blob_store
-from tests.service.conftest import torchscript_bytes, traced_cnn
+from app.storage import BlobStore, LocalBlobStore, get_blob_store
+from tests.service.conftest import s3_store, torchscript_bytes, traced_cnn
 
 DAY_NS = 86400 * 10**9
 
 
-@pytest.fixture
-def store(tmp_path):
-    return LocalBlobStore(tmp_path / "blobs")
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """Each collection test runs on both stores: the local directory and the S3 endpoint."""
+    if request.param == "local":
+        return LocalBlobStore(tmp_path / "blobs")
+    return s3_store(request.getfixturevalue("s3_env"), tmp_path / "cache")
 
 
-def _put(store: LocalBlobStore, tmp_path, content: bytes, age_ns: int = 0):
+def _put(store: BlobStore, tmp_path, content: bytes, age_ns: int = 0):
     source = tmp_path / f"source-{time.time_ns()}"
     source.write_bytes(content)
     blob = store.put_file(source)
     if age_ns:
         then = time.time_ns() - age_ns
-        os.utime(store.local_path(blob.sha256), ns=(then, then))
+        if isinstance(store, LocalBlobStore):
+            os.utime(store.local_path(blob.sha256), ns=(then, then))
+        else:  # the object copied onto itself with an older stamp
+            store._copy(store.key(blob.sha256), store.key(blob.sha256), then, blob.size)
     return blob
+
+
+def _plant_stranger(store: BlobStore) -> Callable[[], bool]:
+    """Something in the store's blob area that is not a blob; returns whether it is still there."""
+    if isinstance(store, LocalBlobStore):
+        planted = store.root / "not-a-blob"
+        planted.write_bytes(b"x")
+        return planted.exists
+    key = f"{store.prefix}/blobs/not-a-blob"
+    store.fs.pipe_file(key, b"x")
+    return lambda: store.fs.exists(key)
+
+
+def _staged(store: BlobStore) -> list:
+    """Uploads' temp files (temp objects) left behind."""
+    if isinstance(store, LocalBlobStore):
+        return list(store.tmp_dir.iterdir())
+    return store.fs.find(f"{store.prefix}/tmp/")
 
 
 def test_collection_keeps_every_referenced_blob_and_deletes_old_orphans(session, store, tmp_path):
@@ -43,8 +69,7 @@ def test_collection_keeps_every_referenced_blob_and_deletes_old_orphans(session,
         for name in ("model", "dataset", "artifact", "deleted", "orphan")
     )
     fresh_orphan = _put(store, tmp_path, b"written a moment ago, its row not yet committed")
-    planted = store.root / "not-a-blob"
-    planted.write_bytes(b"x")
+    stranger_kept = _plant_stranger(store)
     live = UploadedModel(name="m", size_bytes=5, sha256=model.sha256)
     session.add_all(
         [
@@ -75,7 +100,7 @@ def test_collection_keeps_every_referenced_blob_and_deletes_old_orphans(session,
         artifact.sha256,
         fresh_orphan.sha256,
     }
-    assert planted.exists() and list(store.tmp_dir.iterdir()) == []
+    assert stranger_kept() and _staged(store) == []
     assert blobs.collect_orphans(session, store, grace_s=3600) == []
 
 
@@ -85,7 +110,7 @@ def test_a_blob_written_again_while_collected_is_spared(session, store, tmp_path
     again = _put(store, tmp_path, b"the same bytes, uploaded again")  # its row is not committed yet
     assert again.created_stamp is None and store.stamp(old.sha256) > seen
     assert store.remove_unless_rewritten(old.sha256, seen) is False
-    assert store.exists(old.sha256) and list(store.tmp_dir.iterdir()) == []
+    assert store.exists(old.sha256) and _staged(store) == []
     assert blobs.collect_orphans(session, store, grace_s=3600, only=[old.sha256]) == []
 
 

@@ -23,8 +23,12 @@ def _compose() -> list[str] | None:
 def test_compose_file_is_accepted():
     result = subprocess.run([*_compose(), "config"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for service in ("postgres:", "redis:", "api:", "worker:"):
+    for service in ("postgres:", "redis:", "minio:", "api:", "worker:"):
         assert service in result.stdout
+    # No volume shared by the API and workers: blobs live in the object store.
+    assert "COMPACTOR_STORAGE_URL: s3://" in result.stdout and "COMPACTOR_STORAGE_DIR" not in result.stdout
+    volumes = result.stdout.split("\nvolumes:", 1)[1]
+    assert "blobs:" not in volumes
     assert "capabilities:" in result.stdout and "gpu" in result.stdout
 
 

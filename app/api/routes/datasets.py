@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from app import metrics
 from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.openapi import COMMON_PROBLEMS, created_responses, problems, upload_body
 from app.multipart import receive_upload
@@ -19,7 +20,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problems(
     status_code=201,
     operation_id="upload_dataset",
     response_model=DatasetRead,
-    responses={201: created_responses("dataset"), **problems(413, 415)},
+    responses={201: created_responses("dataset"), **problems(413, 415, 503)},
     openapi_extra=upload_body("An .npz (no pickles) or .safetensors file with 'input'/'input_k' and optional 'label'."),
 )
 async def upload_dataset(
@@ -28,6 +29,7 @@ async def upload_dataset(
     """Upload a dataset (multipart `file`, optional `name`)."""
     upload = await receive_upload(request, store, settings.max_upload_bytes)
     dataset = service.create_dataset(session, store, tenant, upload)
+    metrics.UPLOAD_BYTES.labels("dataset").inc(dataset.size_bytes)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return DatasetRead.model_validate(dataset)
 

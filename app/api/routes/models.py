@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from app import metrics
 from app.api.deps import CursorQuery, LimitQuery, ReadSessionDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.files import blob_response
 from app.api.openapi import COMMON_PROBLEMS, created_responses, download_responses, problems, upload_body
@@ -20,7 +21,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=problems(*COM
     status_code=201,
     operation_id="upload_model",
     response_model=ModelRead,
-    responses={201: created_responses("model"), **problems(413, 415)},
+    responses={201: created_responses("model"), **problems(413, 415, 503)},
     openapi_extra=upload_body("A TorchScript archive (torch.jit.save)."),
 )
 async def upload_model(
@@ -29,6 +30,7 @@ async def upload_model(
     """Upload a TorchScript model (multipart `file`, optional `name`); it is validated by a worker."""
     upload = await receive_upload(request, store, settings.max_upload_bytes)
     model = service.create_model(session, store, tenant, upload)
+    metrics.UPLOAD_BYTES.labels("model").inc(model.size_bytes)
     response.headers["Location"] = f"/v1/models/{model.id}"
     return ModelRead.model_validate(model)
 
