@@ -37,6 +37,15 @@ def pg_url():
         yield url
 
 
+@pytest.fixture(scope="module")
+def own_pg_url():
+    """A Postgres database for one module's services alone. Services on a shared database re-send
+    each other's waiting jobs and validations (their sweepers read every row), so a service whose
+    workers see other blobs (another store, other directories) must not share one."""
+    with postgres_database() as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def migrated(pg_url):
     """An engine on the Postgres database, migrated to the newest revision."""

@@ -24,8 +24,8 @@ def _job(api, device: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_cuda_job_waits_for_a_gpu_worker_and_runs_when_one_appears(tmp_path, pg_url, redis_broker):
-    env = service_env(tmp_path, pg_url, redis_broker, COMPACTOR_REQUEUE_INTERVAL_S="2")
+def test_a_cuda_job_waits_for_a_gpu_worker_and_runs_when_one_appears(tmp_path, own_pg_url, redis_broker):
+    env = service_env(tmp_path, own_pg_url, redis_broker, COMPACTOR_REQUEUE_INTERVAL_S="2")
     service = Service({**env, "COMPACTOR_WORKER_DEVICE": "cpu"}, tmp_path)
     service.start_api()
     service.start_worker()

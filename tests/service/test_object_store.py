@@ -35,11 +35,11 @@ QUICK_BENCH = {"batch_sizes": [1], "warmup": 1, "iterations": 5}
 
 
 @pytest.fixture(scope="module")
-def s3_service(tmp_path_factory, pg_url, redis_broker, s3_env):
+def s3_service(tmp_path_factory, own_pg_url, redis_broker, s3_env):
     """API and worker on Postgres, Redis and the S3 endpoint, each with a data directory of its own."""
     api_dir, worker_dir = tmp_path_factory.mktemp("s3-api"), tmp_path_factory.mktemp("s3-worker")
     env = service_env(
-        api_dir, pg_url, redis_broker, COMPACTOR_MAX_UPLOAD_BYTES=str(512 * MIB), COMPACTOR_REQUEUE_INTERVAL_S="2"
+        api_dir, own_pg_url, redis_broker, COMPACTOR_MAX_UPLOAD_BYTES=str(512 * MIB), COMPACTOR_REQUEUE_INTERVAL_S="2"
     )
     env.update(s3_env, COMPACTOR_STORAGE_URL=f"{s3_env['COMPACTOR_STORAGE_URL']}/service-{os.getpid()}")
     svc = Service(env, api_dir)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.migrate import upgrade
 from tests.service.conftest import traced_cnn, upload_model, wait_job
 from tests.service.servers import Service, api_client, free_port, service_env
 
@@ -33,13 +34,13 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def observed(tmp_path_factory, pg_url, redis_broker):
+def observed(tmp_path_factory, own_pg_url, redis_broker):
     """API and worker on Postgres and Redis, logging JSON lines, the worker serving its own /metrics."""
     data_dir = tmp_path_factory.mktemp("observed")
     worker_port = free_port()
     env = service_env(
         data_dir,
-        pg_url,
+        own_pg_url,
         redis_broker,
         COMPACTOR_WORKER_METRICS_PORT=str(worker_port),
         COMPACTOR_LOG_FORMAT="json",
@@ -83,10 +84,11 @@ def test_metrics_show_a_jobs_counters_move(observed):
     assert value(worker_after, "compactor_job_duration_seconds_sum", op="profile", outcome="succeeded") > 0
 
 
-def test_several_api_processes_add_up_in_multiprocess_mode(tmp_path, pg_url, redis_broker):
+def test_several_api_processes_add_up_in_multiprocess_mode(tmp_path, own_pg_url, redis_broker):
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
-    env = service_env(tmp_path, pg_url, redis_broker, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    env = service_env(tmp_path, own_pg_url, redis_broker, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    upgrade(own_pg_url)  # before: two processes migrating one new database at once would race
     svc = Service(env, tmp_path)
     svc.start_api(workers=2)
     try:

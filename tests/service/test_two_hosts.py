@@ -18,11 +18,11 @@ SLOW_BENCH = {"batch_sizes": [1, 8], "warmup": 10, "iterations": 300}
 
 
 @pytest.mark.slow
-def test_a_job_whose_worker_is_killed_is_finished_by_the_other_host(tmp_path, pg_url, redis_broker, s3_env):
+def test_a_job_whose_worker_is_killed_is_finished_by_the_other_host(tmp_path, own_pg_url, redis_broker, s3_env):
     hosts = {name: tmp_path / name for name in ("api", "worker-a", "worker-b")}
     for directory in hosts.values():
         directory.mkdir()
-    env = service_env(hosts["api"], pg_url, redis_broker, COMPACTOR_REQUEUE_INTERVAL_S="2", **s3_env)
+    env = service_env(hosts["api"], own_pg_url, redis_broker, COMPACTOR_REQUEUE_INTERVAL_S="2", **s3_env)
     env["COMPACTOR_STORAGE_URL"] += f"/two-hosts-{os.getpid()}"
     api_host = Service(env, hosts["api"])
     workers = {
