@@ -8,9 +8,9 @@ tests/test_spec_parity.py fails when the two drift apart.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.models.job import JobStatus
@@ -285,7 +285,10 @@ class JobRead(BaseModel):
     name: str | None
     model_id: str
     status: JobStatus
-    spec: JobSpec
+    # The spec as stored when the job was accepted, returned as it is: validating it again with
+    # today's rules would turn a job accepted under older ones into a 500 on every list.
+    # `stored_spec` gives a spec that no longer validates back as the dict it is.
+    spec: SkipValidation[JobSpec]
     progress: JobProgress
     error: ErrorInfo | None = None
     attempts: int
@@ -312,3 +315,12 @@ class JobEvent(BaseModel):
     status: JobStatus
     progress: JobProgress
     error: ErrorInfo | None = None
+
+
+def stored_spec(raw: dict[str, Any]) -> JobSpec | dict[str, Any]:
+    """A stored job's spec for reading: a JobSpec, or the stored dict itself when today's rules
+    refuse it (a job accepted under older ones is shown, never a 500)."""
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError:
+        return raw

@@ -20,6 +20,7 @@ from celery import Celery
 from sqlalchemy import create_engine, select, update
 
 from app.models import CompressionJob
+from app.queue import CPU, queue_for
 from tests import zoo
 from tests.service.conftest import upload_model, wait_for, wait_job
 from tests.service.servers import (
@@ -206,7 +207,8 @@ def test_a_recovered_job_goes_ahead_of_jobs_waiting_in_the_queue(tmp_path, redis
         waiting, recovered = _submit(api, model["id"]), _submit(api, model["id"])
         # As the sweeper sends a job that ran before: to the recovery queue (here after both are queued).
         sender = Celery(broker=service.env["COMPACTOR_BROKER_URL"])
-        sender.send_task("compactor.run_job", args=[recovered], queue=service.env["COMPACTOR_QUEUE_NAME"] + ".recovery")
+        recovery = queue_for(CPU, recovery=True, base=service.env["COMPACTOR_QUEUE_NAME"])
+        sender.send_task("compactor.run_job", args=[recovered], queue=recovery)
         service.start_worker()
         first, second = wait_job(api, recovered), wait_job(api, waiting)
         assert first["status"] == second["status"] == "succeeded", (first, second)

@@ -19,7 +19,7 @@ from app.models import CompressionJob
 from app.models.job import FINAL_STATUSES, JobStatus
 from app.reports.html import render_report_html
 from app.schemas.common import Page
-from app.schemas.job import JOB_SPEC_EXAMPLES, ArtifactInfo, JobEvent, JobRead, JobSpec
+from app.schemas.job import JOB_SPEC_EXAMPLES, ArtifactInfo, JobEvent, JobRead, JobSpec, stored_spec
 from app.schemas.report import JobComparison, Report
 from app.schemas.webhook import WebhookDeliveryRead
 from app.services import jobs as service
@@ -37,7 +37,7 @@ def to_read(job: CompressionJob, deliveries: list | None = None) -> JobRead:
         name=job.name,
         model_id=job.model_id,
         status=job.status,
-        spec=job.spec,
+        spec=stored_spec(job.spec),
         progress=job.progress,
         error=job.error,
         attempts=job.attempts,
