@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch is pinned in pyproject (worker extra): an unpinned torch would pull a multi-GB CUDA build.
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run worker migrate test test-fast bench lint clean
+.PHONY: install run worker migrate test test-fast matrix bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(STAMP)
 ## Engine tests only (no servers needed).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/engines $(PYTEST_ARGS)
+
+## Every zoo model × quantize scheme × pipeline through the engines and the meter; prints a summary table.
+matrix: $(STAMP)
+	$(BIN)/python -m tests.engines.matrix $(MATRIX_ARGS)
 
 ## ruff: lint and format check (`$(BIN)/ruff format .` applies the format).
 lint: $(STAMP)

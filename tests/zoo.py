@@ -205,6 +205,23 @@ class Spinner(nn.Module):
         return y
 
 
+class TwoInputEncoder(nn.Module):
+    """A MiniLM-shaped miniature: token ids and an attention mask, masked mean pooling."""
+
+    def __init__(self, vocab: int = 500, dim: int = 64, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(self.embed(ids))
+        weights = mask.unsqueeze(-1).float()
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return F.normalize(self.out(pooled), dim=-1)
+
+
 def round_trip(model: torch.jit.ScriptModule) -> tuple[torch.jit.ScriptModule, int]:
     """Save and reload a TorchScript module as a user would; returns (reloaded, file size)."""
     buffer = io.BytesIO()

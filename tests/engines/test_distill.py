@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.zoo import SequentialCNN, accuracy, digits, script, trace, train_classifier
+from tests.zoo import FixedViewNet, SequentialCNN, accuracy, digits, script, trace, train_classifier
 from worker.engines.data import ModelData
 from worker.engines.distill import DistillConfig, distill
 from worker.engines.errors import EngineError
@@ -282,3 +282,18 @@ def test_cuda_mixed_precision_distillation(teacher, data):
     after = accuracy(out.model, evaluation.inputs[0].to(device), evaluation.labels.to(device))
     assert after > 0.75
     assert all(torch.equal(p, teacher_weights[name]) for name, p in teacher.named_parameters())
+
+
+def test_a_model_that_folds_samples_together_is_not_distillable():
+    """FixedViewNet's `view(-1, 4096)` gives 4 output rows per sample: there is no per-sample output
+    to pair, so distill refuses it with a code instead of failing inside a loss on mismatched sizes
+    (found by the engine matrix, tests/engines/matrix.py)."""
+    x, y = digits()[0][:32], digits()[1][:32]
+    model = trace(FixedViewNet(), x[:1])
+    data = ModelData((x,), y)
+    ctx = PipelineContext(teacher=model, calibration=data, evaluation=data)
+
+    with pytest.raises(EngineError) as raised:
+        run_step(model, {"op": "distill", "epochs": 1, "batch_size": 16}, ctx)
+    assert raised.value.code == "not_distillable"
+    assert "[8, 10] for 2 samples" in raised.value.message

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from tests.zoo import SequentialCNN, digits, trace, train_classifier
+from tests.zoo import SequentialCNN, TwoInputEncoder, digits, trace, train_classifier
 from worker.engines.data import ModelData
 from worker.engines.measure import BenchmarkConfig, measure_models
 from worker.engines.pipeline import PipelineContext, run_step
@@ -21,23 +19,6 @@ from worker.engines.quantize import dynamic
 from worker.engines.quantize.engine import FIDELITY_MARGIN
 
 REPEATS = 3
-
-
-class TwoInputEncoder(nn.Module):
-    """A MiniLM-shaped miniature: token ids and an attention mask, masked mean pooling."""
-
-    def __init__(self, vocab: int = 500, dim: int = 64, layers: int = 2):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(self.embed(ids))
-        weights = mask.unsqueeze(-1).float()
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return F.normalize(self.out(pooled), dim=-1)
 
 
 @pytest.fixture

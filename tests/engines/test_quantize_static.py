@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.zoo import (
+    FixedViewNet,
     LoopIfNet,
     SequentialCNN,
     TinyResNet,
@@ -88,3 +89,20 @@ def test_static_int8_resnet_and_control_flow(make, name):
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert float(torch.nn.functional.cosine_similarity(expected, got).min()) >= 0.98
     assert out.details["quantized_layers"] >= 3 and out.details["weights"] == "per-tensor"
+
+
+def test_a_converted_graph_that_does_not_run_keeps_those_layers_float():
+    """int8 convolutions return channels-last tensors, and FixedViewNet's `view(-1, 4096)` fails on
+    them: convert_jit's model is tried before it is kept, so the convolutions stay float, with the
+    reason, and the step's model runs (found by the engine matrix, tests/engines/matrix.py)."""
+    x = digits()[0][:64]
+    model = trace(FixedViewNet(), x[:1])
+    out = _static(model, ModelData((x,)), ModelData((x,)))
+
+    precisions = {row["module"]: row["precision"] for row in out.details["layers"]}
+    assert precisions == {"fc": "int8"}
+    reasons = {row["module"]: row["reason"] for row in out.details["skipped"]}
+    assert set(reasons) == {"conv", "conv2"} and all("view" in reason for reason in reasons.values())
+    loaded = round_trip(out.model)[0]
+    with torch.inference_mode():
+        assert loaded(x[:4]).shape == model(x[:4]).shape

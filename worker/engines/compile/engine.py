@@ -28,7 +28,20 @@ TOLERANCE = {
     torch.float32: (1e-4, 1e-5),
     torch.float16: (1e-2, 1e-3),
     torch.bfloat16: (3e-2, 1e-2),
+    # activations rounded to int8 while the model runs: a last-bit change before the rounding (a
+    # folded BatchNorm) can move a value across one int8 step, 8 significant bits as in bfloat16
+    torch.qint8: (3e-2, 1e-2),
 }
+# The ops that round float activations to int8 at run time (dynamic and static int8 schemes).
+ACTIVATION_ROUNDING = frozenset(
+    {
+        "quantized::linear_dynamic",
+        "aten::quantize_per_tensor",
+        "aten::quantize_per_tensor_dynamic",
+        "aten::quantized_lstm",
+        "aten::quantized_gru",
+    }
+)
 
 
 def compile_model(model: torch.jit.ScriptModule, config: CompileConfig, ctx: PipelineContext) -> StageOutput:
@@ -75,8 +88,11 @@ def compile_model(model: torch.jit.ScriptModule, config: CompileConfig, ctx: Pip
 
 
 def _compute_dtype(model: torch.jit.ScriptModule) -> torch.dtype:
-    """The least precise float type the model's weights hold: the precision it computes in (a
-    half-precision model with float32 inputs and outputs refolds in half)."""
+    """The least precise type the model computes in: int8 where it rounds activations to int8, else
+    the least precise float type its weights hold (a half-precision model with float32 inputs and
+    outputs refolds in half)."""
+    if ACTIVATION_ROUNDING & _node_kinds(model).keys():
+        return torch.qint8
     tensors = [*model.parameters(), *model.buffers()]
     floats = [t.dtype for t in tensors if t.is_floating_point() and t.dtype in TOLERANCE]
     return max(floats, key=lambda dtype: TOLERANCE[dtype][0], default=torch.float32)

@@ -35,6 +35,7 @@ from worker.engines.distill.outputs import (
 from worker.engines.distill.quantization_aware import LatentWeights
 from worker.engines.distill.sparsity import SparsityMasks
 from worker.engines.errors import EngineError, model_text
+from worker.engines.measure.quality import output_leaves
 from worker.engines.modules import clone_model, module_kind
 from worker.engines.prune.regularization import bn_scale_penalty
 
@@ -216,7 +217,9 @@ class _DistillRun:
                 message = f"the student cannot run on the teacher's inputs: {model_text(exc)}"
                 raise EngineError("student_mismatch", message) from None
         check_student_output(teacher_output, student_output, len(indices))
-        return flatten_output(teacher_output, len(indices))[1]
+        leaves = flatten_output(teacher_output, len(indices))[1]
+        _check_sample_axis(output_leaves(teacher_output), len(indices))
+        return leaves
 
     def _train_epoch(self) -> float:
         self.student.train()
@@ -421,3 +424,20 @@ def _rng_scope(device: torch.device, seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def _check_sample_axis(leaves: list[tuple[str, torch.Tensor]], samples: int) -> None:
+    """Targets are cached and paired per sample: every output needs the samples on its first axis.
+
+    A model that folds samples together (FixedViewNet's `view(-1, 4096)` gives 4 rows per sample)
+    has no per-sample output to pair, and the losses would fail on mismatched sizes.
+    """
+    for path, leaf in leaves:
+        if leaf.dim() == 0 or leaf.shape[0] != samples:
+            where = f"the model's output {path}" if path else "the model's output"
+            raise EngineError(
+                "not_distillable",
+                f"distillation pairs outputs sample by sample, but {where} has "
+                f"shape {list(leaf.shape)} for {samples} samples: its first dimension is not the sample axis "
+                "(a reshape such as view(-1, N) folds samples together); distill needs one output row per sample",
+            )

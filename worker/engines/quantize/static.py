@@ -126,12 +126,19 @@ class StaticInt8(Int8Scheme):
         # inside a quantized parent
         qconfig_dict: dict[str, QConfig | None] = {"": qconfig if whole_graph else None}
         qconfig_dict.update({layer.module: qconfig if layer.module in chosen else None for layer in candidates})
+        calibration = self.ctx.calibration.take(CALIBRATION_SAMPLES)
         with quantized_engine(self.backend), quiet_quantized_tensors():
             prepared = _prepare(self.fresh_copy(model), qconfig_dict)
             with torch.no_grad():
-                for batch in self.ctx.calibration.take(CALIBRATION_SAMPLES).batches(CALIBRATION_BATCH, "cpu"):
+                for batch in calibration.batches(CALIBRATION_BATCH, "cpu"):
                     prepared(*batch.inputs)
-            return convert_jit(prepared)
+            converted = convert_jit(prepared)
+            # convert_jit can build a graph that does not run: int8 convolutions return channels-last
+            # tensors, and a `view` after one fails. A RuntimeError here makes the caller try int8
+            # islands, then layer by layer, as for a graph that graph mode rejects.
+            with torch.no_grad():
+                converted(*next(calibration.batches(CALIBRATION_BATCH, "cpu")).inputs)
+            return converted
 
     def notes(self) -> dict[str, Any]:
         return {
