@@ -29,6 +29,7 @@ _DAMAGED_ZIP = (
     OSError,
     EOFError,
     NotImplementedError,
+    RuntimeError,  # an encrypted member
     SyntaxError,
     tokenize.TokenError,
     zlib.error,

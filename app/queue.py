@@ -75,7 +75,9 @@ def queue_for(device_kind: str, recovery: bool = False, base: str | None = None)
 def job_device_kind(spec: dict) -> str:
     """The device kind a job's spec needs: cuda only when its benchmark asks for cuda ('auto' runs
     on whatever worker takes it)."""
-    return CUDA if (spec.get("benchmark") or {}).get("device") == CUDA else CPU
+    benchmark = spec.get("benchmark") if isinstance(spec, dict) else None
+    # A spec the service cannot read (it fails later, as the service's own error) routes as CPU work.
+    return CUDA if isinstance(benchmark, dict) and benchmark.get("device") == CUDA else CPU
 
 
 def queues_served(device_kind: str, base: str | None = None) -> list[str]:

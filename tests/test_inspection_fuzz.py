@@ -66,6 +66,10 @@ for _name, _writer in (("stored", np.savez), ("compressed", np.savez_compressed)
     NPZ[_name] = _buffer.getvalue()
 
 
+# Member names a zip can hold: ZipInfo cuts a name at its first NUL, and an empty name is no member.
+ENTRY_NAMES = st.text(alphabet=st.characters(blacklist_characters="\x00"), min_size=1, max_size=30)
+
+
 @st.composite
 def byte_damage(draw, content: bytes) -> bytes:
     """Flipped bytes, a cut, or bytes appended: what a broken transfer or a bad writer leaves."""
@@ -101,7 +105,7 @@ def rezipped(draw, content: bytes) -> bytes:
                 continue
             info = zipfile.ZipInfo(entry.filename)
             if action == "rename":
-                info = zipfile.ZipInfo(draw(st.text(min_size=1, max_size=30)))
+                info = zipfile.ZipInfo(draw(ENTRY_NAMES))
             elif action == "junk":
                 data = draw(st.binary(max_size=64))
             elif action == "link":
@@ -109,8 +113,14 @@ def rezipped(draw, content: bytes) -> bytes:
             info.compress_type = draw(st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))
             archive.writestr(info, data)
         for _ in range(draw(st.integers(0, 2))):
-            archive.writestr(draw(st.text(min_size=1, max_size=30)), draw(st.binary(max_size=32)))
+            archive.writestr(draw(ENTRY_NAMES), draw(st.binary(max_size=32)))
     return buffer.getvalue()
+
+
+def _inspect(path: Path):
+    """The dataset inspector on a file, as the upload path calls it (a seekable file and its size)."""
+    with open(path, "rb") as fh:
+        return inspect_dataset(fh, path.stat().st_size)
 
 
 def _write(tmp_path: Path, content: bytes) -> Path:
@@ -125,7 +135,8 @@ def test_model_inspector_refuses_cleanly(tmp_path, data):
     content = data.draw(st.one_of(byte_damage(MODEL), directory_damage(MODEL), rezipped(MODEL), st.binary(max_size=64)))
     path = _write(tmp_path, content)
     try:
-        check_torchscript_archive(path, len(content))
+        with open(path, "rb") as fh:
+            check_torchscript_archive(fh, len(content))
     except InvalidInput:
         pass
 
@@ -203,7 +214,7 @@ def test_dataset_inspector_refuses_cleanly_and_accepts_only_loadable_files(tmp_p
     content = data.draw(st.one_of(safetensors_variant(), npz_variant()))
     path = _write(tmp_path, content)
     try:
-        _, arrays, num_samples = inspect_dataset(path, "upload")
+        _, arrays, num_samples = _inspect(path)
     except InvalidInput:
         return
     _loads_as_declared(path, arrays, num_samples)
@@ -215,7 +226,7 @@ def test_dataset_inspector_refuses_damaged_bytes_cleanly(tmp_path, data):
     content = data.draw(st.one_of(byte_damage(SAFETENSORS), byte_damage(NPZ["stored"]), byte_damage(NPZ["compressed"])))
     path = _write(tmp_path, content)
     try:
-        inspect_dataset(path, "upload")
+        _inspect(path)
     except InvalidInput:
         pass
 
@@ -240,7 +251,7 @@ def test_malformed_safetensors_headers_are_invalid_input(tmp_path, header):
     path = _write(tmp_path, struct.pack("<Q", len(raw)) + raw + bytes(72))
 
     with pytest.raises(InvalidInput) as refused:
-        inspect_dataset(path, "upload")
+        _inspect(path)
     assert refused.value.code == "dataset_invalid"
 
 
@@ -251,4 +262,4 @@ def test_an_npz_whose_header_claims_more_than_it_holds_is_refused(tmp_path):
         archive.writestr("input.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + bytes(16))
 
     with pytest.raises(InvalidInput, match="holds 16 bytes"):
-        inspect_dataset(_write(tmp_path, buffer.getvalue()), "upload")
+        _inspect(_write(tmp_path, buffer.getvalue()))

@@ -88,7 +88,7 @@ def run_job(job_id: str, worker: str) -> str:
             status = _failed(job_id, IsolatedFailure("internal_error", internal_error_message(exc)))
         finally:
             _observe(job_id, status, time.monotonic() - started)
-    log.info("job %s: %s", job_id, status)
+    log.info("job %s finished: %s", job_id, status)
     return status
 
 

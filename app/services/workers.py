@@ -25,7 +25,12 @@ def list_workers() -> WorkerList:
             f"the broker cannot be reached to ask the workers: {type(exc).__name__}: {exc}"[:300],
             code="broker_unavailable",
         ) from exc
-    workers = [WorkerInfo(name=name, **reply) for name, reply in sorted(replies.items()) if isinstance(reply, dict)]
+    # A node without the command (a webhook notifier) answers {"error": …}: it runs no jobs.
+    workers = [
+        WorkerInfo(name=name, **reply)
+        for name, reply in sorted(replies.items())
+        if isinstance(reply, dict) and "error" not in reply
+    ]
     return WorkerList(
         workers=workers, complete=True, detail=f"{len(workers)} worker(s) answered within {REPLY_WAIT_S:g} s"
     )
