@@ -53,6 +53,10 @@ def after_commit(session: Session, callback: Callable[[], None]) -> None:
 
 @event.listens_for(Session, "after_commit")
 def _run_after_commit(session: Session) -> None:
+    # SQLAlchemy fires after_commit for a SAVEPOINT's release too: the outer transaction has not
+    # committed then, so work sent now would reach a worker before its row exists.
+    if session.in_nested_transaction():
+        return
     callbacks = session.info.pop("after_commit", [])
     for callback in callbacks:
         callback()
