@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -16,13 +17,14 @@ import torch
 NOT_MEASURED = "not measured here"
 
 
-class EnergyMeter:
-    """A cumulative energy counter in joules (`read()`), named by `source`."""
+class EnergyMeter(ABC):
+    """A cumulative energy counter in joules (`read()`), named by `source`: RAPL or NVML below."""
 
     source: str
 
+    @abstractmethod
     def read(self) -> float:
-        raise NotImplementedError
+        """Joules counted so far."""
 
 
 class RaplMeter(EnergyMeter):
