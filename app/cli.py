@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 cli = typer.Typer(
     name="compactor", help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False
 )
-models = typer.Typer(help="Uploaded TorchScript models.", no_args_is_help=True)
+models = typer.Typer(help="Uploaded models (TorchScript or torch.export archives).", no_args_is_help=True)
 datasets = typer.Typer(help="Calibration, training and evaluation datasets.", no_args_is_help=True)
 jobs = typer.Typer(help="Compression jobs: submit, follow, report, download.", no_args_is_help=True)
 cli.add_typer(models, name="models")
@@ -244,7 +244,7 @@ def upload_model(
     api_key: ApiKeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Upload a TorchScript model (torch.jit.save file) and print its id."""
+    """Upload a model (a torch.jit.save file, or a torch.export.save .pt2) and print its id."""
     with _server(url, api_key) as client:
         model = client.upload_model(file, name)
         if wait:

@@ -18,6 +18,7 @@ import torch
 from worker.cpu_share import cpu_share
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError, model_text
+from worker.engines.exported import is_exported_archive
 from worker.engines.measure import BenchmarkConfig, measure_models
 from worker.engines.measure.quality import fidelity_score, output_leaves
 from worker.engines.modules import load_model, save_model
@@ -92,9 +93,9 @@ def execute_job(
     reference_outputs = _run(teacher, example, compute)
 
     models = {"baseline": teacher}
-    paths = {"baseline": Path(job_files.model)}
+    paths = {"baseline": _baseline_file(teacher, Path(job_files.model), out)}
     stages = []
-    current = load_model(job_files.model, compute)
+    current = load_model(paths["baseline"], compute)
     for index, step in enumerate(steps):
         share = STEPS_SHARE / max(len(steps), 1)
         base = 2.0 + index * share
@@ -163,6 +164,17 @@ def execute_job(
         "notes": _notes(stages) + measurement.notes,
     }
     return {"artifact_path": str(paths[result_name]), "report": report}
+
+
+def _baseline_file(teacher: torch.jit.ScriptModule, upload: Path, out: Path) -> Path:
+    """The TorchScript file of the baseline: the upload itself, or for a torch.export archive the
+    module traced from it, saved, so that the baseline's size, the memory probe (which loads files)
+    and every step start from the one TorchScript module the report calls the baseline."""
+    if not is_exported_archive(upload):
+        return upload
+    path = out / "baseline.pt"
+    save_model(teacher, path)
+    return path
 
 
 def _pin_threads(threads: int) -> None:
