@@ -55,8 +55,8 @@ def load_exported_program(path: str | Path) -> torch.export.ExportedProgram:
         except Exception as exc:  # the restricted unpickler raises many types
             raise EngineError(
                 "export_pickle_refused",
-                "the archive's sample inputs are not plain tensors (the weights-only unpickler refuses "
-                f"them: {model_text(exc)}); they are never unpickled otherwise: export with tensor inputs",
+                "the archive's sample inputs hold more than tensors (the weights-only unpickler refuses "
+                "them), so they are never unpickled: export the model with tensor example inputs",
             ) from exc
     try:
         return torch.export.load(str(path))
