@@ -53,8 +53,10 @@ def inspect_model_archive(fh: BinaryIO, size: int) -> str:
     unpickled: only member names and the JSON members of a torch.export archive are read."""
     with _model_zip(fh, size) as archive:
         if any(entry.filename.rsplit("/", 1)[-1] == "archive_format" for entry in archive.infolist()):
+            _refuse_entries_outside(archive, "export_archive_damaged")
             _check_exported_archive(archive)
             return "torch.export"
+        _refuse_entries_outside(archive, "not_torchscript")
         _check_torchscript_entries(archive.namelist())
     return "torchscript"
 
@@ -63,11 +65,12 @@ def check_torchscript_archive(fh: BinaryIO, size: int) -> None:
     """Raise InvalidInput unless the file `fh` (of `size` bytes) is structurally a TorchScript
     archive (a zip with code/)."""
     with _model_zip(fh, size) as archive:
+        _refuse_entries_outside(archive, "not_torchscript")
         _check_torchscript_entries(archive.namelist())
 
 
 def _model_zip(fh: BinaryIO, size: int) -> zipfile.ZipFile:
-    """The upload opened as a zip whose entries all stay inside it, or InvalidInput saying what it is."""
+    """The upload opened as a zip, or InvalidInput saying what it is instead."""
     if size == 0:
         raise InvalidInput("the file is empty", code="empty_file")
     if not zipfile.is_zipfile(fh):
@@ -88,14 +91,16 @@ def _model_zip(fh: BinaryIO, size: int) -> zipfile.ZipFile:
         archive = zipfile.ZipFile(fh)
     except _DAMAGED_ZIP as exc:
         raise InvalidInput(f"the archive is damaged: {exc}", code="not_torchscript") from exc
+    return archive
+
+
+def _refuse_entries_outside(archive: zipfile.ZipFile, code: str) -> None:
     if any(_points_outside(entry) for entry in archive.infolist()):
-        archive.close()
         raise InvalidInput(
             "the archive has entries that point outside it (absolute paths, '..' or links); "
             "torch.jit.save and torch.export.save never write such entries",
-            code="not_torchscript",
+            code=code,
         )
-    return archive
 
 
 def _check_torchscript_entries(names: list[str]) -> None:

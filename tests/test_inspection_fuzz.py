@@ -221,6 +221,7 @@ def _program_with(**changes) -> bytes:
         ({"archive_version": b"7"}, "export_archive_unsupported", "archive_version"),
         ({"data/aotinductor/model/model.so": b"\x7fELF"}, "export_archive_unsupported", "compiled package"),
         ({"data/weights/model.pt": b"\x80\x02"}, "export_archive_unsupported", "legacy"),
+        ({"../escape.py": b"print()"}, "export_archive_damaged", "outside"),
     ],
 )
 def test_damaged_and_unsupported_exported_archives_are_refused_with_a_code(changes, code, words):
