@@ -24,27 +24,47 @@ def _saved(tmp_path: Path, content: bytes, name: str = "model.pt2") -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "model, example",
-    [
-        (zoo.SequentialCNN(), torch.rand(2, 1, 32, 32)),
-        (zoo.TinyResNet(), torch.rand(2, 1, 32, 32)),
-        (zoo.TransformerMLP(), torch.rand(3, 64)),
-    ],
-    ids=["cnn", "resnet", "transformer_mlp"],
-)
-def test_zoo_models_convert_and_agree_with_the_eager_model_at_any_batch(tmp_path, model, example):
-    path = _saved(tmp_path, exported.export_bytes(model, example))
+def _tokens(batch: int, vocab: int = 500, length: int = 12) -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, vocab, (batch, length)),)
+
+
+def _ids_and_mask(batch: int) -> tuple[torch.Tensor, ...]:
+    ids = torch.randint(0, 500, (batch, 16))
+    mask = torch.ones_like(ids)
+    mask[::2, 8:] = 0
+    return ids, mask
+
+
+# (model, inputs at a batch size): sizes read in the graph (an LSTM's initial state, attention
+# reshapes) must follow the batch, not keep the sample's
+ZOO = {
+    "cnn": (zoo.SequentialCNN, lambda b: (torch.rand(b, 1, 32, 32),)),
+    "resnet": (zoo.TinyResNet, lambda b: (torch.rand(b, 1, 32, 32),)),
+    "inception": (zoo.InceptionNet, lambda b: (torch.rand(b, 1, 32, 32),)),
+    "fixed_view": (zoo.FixedViewNet, lambda b: (torch.rand(b, 1, 32, 32),)),
+    "transformer_mlp": (zoo.TransformerMLP, lambda b: (torch.rand(b, 64),)),
+    "lstm": (zoo.LSTMClassifier, _tokens),
+    "encoder": (zoo.TinyEncoder, _tokens),
+    "two_inputs": (zoo.TwoInputEncoder, _ids_and_mask),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_models_convert_and_agree_with_the_eager_model_at_any_batch(tmp_path, name):
+    make, inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    path = _saved(tmp_path, exported.export_bytes(model, *inputs(2)))
 
     converted = load_model(path)
 
     assert isinstance(converted, torch.jit.ScriptModule) and is_exported_archive(path)
     save_model(converted, tmp_path / "converted.pt")
     reloaded = torch.jit.load(str(tmp_path / "converted.pt"))
-    for batch in (1, 5):
-        x = torch.rand(batch, *example.shape[1:])
+    for batch in (1, 7):
+        example = inputs(batch)
         with torch.no_grad():
-            torch.testing.assert_close(reloaded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(reloaded(*example), model(*example), rtol=1e-4, atol=1e-5)
 
 
 def test_layers_keep_their_names_and_kinds(tmp_path):

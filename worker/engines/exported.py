@@ -98,6 +98,7 @@ def exported_to_torchscript(program: torch.export.ExportedProgram) -> torch.jit.
     _require_dynamic_batch(program)
     module = program.module()
     _drop_input_guards(module)
+    _read_sizes_from_tensors(module)
     _name_modules_after_originals(module, program)
     try:
         traced = torch.jit.trace(module, example, check_trace=False, strict=False)
@@ -174,6 +175,53 @@ def _drop_input_guards(module: torch.fx.GraphModule) -> None:
     if hasattr(module, "_guards_fn"):
         delattr(module, "_guards_fn")
     module.recompile()
+
+
+def _read_sizes_from_tensors(module: torch.fx.GraphModule) -> None:
+    """Make the graph's size arithmetic something a trace records.
+
+    The tracer records `tensor.size(dim)` as a size read, and an int argument made from one as that
+    read, but only when the call goes through torch's Python bindings (`torch.zeros`,
+    `Tensor.view`): an `aten.sym_size` call, or an `OpOverload` call such as
+    `torch.ops.aten.zeros.default`, gives it the plain number of the trace's sample, which would
+    bake the sample's batch size into the TorchScript (an LSTM's initial state sized for it
+    corrupts memory at any other batch). So sizes are read with `Tensor.size`, and a call taking
+    one goes through the binding of the same op.
+    """
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size.default):
+            with graph.inserting_before(node):
+                size = graph.call_method("size", node.args, node.kwargs)
+            node.replace_all_uses_with(size)
+            graph.erase_node(node)
+        elif isinstance(node.target, torch._ops.OpOverload) and _takes_a_size(node):
+            node.target = _python_binding(node.target) or node.target
+    module.recompile()
+
+
+def _takes_a_size(node: torch.fx.Node) -> bool:
+    """Whether an argument of the call is an int computed in the graph (a size, or arithmetic on one)."""
+    flat = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+    return any(
+        isinstance(arg, torch.fx.Node) and not isinstance(arg.meta.get("val"), torch.Tensor) and arg.op != "get_attr"
+        for arg in flat
+    )
+
+
+def _slice(tensor: torch.Tensor, dim: int = 0, start=None, end=None, step: int = 1) -> torch.Tensor:
+    """`aten.slice.Tensor` by indexing: the op has no Python binding, and indexing records its bounds."""
+    return tensor[(slice(None),) * (dim % tensor.dim()) + (slice(start, end, step),)]
+
+
+def _python_binding(op: torch._ops.OpOverload):
+    """The function or method torch binds the op to in Python (same arguments), or None."""
+    if op is torch.ops.aten.slice.Tensor:
+        return _slice
+    name = op._schema.name.split("::", 1)[-1]
+    return getattr(torch._C._VariableFunctions, name, None) or getattr(torch.Tensor, name, None)
 
 
 def _name_modules_after_originals(module: torch.nn.Module, program: torch.export.ExportedProgram) -> None:
