@@ -4,8 +4,8 @@ trace it into the TorchScript module every engine takes, or say why that cannot 
 The conversion runs in the sandboxed child at each load (validation, then each job), never stored
 as a derived blob: the trace is a function of the upload and the worker's torch alone and takes
 0.2–1.3 s for the test zoo's models (benchmarks/export_conversion.py), while a stored TorchScript
-copy would be a second blob per model to keep in step with it, verify, collect and migrate. Validation converts once, so a model that cannot be converted is refused at upload, not
-by each job.
+copy would be a second blob per model to keep in step with it, verify, collect and migrate.
+Validation converts once, so a model that cannot be converted is refused at upload, not by each job.
 """
 
 from __future__ import annotations
