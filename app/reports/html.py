@@ -382,8 +382,8 @@ def _serving_section(report: dict, columns: list[_Column]) -> str:
     modes = modes or sorted({str(m) for c in models for m in dict_of(c.metrics.get("serving"))})
     summary = dict_of(report.get("summary"))
     floor = dict_of(summary.get("lossless_floor"))
-    if not modes and not floor:
-        return ""
+    if not modes and all((get(e, "model"), get(e, "mode")) == ("baseline", "plain") for e in floor.values()):
+        return ""  # served plain only, and nothing lossless beats the baseline as uploaded
     batches = batch_keys(*(c.metrics.get("latency_ms") for c in models))
     rows = []
     for column in models:
