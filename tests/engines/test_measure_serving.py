@@ -189,3 +189,25 @@ def test_a_lossless_pipeline_is_its_own_floor_and_claims_nothing_beyond_it(cnn, 
 
     assert "baseline_compiled" not in report and report["summary"]["beyond_floor"] is None
     assert {entry["model"] for entry in report["summary"]["lossless_floor"].values()} <= {"baseline", "stage1"}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_optimized_serving_is_timed_and_onnx_runtime_says_it_measures_on_cpu(cnn, tmp_path):
+    traced, evaluation, _ = cnn
+    torch.jit.save(traced, str(tmp_path / "m.pt"))  # loaded onto the GPU by each mode, as a job loads it
+    onnx = _export_onnx(traced, evaluation.inputs[0][:2], tmp_path / "m.onnx")
+    config = BenchmarkConfig(
+        device="cuda", batch_sizes=[8], warmup=2, iterations=6, rounds=3, max_rounds=3, serving=MODES
+    )
+    measurement = measure_models(
+        {"baseline": torch.jit.load(str(tmp_path / "m.pt"), map_location="cuda")},
+        {"baseline": tmp_path / "m.pt"},
+        "baseline",
+        evaluation,
+        config,
+        onnx_files={"baseline": onnx},
+    )
+    serving = measurement.metrics["baseline"]["serving"]
+    assert serving["optimized"]["latency_ms"]["8"]["p50"] > 0 and serving["optimized"]["lossless"] is True
+    assert serving["onnxruntime"]["unavailable"].startswith("ONNX Runtime is measured on its CPU execution provider")

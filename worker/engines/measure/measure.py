@@ -304,11 +304,11 @@ def _serve(
     for name in timed:
         model = ServedModel(models[name], files.get(name), onnx_files.get(name))
         served[name] = {"plain": serve("plain", model, device)}
-        with torch.inference_mode():
-            expected = served[name]["plain"].outputs(check)
-        for mode in config.serving:
-            if mode == "plain":
-                continue
+        others = [mode for mode in config.serving if mode != "plain"]
+        if others:
+            with torch.inference_mode():
+                expected = served[name]["plain"].outputs(check)
+        for mode in others:
             try:
                 runner = serve(mode, model, device)
                 with torch.inference_mode():
