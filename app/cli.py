@@ -393,6 +393,13 @@ def _key_figures(report: dict) -> list[str]:
         f"  size           {baseline['size_bytes']:,} → {result['size_bytes']:,} bytes "
         f"({summary['size_ratio']:.2f}× smaller)"
     )
+    floor, beyond = summary.get("lossless_floor") or {}, summary.get("beyond_floor") or {}
+    if floor:
+        served = (f"{e['median']:.2f}× at batch {b} ({e['model']} {e['mode']})" for b, e in floor.items())
+        lines.append(f"  lossless floor {', '.join(served)}")
+    if beyond:
+        served = (f"{e['median']:.2f}× at batch {b} (served {e['mode']})" for b, e in beyond.items())
+        lines.append(f"  beyond floor   {', '.join(served)}")
     if summary.get("accuracy_drop") is not None:
         lines.append(f"  accuracy drop  {summary['accuracy_drop']:.4f}")
     if summary.get("fidelity_cosine_min") is not None:

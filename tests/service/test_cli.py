@@ -87,6 +87,7 @@ def test_upload_submit_wait_report_download(server, tmp_path):
 
     figures = _ok(compactor(server, "jobs", "report", job_id))
     assert "× smaller" in figures and "at batch 1" in figures, figures
+    assert "lossless floor 1.00× at batch 1 (baseline plain)" in figures and "beyond floor" in figures, figures
     report = json.loads(_ok(compactor(server, "jobs", "report", job_id, "--json")))
     assert report["job_id"] == job_id and figures.splitlines()[0] == report["summary"]["headline"]
     _ok(compactor(server, "jobs", "report", job_id, "--html", "-o", str(tmp_path / "report.html")))
