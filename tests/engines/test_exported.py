@@ -99,6 +99,15 @@ def test_a_static_batch_is_refused_naming_the_input_and_the_fix(tmp_path):
     assert "'x'" in refused.value.message and "Dim('batch')" in refused.value.message
 
 
+def test_a_program_exported_in_training_mode_with_dropout_is_refused_saying_so(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).train()
+    program = torch.export.export(model, (torch.rand(2, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+    with pytest.raises(EngineError) as refused:
+        exported_to_torchscript(program)
+    assert refused.value.code == "export_not_traceable" and "model.eval()" in refused.value.message
+
+
 class _KeywordFlag(torch.nn.Module):
     def forward(self, x, *, scale: float = 2.0):
         return x * scale
