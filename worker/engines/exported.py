@@ -66,7 +66,10 @@ def load_exported_program(path: str | Path) -> torch.export.ExportedProgram:
                 "them), so they are never unpickled: export the model with tensor example inputs",
             ) from exc
     try:
-        return torch.export.load(str(path))
+        # an open file, not the path: torch.export.load warns about (and may one day refuse) a path
+        # not ending in .pt2, and the sandbox names its copy of every upload model.pt
+        with open(path, "rb") as fh:
+            return torch.export.load(fh)
     except Exception as exc:  # torch raises many types for a bad archive
         raise EngineError("model_invalid", f"torch.export.load cannot load this file: {model_text(exc)}") from exc
 
