@@ -18,6 +18,7 @@ import torch
 from worker.cpu_share import cpu_share
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError, model_text
+from worker.engines.export import ExportConfig, build_onnx_artifact
 from worker.engines.measure import BenchmarkConfig, measure_models
 from worker.engines.measure.quality import fidelity_score, output_leaves
 from worker.engines.modules import load_model, save_model
@@ -54,11 +55,16 @@ def execute_job(
     unless the spec's `benchmark.threads` says otherwise. `extra_time_s` bounds the rounds the
     measurement adds while a speed-up's interval is wide (None: the meter's default).
 
-    Returns {"artifact_path": str, "report": dict} (the report without the job's storage ids and
-    without the headline, which the service words).
+    With "onnx" in the spec's `output_formats`, the result is also exported to ONNX here, in the
+    sandboxed child, and validated in ONNX Runtime (`build_onnx_artifact`); the report's `onnx`
+    describes the file or says why there is none.
+
+    Returns {"artifact_path": str, "onnx_path": str | None, "report": dict} (the report without the
+    job's storage ids and without the headline, which the service words).
     """
     job_files = JobFiles(**files)
     steps = [parse_step(step) for step in spec.get("steps", [])]
+    export = ExportConfig.from_spec(spec)
     benchmark_spec = spec.get("benchmark", {})
     compute = _pick_device(benchmark_spec.get("device", "cpu"), device)
     cpu = cpu or cpu_share(1).describe()
@@ -94,6 +100,7 @@ def execute_job(
     models = {"baseline": teacher}
     paths = {"baseline": Path(job_files.model)}
     stages = []
+    details = []
     current = load_model(job_files.model, compute)
     for index, step in enumerate(steps):
         share = STEPS_SHARE / max(len(steps), 1)
@@ -119,9 +126,10 @@ def execute_job(
         paths[name] = out / f"{name}.pt"
         save_model(current, paths[name])
         models[name] = current
-        details = {**output.details, "seconds": round(time.perf_counter() - started, 3)}
+        details.append(output.details)
         params = {k: v for k, v in step.as_step().items() if k != "op"}
-        stages.append({"op": step.op, "params": params, "details": details})
+        stage_details = {**output.details, "seconds": round(time.perf_counter() - started, 3)}
+        stages.append({"op": step.op, "params": params, "details": stage_details})
 
     result_name = f"stage{len(steps)}" if steps else "baseline"
 
@@ -162,7 +170,17 @@ def execute_job(
         ),
         "notes": _notes(stages) + measurement.notes,
     }
-    return {"artifact_path": str(paths[result_name]), "report": report}
+    onnx_path = None
+    if export.onnx:
+        emit({"stage": "export", "step_index": None, "percent": 99.0, "message": "exporting and checking ONNX"})
+        onnx_file = out / "model.onnx"
+        report["onnx"] = build_onnx_artifact(
+            list(models.values()), steps, details, evaluation, calibration, onnx_file, cpu["threads"]
+        )
+        onnx_path = str(onnx_file) if "missing" not in report["onnx"] else None
+        if onnx_path is None:
+            report["notes"].append(f"no ONNX file: {report['onnx']['missing']}")
+    return {"artifact_path": str(paths[result_name]), "onnx_path": onnx_path, "report": report}
 
 
 def _pin_threads(threads: int) -> None:
