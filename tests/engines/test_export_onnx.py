@@ -180,3 +180,26 @@ def test_steps_after_the_int8_step_that_change_it_leave_onnx_missing(tmp_path):
     section = build_onnx_artifact([model, model, model], steps, [{"layers": []}, {}], _data("vectors"), None, path)
 
     assert "distill" in section["missing"] and not path.exists()
+
+
+def test_layers_kept_float_for_fidelity_keep_int8_weights_dequantized_to_float(tmp_path):
+    from worker.engines.export.onnx_artifact import _gemm_as_matmul, _weights_as_int8, export_onnx
+
+    model, _ = zoo.round_trip(zoo.trace(zoo.TransformerMLP(), torch.rand(2, 64)))
+    data = _data("vectors")
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_gemm_as_matmul(onnx.load_from_string(export_onnx(model, data.take(2)))), str(path))
+    matmuls = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
+    before = path.stat().st_size
+
+    rewritten = _weights_as_int8(path, set(matmuls))
+
+    assert rewritten == sorted(matmuls)
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node].count("DequantizeLinear") == len(matmuls)
+    assert all(init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2 for init in graph.initializer)
+    assert path.stat().st_size < 0.4 * before
+    with torch.inference_mode():
+        expected = model(*data.inputs)
+    # float arithmetic on rounded weights only: far closer than int8 activations would be
+    assert fidelity(expected, run_session(ort_session(path), data.inputs)[0])["cosine_min"] > 0.9999
