@@ -133,6 +133,23 @@ def execute_job(
 
     result_name = f"stage{len(steps)}" if steps else "baseline"
 
+    # Before measuring, so that the ONNX file exists while the models are timed.
+    onnx_section, onnx_path = None, None
+    if export.onnx:
+        emit(
+            {
+                "stage": "export",
+                "step_index": None,
+                "percent": STEPS_SHARE + 1,
+                "message": "exporting and checking ONNX",
+            }
+        )
+        onnx_file = out / "model.onnx"
+        onnx_section = build_onnx_artifact(
+            list(models.values()), steps, details, evaluation, calibration, onnx_file, cpu["threads"]
+        )
+        onnx_path = None if "missing" in onnx_section else str(onnx_file)
+
     def measure_progress(fraction: float, message: str) -> None:
         emit(
             {
@@ -170,16 +187,10 @@ def execute_job(
         ),
         "notes": _notes(stages) + measurement.notes,
     }
-    onnx_path = None
-    if export.onnx:
-        emit({"stage": "export", "step_index": None, "percent": 99.0, "message": "exporting and checking ONNX"})
-        onnx_file = out / "model.onnx"
-        report["onnx"] = build_onnx_artifact(
-            list(models.values()), steps, details, evaluation, calibration, onnx_file, cpu["threads"]
-        )
-        onnx_path = str(onnx_file) if "missing" not in report["onnx"] else None
+    if onnx_section is not None:
+        report["onnx"] = onnx_section
         if onnx_path is None:
-            report["notes"].append(f"no ONNX file: {report['onnx']['missing']}")
+            report["notes"].append(f"no ONNX file: {onnx_section['missing']}")
     return {"artifact_path": str(paths[result_name]), "onnx_path": onnx_path, "report": report}
 
 

@@ -203,3 +203,17 @@ def test_layers_kept_float_for_fidelity_keep_int8_weights_dequantized_to_float(t
         expected = model(*data.inputs)
     # float arithmetic on rounded weights only: far closer than int8 activations would be
     assert fidelity(expected, run_session(ort_session(path), data.inputs)[0])["cosine_min"] > 0.9999
+
+
+def test_an_fp16_artifact_exports_in_half_precision(tmp_path):
+    eager, data, _ = _digits_model(zoo.SequentialCNN)
+    model, _ = zoo.round_trip(zoo.trace(eager, torch.rand(2, 1, 32, 32)))
+
+    _, _, section, path = _export(tmp_path, model, data, [{"op": "quantize", "scheme": "fp16"}])
+
+    assert section["precision"] == "float16" and section["quantization"] is None
+    assert (
+        section["fidelity"]["score"] >= FLOAT_AGREEMENT
+        and section["fidelity"]["reference"] == "the TorchScript artifact"
+    )
+    assert path.stat().st_size < 0.6 * len(_float_bytes(model, data))

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from app.client import CompactorClient
 from tests import zoo
 from tests.service.conftest import digits_arrays, traced_cnn, upload_dataset, upload_model, wait_job
 
@@ -22,7 +23,7 @@ def _job(api, **spec) -> dict:
     return wait_job(api, response.json()["id"], timeout=300)
 
 
-def test_a_job_makes_both_formats_and_the_onnx_file_runs_in_onnx_runtime(api):
+def test_a_job_makes_both_formats_and_the_onnx_file_runs_in_onnx_runtime(api, tmp_path):
     model = upload_model(api, traced_cnn())
     data = upload_dataset(api, **digits_arrays(128))
 
@@ -45,6 +46,10 @@ def test_a_job_makes_both_formats_and_the_onnx_file_runs_in_onnx_runtime(api):
     assert digest == section["sha256"] == done["onnx_artifact"]["sha256"]
     assert onnx_file.headers["etag"] == f'"{digest}"' and len(onnx_file.content) == section["size_bytes"]
     assert onnx_file.headers["content-disposition"].endswith('.onnx"')
+    # what `compactor jobs download --format onnx` does: the bytes checked against onnx_artifact.sha256
+    with CompactorClient(str(api.base_url)) as client:
+        assert client.download_artifact(done["id"], tmp_path / "model.onnx", "onnx") == digest
+    assert (tmp_path / "model.onnx").read_bytes() == onnx_file.content
 
     torchscript = api.get(f"/v1/jobs/{done['id']}/artifact")
     assert hashlib.sha256(torchscript.content).hexdigest() == done["artifact"]["sha256"] != digest

@@ -37,7 +37,8 @@ INT8_METHODS = {"dynamic_int8": "dynamic", "static_int8": "static"}
 # steps that may follow an int8 quantize step without changing what the ONNX file must compute
 LOSSLESS_OPS = ("compile",)
 # ONNX ops the dynamic quantizer converts; Gemm is rewritten to MatMul + Add first (the exporter
-# writes a Linear on 2-D inputs as Gemm, which quantize_dynamic leaves in float). No Conv: like
+# writes a Linear on 2-D inputs as Gemm, which quantize_dynamic leaves in float; the static one
+# quantizes Gemm itself). No Conv: like
 # torch's dynamic_int8, dynamic quantization is for Linear-heavy models (ConvInteger is slow).
 DYNAMIC_OPS = ["MatMul", "Gather", "LSTM", "GRU", "Attention"]
 CALIBRATION_SAMPLES = 256
@@ -198,12 +199,13 @@ def _build(
             )
         return {
             **section,
-            "precision": "float32" if _is_float32(float_model) else "as exported",
+            "precision": _precision(float_model),
             "quantization": None,
             "fidelity": {**agreement, "metric": metric, "score": score, "reference": "the TorchScript artifact"},
         }
 
-    float_model = _gemm_as_matmul(float_model)
+    if plan.method == "dynamic":
+        float_model = _gemm_as_matmul(float_model)
     float_path = _float_path(path)
     _save(float_model, float_path)
     nodes = _nodes_by_module(plan.source, float_model)
@@ -554,10 +556,13 @@ def _signature(values) -> list[dict]:
     ]
 
 
-def _is_float32(model) -> bool:
+def _precision(model) -> str:
+    """The precision of the weights of an exported graph: float16 (an fp16 artifact), else float32."""
     from onnx import TensorProto
 
-    return all(init.data_type != TensorProto.FLOAT16 for init in model.graph.initializer)
+    if any(init.data_type == TensorProto.FLOAT16 for init in model.graph.initializer):
+        return "float16"
+    return "float32"
 
 
 def _save(model, path: Path) -> None:
