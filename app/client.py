@@ -156,19 +156,22 @@ class CompactorClient:
     def get_report_html(self, job_id: str) -> str:
         return self._send("GET", f"/v1/jobs/{job_id}/report.html").text
 
-    def download_artifact(self, job_id: str, dest: Path) -> str:
-        """Stream a job's artifact to `dest` and return its sha256.
+    def download_artifact(self, job_id: str, dest: Path, artifact_format: str = "torchscript") -> str:
+        """Stream a job's artifact (`torchscript`, or `onnx`) to `dest` and return its sha256.
 
-        The bytes must hash to both the job's `artifact.sha256` and the response's ETag; otherwise
-        `DownloadMismatch` is raised and `dest` is left untouched.
+        The bytes must hash to both the job's `artifact.sha256` (`onnx_artifact.sha256`) and the
+        response's ETag; otherwise `DownloadMismatch` is raised and `dest` is left untouched.
         """
-        expected = (self.get_job(job_id).get("artifact") or {}).get("sha256")
+        field = "onnx_artifact" if artifact_format == "onnx" else "artifact"
+        expected = (self.get_job(job_id).get(field) or {}).get("sha256")
         partial = dest.with_name(dest.name + ".part")
         digest = hashlib.sha256()
         try:
             # A service on an object store may answer 307 to a presigned URL; the ETag that names
             # the sha256 is the service's, not the store's.
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifact", follow_redirects=True) as response:
+            with self._http.stream(
+                "GET", f"/v1/jobs/{job_id}/artifact", params={"format": artifact_format}, follow_redirects=True
+            ) as response:
                 if response.is_error:
                     response.read()
                     raise _problem(response)
@@ -185,7 +188,7 @@ class CompactorClient:
             partial.unlink(missing_ok=True)
             raise
         actual = digest.hexdigest()
-        for source, announced in (("the job's artifact.sha256", expected), ("the ETag", etag)):
+        for source, announced in ((f"the job's {field}.sha256", expected), ("the ETag", etag)):
             if announced != actual:
                 partial.unlink(missing_ok=True)
                 raise DownloadMismatch(f"downloaded bytes hash to {actual}, {source} says {announced or 'nothing'}")

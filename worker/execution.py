@@ -25,7 +25,7 @@ from app.models.job import JobStatus, job_progress
 from app.reports.html import headline
 from app.services import blobs, lifecycle, webhooks
 from app.settings import Settings, get_settings
-from app.storage import BlobCorrupted, get_blob_store
+from app.storage import BlobCorrupted, StoredBlob, get_blob_store
 from worker.cpu_share import cpu_share
 from worker.errors import internal_error_message
 from worker.isolation import IsolatedFailure, current_sandbox, job_limits, run_isolated
@@ -205,16 +205,19 @@ def _run_claimed(job_id: str) -> str:
         stored = store.put_file(artifact)
         report = {"job_id": job_id, **outcome["report"]}
         report["result"]["size_bytes"] = stored.size
+        onnx = _stored_onnx(job, outcome, store, report)
         report["environment"]["sandbox"] = job.sandbox.describe()
         if not job.sandboxed:
             report["notes"] = [*report.get("notes", []), "the uploaded model ran unsandboxed (COMPACTOR_SANDBOX=off)"]
         report["summary"]["headline"] = headline(report)  # worded here: the child imports only the engines
         with unit_of_work() as session:
-            if lifecycle.succeed(session, job_id, stored.sha256, stored.size, report):
+            if lifecycle.succeed(session, job_id, stored.sha256, stored.size, report, onnx):
                 return JobStatus.SUCCEEDED
-        # Canceled (or failed) meanwhile: the artifact no one will download goes at once.
+        # Canceled (or failed) meanwhile: the artifacts no one will download go at once.
         with read_only_session() as session:
             blobs.release(session, store, stored)
+            if onnx is not None:
+                blobs.release(session, store, onnx)
             return lifecycle.status_of(session, job_id) or "missing"
     finally:
         job.remove()
@@ -235,6 +238,21 @@ def _checked_artifact(job: JobDir, outcome) -> Path:
             "artifact_invalid", f"the job's artifact is not a TorchScript archive: {exc.detail}"
         ) from None
     return path
+
+
+def _stored_onnx(job: JobDir, outcome: dict, store, report: dict) -> StoredBlob | None:
+    """The ONNX file the child names, stored as bytes (hashed, never parsed or run here: it is
+    made from the uploaded model); its sha256 and size go into the report's `onnx`."""
+    if not outcome.get("onnx_path"):
+        return None
+    try:
+        path = job.output_file(outcome["onnx_path"])
+    except (OutputRejected, OSError) as exc:
+        raise IsolatedFailure("artifact_invalid", f"the job's ONNX file was refused: {exc}") from None
+    stored = store.put_file(path)
+    section = report.get("onnx") if isinstance(report.get("onnx"), dict) else {}
+    report["onnx"] = {**section, "sha256": stored.sha256, "size_bytes": stored.size}
+    return stored
 
 
 def _progress(job_id: str, message: dict) -> bool:

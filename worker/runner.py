@@ -18,6 +18,7 @@ import torch
 from worker.cpu_share import cpu_share
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError, model_text
+from worker.engines.export import ExportConfig, OnnxUnavailable, build_onnx_artifact, export_onnx
 from worker.engines.exported import is_exported_archive
 from worker.engines.measure import BenchmarkConfig, measure_models
 from worker.engines.measure.quality import fidelity_score, output_leaves
@@ -57,11 +58,16 @@ def execute_job(
     unless the spec's `benchmark.threads` says otherwise. `extra_time_s` bounds the rounds the
     measurement adds while a speed-up's interval is wide (None: the meter's default).
 
-    Returns {"artifact_path": str, "report": dict} (the report without the job's storage ids and
-    without the headline, which the service words).
+    With "onnx" in the spec's `output_formats`, the result is also exported to ONNX here, in the
+    sandboxed child, and validated in ONNX Runtime (`build_onnx_artifact`); the report's `onnx`
+    describes the file or says why there is none.
+
+    Returns {"artifact_path": str, "onnx_path": str | None, "report": dict} (the report without the
+    job's storage ids and without the headline, which the service words).
     """
     job_files = JobFiles(**files)
     steps = [parse_step(step) for step in spec.get("steps", [])]
+    export = ExportConfig.from_spec(spec)
     benchmark_spec = spec.get("benchmark", {})
     compute = _pick_device(benchmark_spec.get("device", "cpu"), device)
     cpu = cpu or cpu_share(1).describe()
@@ -97,6 +103,7 @@ def execute_job(
     models = {"baseline": teacher}
     paths = {"baseline": _baseline_file(teacher, Path(job_files.model), out)}
     stages = []
+    details = []
     current = load_model(paths["baseline"], compute)
     for index, step in enumerate(steps):
         share = STEPS_SHARE / max(len(steps), 1)
@@ -122,12 +129,35 @@ def execute_job(
         paths[name] = out / f"{name}.pt"
         save_model(current, paths[name])
         models[name] = current
-        details = {**output.details, "seconds": round(time.perf_counter() - started, 3)}
+        details.append(output.details)
         params = {k: v for k, v in step.as_step().items() if k != "op"}
-        stages.append({"op": step.op, "params": params, "details": details})
+        stage_details = {**output.details, "seconds": round(time.perf_counter() - started, 3)}
+        stages.append({"op": step.op, "params": params, "details": stage_details})
 
     result_name = f"stage{len(steps)}" if steps else "baseline"
     lossless, floor_notes = _lossless_models(steps, teacher, ctx, models, paths, out)
+
+    # Before measuring, so that the ONNX file exists while the models are timed. The onnxruntime
+    # serving mode times the result's ONNX file (offered only when output_formats asks for it) and
+    # the baseline's float export.
+    onnx_section, onnx_path = None, None
+    timed_on_ort = "onnxruntime" in benchmark.serving
+    if export.onnx or timed_on_ort:
+        emit(
+            {
+                "stage": "export",
+                "step_index": None,
+                "percent": STEPS_SHARE + 1,
+                "message": "exporting and checking ONNX",
+            }
+        )
+        onnx_file = out / "model.onnx"
+        pipeline = [models["baseline"], *(models[f"stage{index + 1}"] for index in range(len(steps)))]
+        onnx_section = build_onnx_artifact(pipeline, steps, details, evaluation, calibration, onnx_file, cpu["threads"])
+        onnx_path = None if "missing" in onnx_section else str(onnx_file)
+    onnx_files = {result_name: Path(onnx_path)} if onnx_path else {}
+    if timed_on_ort and steps:
+        onnx_files.update(_baseline_onnx(teacher, evaluation, out))
 
     def measure_progress(fraction: float, message: str) -> None:
         emit(
@@ -147,6 +177,7 @@ def execute_job(
         data=evaluation,
         config=benchmark,
         progress=measure_progress,
+        onnx_files=onnx_files,
         lossless=lossless,
     )
     for index, stage in enumerate(stages):
@@ -180,7 +211,25 @@ def execute_job(
             "metrics": measurement.metrics[BASELINE_COMPILED],
             "speedup": measurement.speedup.get(BASELINE_COMPILED, {}),
         }
-    return {"artifact_path": str(paths[result_name]), "report": report}
+    if onnx_section is not None and onnx_path is None:
+        report["notes"].append(f"no ONNX file: {onnx_section['missing']}")
+    if export.onnx:
+        report["onnx"] = onnx_section
+    else:
+        onnx_path = None  # made for the onnxruntime serving mode only: timed, not offered
+    return {"artifact_path": str(paths[result_name]), "onnx_path": onnx_path, "report": report}
+
+
+def _baseline_onnx(teacher: torch.jit.ScriptModule, evaluation: ModelData, out: Path) -> dict[str, Path]:
+    """The baseline's float ONNX file for the onnxruntime serving mode, when it exports (else the
+    mode reports the baseline as not run, with its reason)."""
+    try:
+        data = export_onnx(teacher, evaluation.take(2))
+    except OnnxUnavailable:
+        return {}
+    path = out / "baseline.onnx"
+    path.write_bytes(data)
+    return {"baseline": path}
 
 
 def _baseline_file(teacher: torch.jit.ScriptModule, upload: Path, out: Path) -> Path:

@@ -185,6 +185,11 @@ class Report(_Open):
     stages: list[Stage]
     summary: Summary
     notes: list[str] = []
+    onnx: dict[str, Any] | None = Field(
+        None,
+        description="The ONNX artifact when the spec asked for one: sha256, size_bytes, precision, inputs, "
+        "outputs, quantization, fidelity (against the TorchScript artifact); or `missing`, the reason there is none.",
+    )
 
 
 class JobComparison(_Open):

@@ -1,6 +1,6 @@
 """Blob lifetime: which blobs the database still references, and deleting those it does not.
 
-A blob is referenced by a live uploaded model or dataset, or by a job's artifact. A writer stores
+A blob is referenced by a live uploaded model or dataset, or by a job's artifacts (TorchScript, ONNX). A writer stores
 its blob first and commits the row that references it after, so an unreferenced blob may be one
 whose row is about to commit. Deletion therefore spares every blob written within the grace period
 (`blob_grace_s`), looks at the references again just before it deletes, and deletes only a blob
@@ -25,6 +25,7 @@ def _references():
         (UploadedModel.sha256, UploadedModel.deleted_at.is_(None)),
         (Dataset.sha256, Dataset.deleted_at.is_(None)),
         (CompressionJob.artifact_sha256, CompressionJob.artifact_sha256.is_not(None)),
+        (CompressionJob.onnx_sha256, CompressionJob.onnx_sha256.is_not(None)),
     )
 
 

@@ -64,9 +64,9 @@ def _staged(store: BlobStore) -> list:
 
 
 def test_collection_keeps_every_referenced_blob_and_deletes_old_orphans(session, store, tmp_path):
-    model, dataset, artifact, deleted, old_orphan = (
+    model, dataset, artifact, onnx_artifact, deleted, old_orphan = (
         _put(store, tmp_path, name.encode(), age_ns=2 * DAY_NS)
-        for name in ("model", "dataset", "artifact", "deleted", "orphan")
+        for name in ("model", "dataset", "artifact", "onnx artifact", "deleted", "orphan")
     )
     fresh_orphan = _put(store, tmp_path, b"written a moment ago, its row not yet committed")
     stranger_kept = _plant_stranger(store)
@@ -87,6 +87,8 @@ def test_collection_keeps_every_referenced_blob_and_deletes_old_orphans(session,
             status=JobStatus.SUCCEEDED,
             artifact_sha256=artifact.sha256,
             artifact_size_bytes=8,
+            onnx_sha256=onnx_artifact.sha256,
+            onnx_size_bytes=13,
         )
     )
     session.flush()
@@ -98,6 +100,7 @@ def test_collection_keeps_every_referenced_blob_and_deletes_old_orphans(session,
         model.sha256,
         dataset.sha256,
         artifact.sha256,
+        onnx_artifact.sha256,
         fresh_orphan.sha256,
     }
     assert stranger_kept() and _staged(store) == []
