@@ -10,7 +10,7 @@ import platform
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,8 @@ class JobFiles:
     evaluation: str | None
     students: dict[str, str]
     output_dir: str
+    # Stored outputs of the first steps, reused instead of run: [{"path", "stage", "job_id"}].
+    stored_steps: list[dict] = field(default_factory=list)
 
 
 def execute_job(
@@ -53,6 +55,12 @@ def execute_job(
     with its `threads` intra-op threads and one inter-op thread, and so does the measurement
     unless the spec's `benchmark.threads` says otherwise. `extra_time_s` bounds the rounds the
     measurement adds while a speed-up's interval is wide (None: the meter's default).
+
+    The first `len(files["stored_steps"])` steps are not run: their stored outputs are loaded and
+    their report entries kept (with `reused_from`). After each step that does run, its output is
+    saved and `emit({"checkpoint": {"step_index", "path", "stage"}})` offers it for storing, so a
+    later attempt can start after it. Each step is seeded with the spec's seed, so a step run after
+    reused ones computes what it would have in one uninterrupted run.
 
     Returns {"artifact_path": str, "report": dict} (the report without the job's storage ids and
     without the headline, which the service words).
@@ -110,18 +118,27 @@ def execute_job(
             )
 
         ctx.progress = progress
+        name = f"stage{index + 1}"
+        if index < len(job_files.stored_steps):
+            stored = job_files.stored_steps[index]
+            paths[name] = Path(stored["path"])
+            current = models[name] = load_model(stored["path"], compute).eval()
+            stages.append({**stored["stage"], "reused_from": stored["job_id"]})
+            progress(1.0, f"step {index + 1}/{len(steps)}: {step.op}: its stored output reused")
+            continue
         progress(0.0, f"step {index + 1}/{len(steps)}: {step.op}")
+        torch.manual_seed(seed)
         started = time.perf_counter()
         output = run_step(current, step, ctx)
         current = output.model.eval()
         _check_interface(reference_outputs, _run(current, example, compute), step.op)
-        name = f"stage{index + 1}"
         paths[name] = out / f"{name}.pt"
         save_model(current, paths[name])
         models[name] = current
         details = {**output.details, "seconds": round(time.perf_counter() - started, 3)}
         params = {k: v for k, v in step.as_step().items() if k != "op"}
         stages.append({"op": step.op, "params": params, "details": details})
+        emit({"checkpoint": {"step_index": index, "path": str(paths[name]), "stage": stages[-1]}})
 
     result_name = f"stage{len(steps)}" if steps else "baseline"
 

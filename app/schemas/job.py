@@ -199,6 +199,12 @@ class JobSpec(_Strict):
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     target: TargetSpec | None = None
     seed: int = 0
+    reuse_checkpoints: bool = Field(
+        True,
+        description="Start after the longest prefix of these steps whose outputs are stored (a retried "
+        "attempt's completed steps, or an earlier job's with the same model, data, seed and steps); "
+        "false: run every step afresh.",
+    )
     callback_url: str | None = Field(
         None,
         max_length=2048,
