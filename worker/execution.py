@@ -205,6 +205,7 @@ def _run_claimed(job_id: str) -> str:
                 "device": settings.worker_device,
                 "cpu": cpu_share(job_slots, settings.worker_threads).describe(),
                 "extra_time_s": settings.measure_extra_time_s,
+                "fresh_process": True,
             },
             job_limits(settings.job_time_limit_s),
             on_progress,

@@ -19,6 +19,7 @@ from worker.cpu_share import cpu_share
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError, model_text
 from worker.engines.measure import BenchmarkConfig, measure_models
+from worker.engines.measure.memory import CleanFork
 from worker.engines.measure.quality import fidelity_score, output_leaves
 from worker.engines.modules import load_model, save_model
 from worker.engines.pipeline import PipelineContext, parse_step, run_step
@@ -46,6 +47,7 @@ def execute_job(
     device: str = "auto",
     cpu: dict | None = None,
     extra_time_s: float | None = None,
+    fresh_process: bool = False,
 ) -> dict:
     """Run a job's steps in order, measure baseline, every stage and the result side by side.
 
@@ -62,9 +64,24 @@ def execute_job(
     later attempt can start after it. Each step is seeded with the spec's seed, so a step run after
     reused ones computes what it would have in one uninterrupted run.
 
+    `fresh_process`: this process has loaded no model and runs no threads yet (the job's sandboxed
+    child), so a copy of it taken now (`CleanFork`) can fork the peak-memory probes, instead of a
+    fresh interpreter importing torch for each model measured.
+
     Returns {"artifact_path": str, "report": dict} (the report without the job's storage ids and
     without the headline, which the service words).
     """
+    clean = CleanFork() if fresh_process else None
+    try:
+        return _execute_job(emit, spec, files, device, cpu, extra_time_s, clean)
+    finally:
+        if clean is not None:
+            clean.close()
+
+
+def _execute_job(
+    emit: Emit, spec: dict, files: dict, device: str, cpu: dict | None, extra_time_s: float | None, clean
+) -> dict:
     job_files = JobFiles(**files)
     steps = [parse_step(step) for step in spec.get("steps", [])]
     benchmark_spec = spec.get("benchmark", {})
@@ -154,7 +171,13 @@ def execute_job(
 
     measure_progress(0.0, "measuring baseline and result side by side")
     measurement = measure_models(
-        models=models, files=paths, reference="baseline", data=evaluation, config=benchmark, progress=measure_progress
+        models=models,
+        files=paths,
+        reference="baseline",
+        data=evaluation,
+        config=benchmark,
+        progress=measure_progress,
+        clean=clean,
     )
     for index, stage in enumerate(stages):
         name = f"stage{index + 1}"

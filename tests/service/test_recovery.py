@@ -303,6 +303,8 @@ def test_a_job_killed_in_its_second_step_resumes_after_the_first_and_other_jobs_
             assert [s["reused_from"] for s in report["stages"]] == [job_id, None]
             assert report["stages"][0]["details"]["seconds"] > 0 and "metrics" in report["stages"][0]
             assert any("resumed after step 1 of 2" in note for note in report["notes"]), report["notes"]
+            # Measured inside the sandbox by probes forked from the job's clean copy.
+            assert all(report[m]["peak_memory_bytes"] for m in ("baseline", "result")), report["notes"]
             artifact = _load_artifact(acme, job_id, tmp_path)
             weight = dict(artifact.named_parameters())["linear.weight"]
             assert (weight == 0).float().mean().item() >= 0.6  # both prunes are in what was stored

@@ -29,7 +29,7 @@ from worker.engines.measure.latency import (
     time_interleaved,
 )
 from worker.engines.measure.macs import MacCount, count_macs
-from worker.engines.measure.memory import cpu_peak_memory, cuda_peak_memory
+from worker.engines.measure.memory import CleanFork, cpu_peak_memory, cuda_peak_memory
 from worker.engines.measure.quality import FidelityAccumulator, count_correct
 from worker.engines.measure.size import file_size, weight_stats
 
@@ -62,6 +62,7 @@ def measure_models(
     config: BenchmarkConfig | None = None,
     latency_for: Iterable[str] | None = None,
     progress: ProgressFn = lambda fraction, message: None,
+    clean: CleanFork | None = None,
 ) -> Measurement:
     """Measure size, work, quality, latency and memory of several models side by side.
 
@@ -77,6 +78,8 @@ def measure_models(
         latency_for: names to time and probe for memory; the others get size and quality only
             (latency `{}`, peak memory None). None: all.
         progress: `progress(fraction, message)`.
+        clean: a copy of the caller's process from before it loaded any model, to fork the CPU
+            memory probes from (None: each probe is a fresh interpreter).
 
     Returns:
         A `Measurement` (metrics, speed-ups with spread, environment, notes).
@@ -109,7 +112,7 @@ def measure_models(
         for name in models:
             metrics[name].update(quality[name])
         progress(0.25, "measured accuracy and fidelity")
-        peaks = _peak_memory(models, files, timed, data, config, device, notes)
+        peaks = _peak_memory(models, files, timed, data, config, device, notes, clean)
         for name in models:
             metrics[name]["peak_memory_bytes"] = peaks.get(name)
         progress(0.35, "measured peak memory")
@@ -222,6 +225,7 @@ def _peak_memory(
     config: BenchmarkConfig,
     device: torch.device,
     notes: list[str],
+    clean: CleanFork | None,
 ) -> dict[str, int | None]:
     """Peak memory at the largest batch size, for the timed models."""
     if not config.measure_memory or not timed:
@@ -230,7 +234,7 @@ def _peak_memory(
     if device.type == "cuda":
         return {name: cuda_peak_memory(models[name], inputs, device) for name in timed}
     probed = {name: files[name] for name in timed if name in files}
-    peaks = cpu_peak_memory(probed, inputs, torch.get_num_threads())
+    peaks = cpu_peak_memory(probed, inputs, torch.get_num_threads(), clean)
     failed = sorted(name for name in timed if peaks.get(name) is None)
     if failed:
         notes.append(
