@@ -318,6 +318,13 @@ def test_a_job_killed_in_its_second_step_resumes_after_the_first_and_other_jobs_
             assert [s["reused_from"] for s in shared_report["stages"]] == [job_id, None]
             assert any(f"stored outputs of job {job_id}" in n for n in shared_report["notes"])
 
+            # The same job again (a replayed trial): no step runs, the stored last step is the artifact.
+            replay = wait_job(acme, _pipeline(acme, model, TWO_PRUNES))
+            assert replay["status"] == "succeeded" and _steps_run(service, replay["id"]) == [], replay
+            replay_report = acme.get(f"/v1/jobs/{replay['id']}/report").json()
+            assert [s["reused_from"] for s in replay_report["stages"]] == [job_id, job_id]
+            assert replay["artifact"]["sha256"] == job["artifact"]["sha256"]
+
             # Asked not to: every step runs.
             fresh = wait_job(acme, _pipeline(acme, model, TWO_PRUNES, reuse_checkpoints=False))
             assert fresh["status"] == "succeeded" and _steps_run(service, fresh["id"]) == [1, 2]
