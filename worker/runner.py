@@ -10,7 +10,7 @@ import platform
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from worker.engines.errors import EngineError, model_text
 from worker.engines.export import ExportConfig, OnnxUnavailable, build_onnx_artifact, export_onnx
 from worker.engines.exported import is_exported_archive
 from worker.engines.measure import BenchmarkConfig, measure_models
+from worker.engines.measure.memory import CleanFork
 from worker.engines.measure.quality import fidelity_score, output_leaves
 from worker.engines.modules import load_model, save_model
 from worker.engines.pipeline import PipelineContext, parse_step, run_step
@@ -39,6 +40,8 @@ class JobFiles:
     evaluation: str | None
     students: dict[str, str]
     output_dir: str
+    # Stored outputs of the first steps, reused instead of run: [{"path", "stage", "job_id"}].
+    stored_steps: list[dict] = field(default_factory=list)
 
 
 def execute_job(
@@ -48,6 +51,7 @@ def execute_job(
     device: str = "auto",
     cpu: dict | None = None,
     extra_time_s: float | None = None,
+    fresh_process: bool = False,
 ) -> dict:
     """Run a job's steps in order, measure baseline, every stage and the result side by side.
 
@@ -62,9 +66,30 @@ def execute_job(
     sandboxed child, and validated in ONNX Runtime (`build_onnx_artifact`); the report's `onnx`
     describes the file or says why there is none.
 
+    The first `len(files["stored_steps"])` steps are not run: their stored outputs are loaded and
+    their report entries kept (with `reused_from`). After each step that does run, its output is
+    saved and `emit({"checkpoint": {"step_index", "path", "stage"}})` offers it for storing, so a
+    later attempt can start after it. Each step is seeded with the spec's seed, so a step run after
+    reused ones computes what it would have in one uninterrupted run.
+
+    `fresh_process`: this process has loaded no model and runs no threads yet (the job's sandboxed
+    child), so a copy of it taken now (`CleanFork`) can fork the peak-memory probes, instead of a
+    fresh interpreter importing torch for each model measured.
+
     Returns {"artifact_path": str, "onnx_path": str | None, "report": dict} (the report without the
     job's storage ids and without the headline, which the service words).
     """
+    clean = CleanFork() if fresh_process else None
+    try:
+        return _execute_job(emit, spec, files, device, cpu, extra_time_s, clean)
+    finally:
+        if clean is not None:
+            clean.close()
+
+
+def _execute_job(
+    emit: Emit, spec: dict, files: dict, device: str, cpu: dict | None, extra_time_s: float | None, clean
+) -> dict:
     job_files = JobFiles(**files)
     steps = [parse_step(step) for step in spec.get("steps", [])]
     export = ExportConfig.from_spec(spec)
@@ -103,7 +128,6 @@ def execute_job(
     models = {"baseline": teacher}
     paths = {"baseline": _baseline_file(teacher, Path(job_files.model), out)}
     stages = []
-    details = []
     current = load_model(paths["baseline"], compute)
     for index, step in enumerate(steps):
         share = STEPS_SHARE / max(len(steps), 1)
@@ -120,19 +144,27 @@ def execute_job(
             )
 
         ctx.progress = progress
+        name = f"stage{index + 1}"
+        if index < len(job_files.stored_steps):
+            stored = job_files.stored_steps[index]
+            paths[name] = Path(stored["path"])
+            current = models[name] = load_model(stored["path"], compute).eval()
+            stages.append({**stored["stage"], "reused_from": stored["job_id"]})
+            progress(1.0, f"step {index + 1}/{len(steps)}: {step.op}: its stored output reused")
+            continue
         progress(0.0, f"step {index + 1}/{len(steps)}: {step.op}")
+        torch.manual_seed(seed)
         started = time.perf_counter()
         output = run_step(current, step, ctx)
         current = output.model.eval()
         _check_interface(reference_outputs, _run(current, example, compute), step.op)
-        name = f"stage{index + 1}"
         paths[name] = out / f"{name}.pt"
         save_model(current, paths[name])
         models[name] = current
-        details.append(output.details)
         params = {k: v for k, v in step.as_step().items() if k != "op"}
         stage_details = {**output.details, "seconds": round(time.perf_counter() - started, 3)}
         stages.append({"op": step.op, "params": params, "details": stage_details})
+        emit({"checkpoint": {"step_index": index, "path": str(paths[name]), "stage": stages[-1]}})
 
     result_name = f"stage{len(steps)}" if steps else "baseline"
     lossless, floor_notes = _lossless_models(steps, teacher, ctx, models, paths, out)
@@ -153,7 +185,9 @@ def execute_job(
         )
         onnx_file = out / "model.onnx"
         pipeline = [models["baseline"], *(models[f"stage{index + 1}"] for index in range(len(steps)))]
-        onnx_section = build_onnx_artifact(pipeline, steps, details, evaluation, calibration, onnx_file, cpu["threads"])
+        onnx_section = build_onnx_artifact(
+            pipeline, steps, [stage["details"] for stage in stages], evaluation, calibration, onnx_file, cpu["threads"]
+        )
         onnx_path = None if "missing" in onnx_section else str(onnx_file)
     onnx_files = {result_name: Path(onnx_path)} if onnx_path else {}
     if timed_on_ort and steps:
@@ -179,6 +213,7 @@ def execute_job(
         progress=measure_progress,
         onnx_files=onnx_files,
         lossless=lossless,
+        clean=clean,
     )
     for index, stage in enumerate(stages):
         name = f"stage{index + 1}"

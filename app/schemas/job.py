@@ -230,6 +230,12 @@ class JobSpec(_Strict):
         "compressed model (int8 pipelines quantized by ONNX Runtime), checked in ONNX Runtime before it is "
         "offered; the report's `onnx` says why when there is none.",
     )
+    reuse_checkpoints: bool = Field(
+        True,
+        description="Start after the longest prefix of these steps whose outputs are stored (a retried "
+        "attempt's completed steps, or an earlier job's with the same model, data, seed and steps); "
+        "false: run every step afresh.",
+    )
     callback_url: str | None = Field(
         None,
         max_length=2048,

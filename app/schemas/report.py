@@ -126,6 +126,11 @@ class Stage(_Open):
     metrics: Metrics
     details: StageDetails
     speedup: dict[str, float] = {}
+    reused_from: str | None = Field(
+        None,
+        description="The job whose stored output of this step was reused (this job's own id: an earlier "
+        "attempt's); the step did not run again, and `details` are from when it ran.",
+    )
 
 
 class TargetCheck(_Open):

@@ -31,7 +31,7 @@ from worker.engines.measure.latency import (
     time_interleaved,
 )
 from worker.engines.measure.macs import MacCount, count_macs
-from worker.engines.measure.memory import cpu_peak_memory, cuda_peak_memory
+from worker.engines.measure.memory import CleanFork, cpu_peak_memory, cuda_peak_memory
 from worker.engines.measure.quality import FidelityAccumulator, count_correct
 from worker.engines.measure.serving import (
     SERVING_MODES,
@@ -82,6 +82,7 @@ def measure_models(
     progress: ProgressFn = lambda fraction, message: None,
     onnx_files: Mapping[str, Path] | None = None,
     lossless: Iterable[str] | None = None,
+    clean: CleanFork | None = None,
 ) -> Measurement:
     """Measure size, work, quality, latency and memory of several models side by side.
 
@@ -103,6 +104,9 @@ def measure_models(
         onnx_files: `{name: ONNX file}` of the models the `onnxruntime` mode can run.
         lossless: the models made with no loss (None: the reference alone): their modes whose
             outputs agree with their `plain` outputs within float tolerance make the floor.
+
+        clean: a copy of the caller's process from before it loaded any model, to fork the CPU
+            memory probes from (None: each probe is a fresh interpreter).
 
     Returns:
         A `Measurement` (metrics, speed-ups with spread, environment, notes, floor).
@@ -137,7 +141,7 @@ def measure_models(
         for name in models:
             metrics[name].update(quality[name])
         progress(0.25, "measured accuracy and fidelity")
-        peaks = _peak_memory(models, files, timed, data, config, device, notes)
+        peaks = _peak_memory(models, files, timed, data, config, device, notes, clean)
         for name in models:
             metrics[name]["peak_memory_bytes"] = peaks.get(name)
         progress(0.35, "measured peak memory")
@@ -258,6 +262,7 @@ def _peak_memory(
     config: BenchmarkConfig,
     device: torch.device,
     notes: list[str],
+    clean: CleanFork | None,
 ) -> dict[str, int | None]:
     """Peak memory at the largest batch size, for the timed models."""
     if not config.measure_memory or not timed:
@@ -266,7 +271,7 @@ def _peak_memory(
     if device.type == "cuda":
         return {name: cuda_peak_memory(models[name], inputs, device) for name in timed}
     probed = {name: files[name] for name in timed if name in files}
-    peaks = cpu_peak_memory(probed, inputs, torch.get_num_threads())
+    peaks = cpu_peak_memory(probed, inputs, torch.get_num_threads(), clean)
     failed = sorted(name for name in timed if peaks.get(name) is None)
     if failed:
         notes.append(
