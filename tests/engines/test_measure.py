@@ -160,7 +160,9 @@ def test_memory_probes_forked_from_a_clean_copy_agree_with_fresh_interpreters(tm
     activations = 512 * 1024 * 4  # one [512, 1024] float32 output, at least
     assert forked["broken"] is None and fresh["broken"] is None
     assert forked["mlp"] > activations and fresh["mlp"] > activations
-    assert abs(forked["mlp"] - fresh["mlp"]) < 0.1 * fresh["mlp"] + 2**20, result
+    # the same activations either way; a probe that counted the parent's torch import would be
+    # hundreds of MB off, while allocator and page-rounding differences are a few MB
+    assert abs(forked["mlp"] - fresh["mlp"]) < 0.25 * fresh["mlp"] + 2 * 2**20, result
 
 
 def test_everything_is_strict_json_and_the_environment_is_described(measured):
@@ -232,7 +234,8 @@ def test_interleaving_rotates_and_speedup_reflects_a_known_ratio():
 
     config = BenchmarkConfig(batch_sizes=[1], warmup=0, iterations=6, rounds=3)
     result = time_interleaved(
-        {1: {"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.003)}}, config, torch.device("cpu")
+        # sleeps long enough that a loaded host's wake-up delay (a millisecond or two) keeps the ratio
+        {1: {"fast": sleeper("fast", 0.01), "slow": sleeper("slow", 0.03)}}, config, torch.device("cpu")
     )
 
     timed = order[4:]  # after two warm-up calls each
