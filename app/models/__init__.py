@@ -4,6 +4,7 @@ from app.models.base import Base
 from app.models.dataset import Dataset
 from app.models.job import CompressionJob
 from app.models.model import UploadedModel
+from app.models.search import Search
 from app.models.webhook import DeliveryStatus, WebhookDelivery, WebhookSecret
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "CompressionJob",
     "Dataset",
     "DeliveryStatus",
+    "Search",
     "UploadedModel",
     "WebhookDelivery",
     "WebhookSecret",
