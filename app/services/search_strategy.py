@@ -46,9 +46,7 @@ def _distributions(space: Space) -> dict[str, CategoricalDistribution]:
 
 def _study(space: Space, finished: list[Finished], seed: int) -> optuna.Study:
     distributions = _distributions(space)
-    sampler = optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=4, multivariate=True, warn_independent_sampling=False
-    )
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     for trial in finished:
         params = {name: trial.candidate.params[name] for name in distributions}

@@ -7,6 +7,7 @@ Small on purpose (few trials, five timed iterations): the suite runs on a 2-core
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from tests import zoo
 from tests.service.conftest import upload_dataset, upload_model, wait_for, wait_job
 from tests.service.servers import Service, api_client, kill_tree, service_env
+from tests.service.test_cli import compactor
 
 pytestmark = pytest.mark.slow
 
@@ -238,7 +240,7 @@ def test_a_worker_killed_mid_search_does_not_lose_the_search(service, api, digit
     assert search["status"] == "succeeded", search
     report = api.get(f"/v1/searches/{created['id']}/report").json()
     explored = [t for t in report["trials"] if t["role"] != "verify"]
-    assert all(t["status"] == "succeeded" for t in explored), [(t["status"], t["error"]) for t in explored]
+    assert all(t["status"] in ("succeeded", "pruned") for t in explored), [(t["status"], t["error"]) for t in explored]
     assert any(api.get(f"/v1/jobs/{t['job_id']}").json()["attempts"] == 2 for t in explored)
     service.start_worker(key=victim)
 
@@ -255,3 +257,32 @@ def test_a_search_is_refused_with_problem_json_naming_the_field(api, digits_setu
     conflict = api.get(f"/v1/searches/{early.json()['id']}/artifact")
     assert conflict.status_code == 409 and conflict.json()["code"] == "search_not_succeeded"
     api.post(f"/v1/searches/{early.json()['id']}/cancel")
+
+
+def test_the_cli_creates_waits_reports_and_downloads_a_search(service, api, digits_setup, tmp_path):
+    spec_file = tmp_path / "search.json"
+    spec_file.write_text(
+        json.dumps(
+            _spec(
+                digits_setup,
+                space={"prune_amounts": [], "quantize_schemes": ["dynamic_int8"]},
+                budget={"max_trials": 2, "parallel": 2},
+            )
+        )
+    )
+    env = {**service.env, "COMPACTOR_URL": service.url}
+    created = compactor(env, "searches", "create", str(spec_file), "--wait")
+    assert created.returncode == 0, created.stderr
+    search_id = created.stdout.strip()
+    assert "trials" in created.stderr and "succeeded" in created.stderr
+    shown = compactor(env, "searches", "get", search_id)
+    assert shown.returncode == 0 and "succeeded" in shown.stdout and "pick: trial" in shown.stdout
+    table = compactor(env, "searches", "report", search_id)
+    assert table.returncode == 0 and "compile" in table.stdout and "*" in table.stdout
+    saved = compactor(env, "searches", "artifact", search_id, "-o", str(tmp_path / "pick.pt"))
+    assert saved.returncode == 0, saved.stderr
+    torch.jit.load(str(tmp_path / "pick.pt"))
+    page = compactor(env, "searches", "report", search_id, "--html", "-o", str(tmp_path / "search.html"))
+    assert page.returncode == 0 and "<svg" in (tmp_path / "search.html").read_text()
+    missing = compactor(env, "searches", "get", "nope")
+    assert missing.returncode == 1 and "search_not_found" in missing.stderr
