@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SkipValidation, ValidationError, model_validator
 
 from app.models.job import JobStatus
 from app.schemas.common import ErrorInfo
@@ -141,7 +141,8 @@ class SearchRead(BaseModel):
     name: str | None
     model_id: str
     status: JobStatus
-    spec: SearchSpec
+    # As stored when the search was accepted (see JobRead.spec): never validated again on read.
+    spec: SkipValidation[SearchSpec]
     progress: SearchProgress
     feasible: bool | None = Field(None, description="Whether a candidate met every constraint (once finished).")
     pick: dict[str, Any] | None = Field(
@@ -152,3 +153,11 @@ class SearchRead(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     revision: int
+
+
+def stored_search_spec(raw: dict[str, Any]) -> SearchSpec | dict[str, Any]:
+    """A stored search's spec for reading: a SearchSpec, or the stored dict when today's rules refuse it."""
+    try:
+        return SearchSpec.model_validate(raw)
+    except ValidationError:
+        return raw

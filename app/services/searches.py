@@ -238,6 +238,7 @@ def _advance(session: Session, search_id: str) -> None:
     space = resolve_space(spec, model.summary if model else None)
     state = copy.deepcopy(search.state) or {"trials": []}
     now = utcnow()
+    status_before = search.status
     if search.status == JobStatus.QUEUED:
         search.status, search.started_at = JobStatus.RUNNING, now
     by_id = {
@@ -262,10 +263,12 @@ def _advance(session: Session, search_id: str) -> None:
             phase = state["phase"] = "picking"
     if phase in ("picking", "verifying"):
         _pick(session, search, spec, state, trials, by_id, out_of_time)
-    search.state = state
-    search.result = _result(spec, state, trials, search.result)
-    search.progress = _progress_of(search, spec, space, state, trials)
-    search.revision += 1
+    result = _result(spec, state, trials)
+    progress = _progress_of(search, spec, space, state, trials)
+    # The sweepers advance every running search every few seconds: only a change is written.
+    if (state, result, progress) != (search.state, search.result, search.progress) or search.status != status_before:
+        search.state, search.result, search.progress = state, result, progress
+        search.revision += 1
 
 
 def _refreshed(session: Session, search_id: str) -> dict[str, CompressionJob]:
@@ -452,7 +455,11 @@ def pareto_front(trials: list[dict]) -> list[int]:
 
 
 def _ranked_feasible(trials: list[dict], rejected: set[int]) -> list[dict]:
-    candidates = [t for t in trials if t["role"] != "verify" and _feasible(t) and t["number"] not in rejected]
+    candidates = [
+        t
+        for t in trials
+        if t["role"] != "verify" and _feasible(t) and t["objective"] is not None and t["number"] not in rejected
+    ]
     return sorted(candidates, key=lambda t: (t["objective"], -t["quality"], t["number"]))
 
 
@@ -589,7 +596,7 @@ def _public_trial(trial: dict) -> dict:
     }
 
 
-def _result(spec: SearchSpec, state: dict, trials: list[dict], previous: dict | None) -> dict:
+def _result(spec: SearchSpec, state: dict, trials: list[dict]) -> dict:
     explored = [t for t in trials if t["role"] != "verify"]
     front = pareto_front(explored)
     chosen = state.get("chosen")

@@ -60,7 +60,9 @@ def digits_setup(api):
     model = zoo.train_classifier(zoo.SequentialCNN(width=8), x, y, epochs=3)
     traced = zoo.trace(model, x[:2])
     uploaded = upload_model(api, traced, name="digits.pt")
-    wait_for(api, f"/v1/models/{uploaded['id']}", lambda m: m["status"] == "ready", timeout=120)
+    ready = wait_for(api, f"/v1/models/{uploaded['id']}", lambda m: m["status"] == "ready", timeout=120)
+    # What a search's default space is proposed from (app.services.search_space.resolve_space).
+    assert ready["summary"]["layers"]["Conv2d"] == 2 and ready["summary"]["layers"]["Linear"] == 2
     calibration = upload_dataset(api, input=x[:256].numpy(), label=y[:256].numpy())
     evaluation = upload_dataset(api, input=x_test.numpy(), label=y_test.numpy())
     return {
@@ -163,9 +165,16 @@ def test_a_search_finds_a_pick_on_its_front_that_holds_on_the_reloaded_artifact_
         assert abs(result["size_bytes"] - figures["size_bytes"]) <= 0.02 * figures["size_bytes"]
         assert result["macs"] == figures["macs"]
         # Speed within noise: the speed-up paired with the baseline in each job (what the search
-        # ranks by); raw latencies of jobs timed at different moments of a shared 2-core host are not.
-        ratio = replayed["summary"]["speedup"]["8"] / figures["speedup"]
-        assert 0.33 < ratio < 3, (trial["steps"], figures, replayed["summary"]["speedup"], result["latency_ms"])
+        # ranks by). A figure its job marked noisy (threads waiting for a CPU more than 10 % of the
+        # time: this host is shared) is no measurement to hold another to.
+        original = api.get(f"/v1/jobs/{trial['job_id']}/report").json()
+        noisy = any(
+            report["result"]["latency_ms"]["8"]["noisy"] or report["baseline"]["latency_ms"]["8"]["noisy"]
+            for report in (original, replayed)
+        )
+        if not noisy:
+            ratio = replayed["summary"]["speedup"]["8"] / figures["speedup"]
+            assert 0.33 < ratio < 3, (trial["steps"], figures, replayed["summary"]["speedup"], result["latency_ms"])
 
     page = api.get(f"/v1/searches/{created['id']}/report.html")
     assert page.status_code == 200 and "<svg" in page.text and "pick-ring" in page.text

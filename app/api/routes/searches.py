@@ -14,7 +14,7 @@ from app.models import Search
 from app.models.job import JobStatus
 from app.reports.search_html import render_search_html
 from app.schemas.common import Page
-from app.schemas.search import SearchRead, SearchSpec
+from app.schemas.search import SearchRead, SearchSpec, stored_search_spec
 from app.services import searches as service
 
 router = APIRouter(prefix="/v1/searches", tags=["searches"], responses=problems(*COMMON_PROBLEMS))
@@ -41,7 +41,7 @@ def to_read(search: Search) -> SearchRead:
         name=search.name,
         model_id=search.model_id,
         status=search.status,
-        spec=SearchSpec.model_validate(search.spec),
+        spec=stored_search_spec(search.spec),
         progress=search.progress,
         feasible=result.get("feasible"),
         pick=_brief(result.get("pick") or result.get("closest")),
