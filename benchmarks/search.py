@@ -147,7 +147,9 @@ def _wait(api: httpx.Client, path: str, timeout: float = 7200) -> dict:
 
 def run_case(case: dict, workers: int, args, tmp: Path, hand: bool) -> dict:
     with postgres_database() as pg_url:
-        service = _service(tmp / f"{case['name'][:6]}-{workers}".replace(" ", ""), pg_url, workers)
+        data_dir = tmp / f"{case['name'][:6]}-{workers}".replace(" ", "")
+        data_dir.mkdir(parents=True)
+        service = _service(data_dir, pg_url, workers)
         try:
             with httpx.Client(base_url=service.url, timeout=120) as api:
                 model = _upload(api, "/v1/models", _torchscript(case["model"]), "model.pt")

@@ -654,8 +654,8 @@ def _progress_of(search: Search, spec: SearchSpec, space: Space, state: dict, tr
     done = sum(1 for t in explored if t["status"] in FINAL_STATUSES)
     running = sum(1 for t in trials if t["status"] in ACTIVE_STATUSES)
     candidates = len(space.candidates()) - pruned
-    planned = done if state.get("phase") != "exploring" else min(spec.budget.max_trials, candidates)
     phase = state.get("phase", "exploring")
+    planned = min(spec.budget.max_trials, candidates) if phase == "exploring" else done
     stage = {"exploring": "exploring", "picking": "verifying", "verifying": "verifying"}.get(phase, "done")
     if search.status == JobStatus.FAILED:
         stage = "failed"

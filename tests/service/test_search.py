@@ -216,7 +216,11 @@ def test_canceling_a_search_cancels_every_trial_and_queues_no_more(api, digits_s
         budget={"max_trials": 12, "parallel": 3, "time_limit_s": 600},
     )
     created = _create(api, spec)
-    wait_for(api, f"/v1/searches/{created['id']}", lambda s: s["progress"]["trials_running"] >= 2, timeout=120)
+    running = wait_for(
+        api, f"/v1/searches/{created['id']}", lambda s: s["progress"]["trials_running"] >= 2, timeout=120
+    )
+    # Progress: trials done of planned: the budget (12), or the candidates when fewer (10 here).
+    assert running["progress"]["trials_planned"] == 10 and running["progress"]["stage"] == "exploring"
     canceled = api.post(f"/v1/searches/{created['id']}/cancel").json()
     assert canceled["status"] == "canceled"
     time.sleep(4)  # several sweeps and any advance in flight
