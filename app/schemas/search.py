@@ -129,7 +129,7 @@ class SearchProgress(BaseModel):
     stage: str = Field(description="queued, exploring, verifying, done, canceled or failed.")
     trials_done: int = 0
     trials_planned: int = 0
-    trials_running: int = 0
+    trials_running: int = Field(0, description="Trials queued or running now.")
     trials_pruned: int = Field(0, description="Candidates stopped early by the proxy, without a job.")
     message: str = ""
 
