@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -196,6 +197,13 @@ ApiKeyOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="print the server's whole JSON answer")]
 NameOption = Annotated[str | None, typer.Option("--name", help="default: the file name", show_default=False)]
 JobId = Annotated[str, typer.Argument(metavar="ID", help="the job's id")]
+
+
+class ArtifactFormat(StrEnum):
+    torchscript = "torchscript"
+    onnx = "onnx"
+
+
 UploadFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)]
 
 
@@ -445,12 +453,15 @@ def job_report(
 def download_artifact(
     job_id: JobId,
     output: Annotated[Path, typer.Option("-o", "--output", help="the file to write")],
+    artifact_format: Annotated[
+        ArtifactFormat, typer.Option("--format", help="torchscript, or onnx (when the spec asked for it)")
+    ] = ArtifactFormat.torchscript,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
 ) -> None:
-    """Download a job's compressed TorchScript file, checked against its sha256."""
+    """Download a job's compressed TorchScript (or ONNX) file, checked against its sha256."""
     with _server(url, api_key) as client:
-        sha256 = client.download_artifact(job_id, output)
+        sha256 = client.download_artifact(job_id, output, artifact_format.value)
     typer.echo(f"{output}  sha256 {sha256}")
 
 

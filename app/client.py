@@ -156,14 +156,17 @@ class CompactorClient:
     def get_report_html(self, job_id: str) -> str:
         return self._send("GET", f"/v1/jobs/{job_id}/report.html").text
 
-    def download_artifact(self, job_id: str, dest: Path) -> str:
-        """Stream a job's artifact to `dest` and return its sha256.
+    def download_artifact(self, job_id: str, dest: Path, artifact_format: str = "torchscript") -> str:
+        """Stream a job's artifact (`torchscript`, or `onnx`) to `dest` and return its sha256.
 
-        The bytes must hash to both the job's `artifact.sha256` and the response's ETag; otherwise
-        `DownloadMismatch` is raised and `dest` is left untouched.
+        The bytes must hash to both the job's `artifact.sha256` (`onnx_artifact.sha256`) and the
+        response's ETag; otherwise `DownloadMismatch` is raised and `dest` is left untouched.
         """
-        expected = (self.get_job(job_id).get("artifact") or {}).get("sha256")
-        return self._download(f"/v1/jobs/{job_id}/artifact", expected, "the job's artifact.sha256", dest)
+        field = "onnx_artifact" if artifact_format == "onnx" else "artifact"
+        expected = (self.get_job(job_id).get(field) or {}).get("sha256")
+        return self._download(
+            f"/v1/jobs/{job_id}/artifact", expected, f"the job's {field}.sha256", dest, {"format": artifact_format}
+        )
 
     # searches
 
@@ -202,13 +205,15 @@ class CompactorClient:
         expected = (self.get_job(chosen["job_id"]).get("artifact") or {}).get("sha256") if chosen else None
         return self._download(f"/v1/searches/{search_id}/artifact", expected, "the pick's artifact.sha256", dest)
 
-    def _download(self, route: str, expected: str | None, named: str, dest: Path) -> str:
+    def _download(
+        self, route: str, expected: str | None, named: str, dest: Path, params: dict[str, str] | None = None
+    ) -> str:
         partial = dest.with_name(dest.name + ".part")
         digest = hashlib.sha256()
         try:
             # A service on an object store may answer 307 to a presigned URL; the ETag that names
             # the sha256 is the service's, not the store's.
-            with self._http.stream("GET", route, follow_redirects=True) as response:
+            with self._http.stream("GET", route, params=params, follow_redirects=True) as response:
                 if response.is_error:
                     response.read()
                     raise _problem(response)

@@ -183,10 +183,16 @@ def burst(tmp: Path, jobs: int, kill_midway: bool) -> None:
                 for j in finals
                 if j["started_at"]
             ]
+            runs = [
+                (datetime.fromisoformat(j["finished_at"]) - datetime.fromisoformat(j["started_at"])).total_seconds()
+                for j in finals
+                if j["started_at"] and j["finished_at"]
+            ]
             print(
-                f"burst of {jobs} jobs, 2 workers, {label}: {ok} succeeded, {ok / elapsed:.2f} completed/s, "
-                f"longest wait {max(waits):.1f} s, median wait {statistics.median(waits):.1f} s, "
-                f"attempts > 1: {sum(1 for j in finals if j['attempts'] > 1)}"
+                f"burst of {jobs} jobs, 2 workers, {label}: {ok} succeeded, {ok / elapsed:.2f} completed/s "
+                f"({elapsed:.0f} s), longest wait {max(waits):.1f} s, median wait {statistics.median(waits):.1f} s, "
+                f"run per job (last attempt) median {statistics.median(runs):.2f} s, min {min(runs):.2f}, "
+                f"max {max(runs):.2f}; attempts > 1: {sum(1 for j in finals if j['attempts'] > 1)}"
             )
         finally:
             service.stop()

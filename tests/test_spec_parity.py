@@ -14,6 +14,7 @@ from pydantic_core import PydanticUndefined
 
 from app.schemas.job import BenchmarkSpec, JobSpec, Step
 from worker.engines.errors import EngineError
+from worker.engines.export import OUTPUT_FORMATS, ExportConfig
 from worker.engines.measure import BenchmarkConfig
 from worker.engines.measure.serving import SERVING_MODES
 from worker.engines.pipeline import parse_step, step_configs
@@ -145,3 +146,24 @@ def test_the_serving_modes_agree_and_their_rule_holds_on_both_sides():
         assert engine.value.code == "invalid_benchmark" and "serving" in engine.value.message
     BenchmarkSpec.model_validate({"serving": ["plain", "onnxruntime", "optimized"]})
     BenchmarkConfig(serving=["plain", "onnxruntime", "optimized"])
+
+
+def test_output_formats_agree_with_the_engines_export_config():
+    info = JobSpec.model_fields["output_formats"]
+    engine = {field.name: field for field in dataclasses.fields(ExportConfig)}["output_formats"]
+
+    assert _schema_default(info) == _engine_default(engine)
+    assert _choices(typing.get_args(info.annotation)[0]) == engine.metadata["choices"] == OUTPUT_FORMATS
+    assert ExportConfig.from_spec(
+        JobSpec.model_validate({"model_id": "m", "input_spec": [{"shape": [1, 4]}]}).model_dump()
+    )
+
+
+@pytest.mark.parametrize("formats", [["onnx"], ["torchscript", "torchscript"], ["torchscript", "tflite"]])
+def test_output_formats_rules_hold_on_both_sides(formats):
+    with pytest.raises(ValidationError) as api:
+        JobSpec.model_validate({"model_id": "m", "input_spec": [{"shape": [1, 4]}], "output_formats": formats})
+    assert api.value.errors()[0]["loc"][0] == "output_formats"
+
+    with pytest.raises(EngineError):
+        ExportConfig.from_spec({"output_formats": formats})

@@ -205,6 +205,24 @@ class Spinner(nn.Module):
         return y
 
 
+class SlowCheck(nn.Module):
+    """A linear layer that is slow only on a batch of two, the samples the pipeline checks a step's
+    output on: each step takes `rounds` µs or so, while measuring (batch 1, evaluation in 64s) stays
+    fast. For jobs that must be caught, and killed, inside a given step."""
+
+    def __init__(self, rounds: int):
+        super().__init__()
+        self.rounds = rounds
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        busy = x[:1, :1]
+        if x.shape[0] == 2:
+            for _ in range(self.rounds):
+                busy = torch.tanh(busy)
+        return self.linear(x) + busy * 0
+
+
 class TwoInputEncoder(nn.Module):
     """A MiniLM-shaped miniature: token ids and an attention mask, masked mean pooling."""
 

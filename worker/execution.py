@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from sqlalchemy import select
@@ -23,9 +24,10 @@ from app.inspection import check_torchscript_archive
 from app.models import CompressionJob, Dataset, UploadedModel
 from app.models.job import JobStatus, job_progress
 from app.reports.html import headline
-from app.services import blobs, lifecycle, webhooks
+from app.services import blobs, checkpoints, lifecycle, webhooks
 from app.settings import Settings, get_settings
-from app.storage import BlobCorrupted, get_blob_store
+from app.storage import BlobCorrupted, StoredBlob, get_blob_store
+from worker import devices
 from worker.cpu_share import cpu_share
 from worker.errors import internal_error_message
 from worker.isolation import IsolatedFailure, current_sandbox, job_limits, run_isolated
@@ -157,9 +159,9 @@ def _run_claimed(job_id: str) -> str:
     store = get_blob_store()
     with unit_of_work() as session:
         job = session.get(CompressionJob, job_id)
-        spec, model_id = job.spec, job.model_id
+        spec, model_id, tenant = job.spec, job.model_id, job.tenant
         model = session.get(UploadedModel, model_id)
-        model_status, model_error = model.status, model.error
+        model_status, model_error, model_sha256 = model.status, model.error, model.sha256
     if model_status == "validating":
         _progress(job_id, job_progress("validating", "validating the model", percent=0.5))
         model_status = validate_model(model_id)
@@ -171,6 +173,7 @@ def _run_claimed(job_id: str) -> str:
             lifecycle.fail(session, job_id, "model_invalid", f"the model {model_id} is invalid: {reason}")
         return JobStatus.FAILED
 
+    keys = checkpoints.step_keys(tenant, model_sha256, spec, _compute_kind(spec))
     job = JobDir.create(settings.work_dir, f"job-{job_id}-", current_sandbox())
     try:
         try:
@@ -179,9 +182,15 @@ def _run_claimed(job_id: str) -> str:
             with unit_of_work() as session:
                 lifecycle.fail(session, job_id, exc.code, exc.detail)
             return JobStatus.FAILED
+        reused = _stored_steps(job_id, tenant, spec, keys, job) if spec.get("reuse_checkpoints", True) else []
+        files["stored_steps"] = [{"path": path, "stage": c.stage, "job_id": c.job_id} for c, path in reused]
         last = {"at": 0.0}
+        stored_now: set[int] = set()
 
         def on_progress(message: dict) -> bool:
+            if "checkpoint" in message:  # never throttled: a later attempt starts after it
+                _store_checkpoint(job_id, tenant, model_id, keys, job, message["checkpoint"], stored_now)
+                return True
             now = time.monotonic()
             if now - last["at"] < PROGRESS_EVERY_S:
                 return True
@@ -196,6 +205,7 @@ def _run_claimed(job_id: str) -> str:
                 "device": settings.worker_device,
                 "cpu": cpu_share(job_slots, settings.worker_threads).describe(),
                 "extra_time_s": settings.measure_extra_time_s,
+                "fresh_process": True,
             },
             job_limits(settings.job_time_limit_s),
             on_progress,
@@ -205,19 +215,106 @@ def _run_claimed(job_id: str) -> str:
         stored = store.put_file(artifact)
         report = {"job_id": job_id, **outcome["report"]}
         report["result"]["size_bytes"] = stored.size
+        onnx = _stored_onnx(job, outcome, store, report)
         report["environment"]["sandbox"] = job.sandbox.describe()
+        if reused:
+            report["notes"] = [*report.get("notes", []), _reuse_note(job_id, [c for c, _ in reused], len(keys))]
         if not job.sandboxed:
             report["notes"] = [*report.get("notes", []), "the uploaded model ran unsandboxed (COMPACTOR_SANDBOX=off)"]
         report["summary"]["headline"] = headline(report)  # worded here: the child imports only the engines
         with unit_of_work() as session:
-            if lifecycle.succeed(session, job_id, stored.sha256, stored.size, report):
+            if lifecycle.succeed(session, job_id, stored.sha256, stored.size, report, onnx):
                 return JobStatus.SUCCEEDED
-        # Canceled (or failed) meanwhile: the artifact no one will download goes at once.
+        # Canceled (or failed) meanwhile: the artifacts no one will download go at once.
         with read_only_session() as session:
             blobs.release(session, store, stored)
+            if onnx is not None:
+                blobs.release(session, store, onnx)
             return lifecycle.status_of(session, job_id) or "missing"
     finally:
         job.remove()
+
+
+@cache
+def _worker_kind() -> str:
+    return devices.device_kind(get_settings().worker_device)
+
+
+def _compute_kind(spec: dict) -> str:
+    """Where the job's steps compute (as `worker.runner` picks it): what the spec asks, else this worker's kind."""
+    benchmark = spec.get("benchmark")
+    wanted = benchmark.get("device", "cpu") if isinstance(benchmark, dict) else "cpu"
+    return wanted if wanted in queue.DEVICE_KINDS else _worker_kind()
+
+
+def _stored_steps(
+    job_id: str, tenant: str, spec: dict, keys: list[str], job: JobDir
+) -> list[tuple[checkpoints.Checkpoint, str]]:
+    """Copies, in the job's directory, of the stored outputs of its longest stored prefix of steps,
+    with the paths the child sees; a blob gone or damaged ends the prefix there."""
+    store = get_blob_store()
+    with read_only_session() as session:
+        prefix = checkpoints.stored_prefix(session, tenant, keys)
+    reused = []
+    for checkpoint in prefix:
+        try:
+            source = store.verified_path(checkpoint.sha256, checkpoint.size_bytes)
+        except BlobCorrupted as exc:
+            log.warning(
+                "job %s: the stored output of step %d is not usable: %s", job_id, checkpoint.step_index + 1, exc
+            )
+            break
+        reused.append((checkpoint, job.add_input(f"stored-step-{checkpoint.step_index + 1}.pt", source)))
+    if reused:
+        log.info(
+            "job %s: starting after step %d of %d, reusing stored outputs (of job %s)",
+            job_id,
+            len(reused),
+            len(keys),
+            ", ".join(sorted({c.job_id for c, _ in reused})),
+        )
+    return reused
+
+
+def _store_checkpoint(
+    job_id: str, tenant: str, model_id: str, keys: list[str], job: JobDir, offer, stored_now: set[int]
+) -> None:
+    """Store the output of a step the child completed, once per step and attempt, taken only if it is
+    a TorchScript archive in its output directory (like the artifact). A failure to store it costs a
+    later attempt that step again, never this job: it is logged and the job goes on."""
+    try:
+        index = offer["step_index"]
+        if not isinstance(index, int) or not 0 <= index < len(keys) or index in stored_now:
+            raise ValueError(f"no step {index!r} to store")
+        if not isinstance(offer["stage"], dict):
+            raise ValueError("the step's report entry is not an object")
+        stored_now.add(index)
+        path = job.output_file(offer["path"])
+        if not path.is_relative_to((job.root / "out").resolve()):
+            raise OutputRejected("a step's output must be in the job's output directory")
+        with open(path, "rb") as fh:
+            check_torchscript_archive(fh, path.stat().st_size)
+        blob = get_blob_store().put_file(path)
+        with unit_of_work() as session:
+            checkpoints.record(session, tenant, keys[index], job_id, model_id, index, blob, offer["stage"])
+        log.info(
+            "job %s: step %d of %d completed; its output is stored (%s)", job_id, index + 1, len(keys), blob.sha256
+        )
+    except Exception as exc:
+        log.warning("job %s: the output of a completed step was not stored: %s", job_id, exc, exc_info=True)
+
+
+def _reuse_note(job_id: str, reused: list[checkpoints.Checkpoint], steps: int) -> str:
+    sources = sorted({c.job_id for c in reused} - {job_id})
+    if not sources:
+        return (
+            f"resumed after step {len(reused)} of {steps}: the outputs an earlier attempt stored were reused, "
+            "those steps did not run again"
+        )
+    return (
+        f"steps 1-{len(reused)} of {steps} did not run: the stored outputs of job {', '.join(sources)} "
+        "(same model, data, seed and steps) were reused; set reuse_checkpoints: false to run them afresh"
+    )
 
 
 def _checked_artifact(job: JobDir, outcome) -> Path:
@@ -235,6 +332,21 @@ def _checked_artifact(job: JobDir, outcome) -> Path:
             "artifact_invalid", f"the job's artifact is not a TorchScript archive: {exc.detail}"
         ) from None
     return path
+
+
+def _stored_onnx(job: JobDir, outcome: dict, store, report: dict) -> StoredBlob | None:
+    """The ONNX file the child names, stored as bytes (hashed, never parsed or run here: it is
+    made from the uploaded model); its sha256 and size go into the report's `onnx`."""
+    if not outcome.get("onnx_path"):
+        return None
+    try:
+        path = job.output_file(outcome["onnx_path"])
+    except (OutputRejected, OSError) as exc:
+        raise IsolatedFailure("artifact_invalid", f"the job's ONNX file was refused: {exc}") from None
+    stored = store.put_file(path)
+    section = report.get("onnx") if isinstance(report.get("onnx"), dict) else {}
+    report["onnx"] = {**section, "sha256": stored.sha256, "size_bytes": stored.size}
+    return stored
 
 
 def _progress(job_id: str, message: dict) -> bool:

@@ -10,7 +10,7 @@ import platform
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,8 +18,10 @@ import torch
 from worker.cpu_share import cpu_share
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError, model_text
+from worker.engines.export import ExportConfig, OnnxUnavailable, build_onnx_artifact, export_onnx
 from worker.engines.exported import is_exported_archive
 from worker.engines.measure import BenchmarkConfig, measure_models
+from worker.engines.measure.memory import CleanFork
 from worker.engines.measure.quality import fidelity_score, output_leaves
 from worker.engines.modules import load_model, save_model
 from worker.engines.pipeline import PipelineContext, parse_step, run_step
@@ -38,6 +40,8 @@ class JobFiles:
     evaluation: str | None
     students: dict[str, str]
     output_dir: str
+    # Stored outputs of the first steps, reused instead of run: [{"path", "stage", "job_id"}].
+    stored_steps: list[dict] = field(default_factory=list)
 
 
 def execute_job(
@@ -47,6 +51,7 @@ def execute_job(
     device: str = "auto",
     cpu: dict | None = None,
     extra_time_s: float | None = None,
+    fresh_process: bool = False,
 ) -> dict:
     """Run a job's steps in order, measure baseline, every stage and the result side by side.
 
@@ -57,11 +62,37 @@ def execute_job(
     unless the spec's `benchmark.threads` says otherwise. `extra_time_s` bounds the rounds the
     measurement adds while a speed-up's interval is wide (None: the meter's default).
 
-    Returns {"artifact_path": str, "report": dict} (the report without the job's storage ids and
-    without the headline, which the service words).
+    With "onnx" in the spec's `output_formats`, the result is also exported to ONNX here, in the
+    sandboxed child, and validated in ONNX Runtime (`build_onnx_artifact`); the report's `onnx`
+    describes the file or says why there is none.
+
+    The first `len(files["stored_steps"])` steps are not run: their stored outputs are loaded and
+    their report entries kept (with `reused_from`). After each step that does run, its output is
+    saved and `emit({"checkpoint": {"step_index", "path", "stage"}})` offers it for storing, so a
+    later attempt can start after it. Each step is seeded with the spec's seed, so a step run after
+    reused ones computes what it would have in one uninterrupted run.
+
+    `fresh_process`: this process has loaded no model and runs no threads yet (the job's sandboxed
+    child), so a copy of it taken now (`CleanFork`) can fork the peak-memory probes, instead of a
+    fresh interpreter importing torch for each model measured.
+
+    Returns {"artifact_path": str, "onnx_path": str | None, "report": dict} (the report without the
+    job's storage ids and without the headline, which the service words).
     """
+    clean = CleanFork() if fresh_process else None
+    try:
+        return _execute_job(emit, spec, files, device, cpu, extra_time_s, clean)
+    finally:
+        if clean is not None:
+            clean.close()
+
+
+def _execute_job(
+    emit: Emit, spec: dict, files: dict, device: str, cpu: dict | None, extra_time_s: float | None, clean
+) -> dict:
     job_files = JobFiles(**files)
     steps = [parse_step(step) for step in spec.get("steps", [])]
+    export = ExportConfig.from_spec(spec)
     benchmark_spec = spec.get("benchmark", {})
     compute = _pick_device(benchmark_spec.get("device", "cpu"), device)
     cpu = cpu or cpu_share(1).describe()
@@ -113,21 +144,54 @@ def execute_job(
             )
 
         ctx.progress = progress
+        name = f"stage{index + 1}"
+        if index < len(job_files.stored_steps):
+            stored = job_files.stored_steps[index]
+            paths[name] = Path(stored["path"])
+            current = models[name] = load_model(stored["path"], compute).eval()
+            stages.append({**stored["stage"], "reused_from": stored["job_id"]})
+            progress(1.0, f"step {index + 1}/{len(steps)}: {step.op}: its stored output reused")
+            continue
         progress(0.0, f"step {index + 1}/{len(steps)}: {step.op}")
+        torch.manual_seed(seed)
         started = time.perf_counter()
         output = run_step(current, step, ctx)
         current = output.model.eval()
         _check_interface(reference_outputs, _run(current, example, compute), step.op)
-        name = f"stage{index + 1}"
         paths[name] = out / f"{name}.pt"
         save_model(current, paths[name])
         models[name] = current
-        details = {**output.details, "seconds": round(time.perf_counter() - started, 3)}
         params = {k: v for k, v in step.as_step().items() if k != "op"}
-        stages.append({"op": step.op, "params": params, "details": details})
+        stage_details = {**output.details, "seconds": round(time.perf_counter() - started, 3)}
+        stages.append({"op": step.op, "params": params, "details": stage_details})
+        emit({"checkpoint": {"step_index": index, "path": str(paths[name]), "stage": stages[-1]}})
 
     result_name = f"stage{len(steps)}" if steps else "baseline"
     lossless, floor_notes = _lossless_models(steps, teacher, ctx, models, paths, out)
+
+    # Before measuring, so that the ONNX file exists while the models are timed. The onnxruntime
+    # serving mode times the result's ONNX file (offered only when output_formats asks for it) and
+    # the baseline's float export.
+    onnx_section, onnx_path = None, None
+    timed_on_ort = "onnxruntime" in benchmark.serving
+    if export.onnx or timed_on_ort:
+        emit(
+            {
+                "stage": "export",
+                "step_index": None,
+                "percent": STEPS_SHARE + 1,
+                "message": "exporting and checking ONNX",
+            }
+        )
+        onnx_file = out / "model.onnx"
+        pipeline = [models["baseline"], *(models[f"stage{index + 1}"] for index in range(len(steps)))]
+        onnx_section = build_onnx_artifact(
+            pipeline, steps, [stage["details"] for stage in stages], evaluation, calibration, onnx_file, cpu["threads"]
+        )
+        onnx_path = None if "missing" in onnx_section else str(onnx_file)
+    onnx_files = {result_name: Path(onnx_path)} if onnx_path else {}
+    if timed_on_ort and steps:
+        onnx_files.update(_baseline_onnx(teacher, evaluation, out))
 
     def measure_progress(fraction: float, message: str) -> None:
         emit(
@@ -147,7 +211,9 @@ def execute_job(
         data=evaluation,
         config=benchmark,
         progress=measure_progress,
+        onnx_files=onnx_files,
         lossless=lossless,
+        clean=clean,
     )
     for index, stage in enumerate(stages):
         name = f"stage{index + 1}"
@@ -180,7 +246,25 @@ def execute_job(
             "metrics": measurement.metrics[BASELINE_COMPILED],
             "speedup": measurement.speedup.get(BASELINE_COMPILED, {}),
         }
-    return {"artifact_path": str(paths[result_name]), "report": report}
+    if onnx_section is not None and onnx_path is None:
+        report["notes"].append(f"no ONNX file: {onnx_section['missing']}")
+    if export.onnx:
+        report["onnx"] = onnx_section
+    else:
+        onnx_path = None  # made for the onnxruntime serving mode only: timed, not offered
+    return {"artifact_path": str(paths[result_name]), "onnx_path": onnx_path, "report": report}
+
+
+def _baseline_onnx(teacher: torch.jit.ScriptModule, evaluation: ModelData, out: Path) -> dict[str, Path]:
+    """The baseline's float ONNX file for the onnxruntime serving mode, when it exports (else the
+    mode reports the baseline as not run, with its reason)."""
+    try:
+        data = export_onnx(teacher, evaluation.take(2))
+    except OnnxUnavailable:
+        return {}
+    path = out / "baseline.onnx"
+    path.write_bytes(data)
+    return {"baseline": path}
 
 
 def _baseline_file(teacher: torch.jit.ScriptModule, upload: Path, out: Path) -> Path:

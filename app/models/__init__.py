@@ -1,6 +1,7 @@
 """SQLAlchemy ORM tables (schemas for HTTP live in app.schemas)."""
 
 from app.models.base import Base
+from app.models.checkpoint import StepCheckpoint
 from app.models.dataset import Dataset
 from app.models.job import CompressionJob
 from app.models.model import UploadedModel
@@ -13,6 +14,7 @@ __all__ = [
     "Dataset",
     "DeliveryStatus",
     "Search",
+    "StepCheckpoint",
     "UploadedModel",
     "WebhookDelivery",
     "WebhookSecret",

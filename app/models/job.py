@@ -65,6 +65,9 @@ class CompressionJob(IdMixin, Base):
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     artifact_size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # The ONNX artifact, when the spec asked for it and it passed validation in the job's child.
+    onnx_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    onnx_size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     report: Mapped[dict | None] = mapped_column(JSON, default=None, deferred=True)
     # Bumped by every change a watcher sees (status, progress): the id of the job's events
     # (`GET /v1/jobs/{id}/events`), so a client resuming with Last-Event-ID misses nothing newer.

@@ -222,6 +222,20 @@ class JobSpec(_Strict):
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     target: TargetSpec | None = None
     seed: int = 0
+    output_formats: list[Literal["torchscript", "onnx"]] = Field(
+        default_factory=lambda: ["torchscript"],
+        min_length=1,
+        max_length=2,
+        description="Artifacts to make: the TorchScript file always, and an ONNX file exported from the "
+        "compressed model (int8 pipelines quantized by ONNX Runtime), checked in ONNX Runtime before it is "
+        "offered; the report's `onnx` says why when there is none.",
+    )
+    reuse_checkpoints: bool = Field(
+        True,
+        description="Start after the longest prefix of these steps whose outputs are stored (a retried "
+        "attempt's completed steps, or an earlier job's with the same model, data, seed and steps); "
+        "false: run every step afresh.",
+    )
     callback_url: str | None = Field(
         None,
         max_length=2048,
@@ -237,6 +251,14 @@ class JobSpec(_Strict):
         if not (self.calibration_dataset_id or self.eval_dataset_id or self.input_spec):
             broken.append(
                 (("input_spec",), "give input_spec (synthetic inputs) or a dataset: the benchmark needs inputs")
+            )
+        if "torchscript" not in self.output_formats or len(set(self.output_formats)) != len(self.output_formats):
+            broken.append(
+                (
+                    ("output_formats",),
+                    "list each format once, with 'torchscript': the TorchScript artifact is always made "
+                    "(the report measures it)",
+                )
             )
         for index, step in enumerate(self.steps):
             if isinstance(step, CompileStep) and index != len(self.steps) - 1:
@@ -322,6 +344,9 @@ class JobRead(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     artifact: ArtifactInfo | None = None
+    onnx_artifact: ArtifactInfo | None = Field(
+        None, description="The ONNX file, when the spec asked for it and it passed validation (`?format=onnx`)."
+    )
     revision: int = Field(description="Bumped by every change of status or progress: the id of the job's events.")
     webhooks: list[WebhookDeliveryRead] | None = Field(
         None,

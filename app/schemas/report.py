@@ -126,6 +126,11 @@ class Stage(_Open):
     metrics: Metrics
     details: StageDetails
     speedup: dict[str, float] = {}
+    reused_from: str | None = Field(
+        None,
+        description="The job whose stored output of this step was reused (this job's own id: an earlier "
+        "attempt's); the step did not run again, and `details` are from when it ran.",
+    )
 
 
 class TargetCheck(_Open):
@@ -185,6 +190,11 @@ class Report(_Open):
     stages: list[Stage]
     summary: Summary
     notes: list[str] = []
+    onnx: dict[str, Any] | None = Field(
+        None,
+        description="The ONNX artifact when the spec asked for one: sha256, size_bytes, precision, inputs, "
+        "outputs, quantization, fidelity (against the TorchScript artifact); or `missing`, the reason there is none.",
+    )
 
 
 class JobComparison(_Open):

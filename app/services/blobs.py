@@ -1,6 +1,7 @@
 """Blob lifetime: which blobs the database still references, and deleting those it does not.
 
-A blob is referenced by a live uploaded model or dataset, or by a job's artifact. A writer stores
+A blob is referenced by a live uploaded model or dataset, by a job's artifacts (TorchScript, ONNX), or by
+a stored step output (`app.services.checkpoints`) whose model is not deleted. A writer stores
 its blob first and commits the row that references it after, so an unreferenced blob may be one
 whose row is about to commit. Deletion therefore spares every blob written within the grace period
 (`blob_grace_s`), looks at the references again just before it deletes, and deletes only a blob
@@ -15,7 +16,8 @@ import time
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import CompressionJob, Dataset, UploadedModel
+from app.models import CompressionJob, Dataset, StepCheckpoint, UploadedModel
+from app.services import checkpoints
 from app.storage import BlobStore, StoredBlob
 
 
@@ -25,6 +27,8 @@ def _references():
         (UploadedModel.sha256, UploadedModel.deleted_at.is_(None)),
         (Dataset.sha256, Dataset.deleted_at.is_(None)),
         (CompressionJob.artifact_sha256, CompressionJob.artifact_sha256.is_not(None)),
+        (CompressionJob.onnx_sha256, CompressionJob.onnx_sha256.is_not(None)),
+        (StepCheckpoint.sha256, checkpoints.referencing_condition()),
     )
 
 

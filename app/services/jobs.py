@@ -229,13 +229,30 @@ def get_report(session: Session, tenant: str, job_id: str) -> dict:
     return job.report
 
 
-def get_artifact(session: Session, tenant: str, job_id: str) -> CompressionJob:
+def get_artifact(session: Session, tenant: str, job_id: str, artifact_format: str = "torchscript") -> tuple[str, int]:
+    """The (sha256, size) of a succeeded job's artifact in `artifact_format` (`torchscript` or `onnx`).
+
+    Raises:
+        Conflict("job_not_succeeded"): the job has not succeeded (yet).
+        NotFound("onnx_not_available"): the job succeeded without an ONNX file (not asked for, or
+            its export or validation failed: the report's `onnx.missing` says why).
+    """
     job = get_live_job(session, tenant, job_id)
     if job.status != JobStatus.SUCCEEDED or job.artifact_sha256 is None:
         raise Conflict(
             f"job {job_id} is {job.status}: its artifact exists once it has succeeded", code="job_not_succeeded"
         )
-    return job
+    if artifact_format == "torchscript":
+        return job.artifact_sha256, job.artifact_size_bytes
+    if job.onnx_sha256 is None:
+        asked = "onnx" in ((job.spec or {}).get("output_formats") or [])
+        why = (
+            "its export was not offered (the report's onnx.missing says why)"
+            if asked
+            else "its spec did not ask for one (output_formats)"
+        )
+        raise NotFound(f"job {job_id} has no ONNX artifact: {why}", code="onnx_not_available")
+    return job.onnx_sha256, job.onnx_size_bytes
 
 
 def compare_jobs(session: Session, tenant: str, job_ids: list[str]) -> list[dict]:

@@ -20,6 +20,7 @@ from app.models import CompressionJob, UploadedModel
 from app.models.base import utcnow
 from app.models.job import FINAL_STATUSES, TRANSITIONS, JobStatus, job_progress
 from app.services import webhooks
+from app.storage import StoredBlob
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,15 @@ def record_progress(session: Session, job_id: str, progress: dict) -> bool:
     return result.rowcount == 1
 
 
-def succeed(session: Session, job_id: str, artifact_sha256: str, artifact_size: int, report: dict) -> bool:
-    """Record a running job's artifact and report; False when it was canceled or failed meanwhile."""
+def succeed(
+    session: Session,
+    job_id: str,
+    artifact_sha256: str,
+    artifact_size: int,
+    report: dict,
+    onnx: StoredBlob | None = None,
+) -> bool:
+    """Record a running job's artifacts and report; False when it was canceled or failed meanwhile."""
     return _move(
         session,
         job_id,
@@ -82,6 +90,8 @@ def succeed(session: Session, job_id: str, artifact_sha256: str, artifact_size: 
         finished_at=utcnow(),
         artifact_sha256=artifact_sha256,
         artifact_size_bytes=artifact_size,
+        onnx_sha256=onnx.sha256 if onnx else None,
+        onnx_size_bytes=onnx.size if onnx else None,
         report=report,
         error=None,
         progress=job_progress("done", "succeeded", percent=100.0),

@@ -1,19 +1,23 @@
 """torch.export archives traced into TorchScript (worker.engines.exported): zoo models convert and
 agree with their exported programs at other batch sizes and survive the engines; control flow, a
-static batch and non-tensor inputs are refused with a code; hostile sample inputs never run."""
+static batch and non-tensor inputs are refused with a code; hostile sample inputs never run; a
+teacher and a student from .pt2 files go through a job."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests import exported, zoo
+from worker.cpu_share import cpu_share
 from worker.engines.errors import EngineError
 from worker.engines.exported import exported_to_torchscript, is_exported_archive, load_exported_program
 from worker.engines.modules import load_model, module_kind, save_model
+from worker.runner import execute_job
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -99,6 +103,15 @@ def test_a_static_batch_is_refused_naming_the_input_and_the_fix(tmp_path):
     assert "'x'" in refused.value.message and "Dim('batch')" in refused.value.message
 
 
+def test_a_program_exported_in_training_mode_with_dropout_is_refused_saying_so(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).train()
+    program = torch.export.export(model, (torch.rand(2, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+    with pytest.raises(EngineError) as refused:
+        exported_to_torchscript(program)
+    assert refused.value.code == "export_not_traceable" and "model.eval()" in refused.value.message
+
+
 class _KeywordFlag(torch.nn.Module):
     def forward(self, x, *, scale: float = 2.0):
         return x * scale
@@ -126,3 +139,31 @@ def test_hostile_sample_inputs_are_refused_and_never_run(tmp_path):
             load_model(path)
     assert refused.value.code == "export_pickle_refused"
     assert not marker.exists()
+
+
+def test_a_pt2_teacher_and_a_pt2_student_go_through_a_job(tmp_path):
+    """execute_job, as the sandboxed child runs it: the baseline is the traced teacher, saved as
+    TorchScript in the job's output, and a distill step's student may be a .pt2 too."""
+    teacher = _saved(tmp_path, exported.exported_cnn(), "teacher.pt2")
+    student = _saved(tmp_path, exported.export_bytes(zoo.SequentialCNN(width=8), torch.rand(2, 1, 32, 32)), "s.pt2")
+    x, y, _, _ = zoo.digits()
+    np.savez(tmp_path / "digits.npz", input=x[:64].numpy(), label=y[:64].numpy())
+    spec = {
+        "steps": [{"op": "distill", "student_model_id": "student", "epochs": 1, "batch_size": 16}],
+        "benchmark": {"device": "cpu", "batch_sizes": [1], "warmup": 0, "iterations": 3, "measure_memory": False},
+        "seed": 0,
+    }
+    files = {
+        "model": str(teacher),
+        "calibration": str(tmp_path / "digits.npz"),
+        "evaluation": None,
+        "students": {"student": str(student)},
+        "output_dir": str(tmp_path),
+    }
+
+    result = execute_job(lambda event: None, spec, files, cpu=cpu_share(1, override=1).describe(), extra_time_s=0)
+
+    artifact = torch.jit.load(result["artifact_path"])
+    assert sum(p.numel() for p in artifact.parameters()) == result["report"]["result"]["parameters"]
+    assert result["report"]["result"]["parameters"] < result["report"]["baseline"]["parameters"]
+    assert result["report"]["baseline"]["size_bytes"] == (tmp_path / "baseline.pt").stat().st_size

@@ -128,6 +128,41 @@ def test_peak_memory_is_measured_for_timed_models(measured):
     assert not [note for note in measurement.notes if "peak memory" in note]
 
 
+_PROBED_BOTH_WAYS = """
+import json, sys
+import torch
+from worker.engines.measure.memory import CleanFork, cpu_peak_memory
+clean = CleanFork()  # before any model, as a job's child makes it
+mlp = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024)).eval()
+torch.jit.save(torch.jit.trace(mlp, torch.rand(1, 1024)), sys.argv[1] + "/mlp.pt")
+open(sys.argv[1] + "/broken.pt", "wb").write(b"not a model")
+files = {"mlp": sys.argv[1] + "/mlp.pt", "broken": sys.argv[1] + "/broken.pt"}
+inputs = (torch.rand(512, 1024),)
+forked = cpu_peak_memory(files, inputs, 1, clean)
+fresh = cpu_peak_memory(files, inputs, 1)
+clean.close()
+print(json.dumps({"forked": forked, "fresh": fresh}))
+"""
+
+
+def test_memory_probes_forked_from_a_clean_copy_agree_with_fresh_interpreters(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBED_BOTH_WAYS, str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    forked, fresh = result["forked"], result["fresh"]
+    activations = 512 * 1024 * 4  # one [512, 1024] float32 output, at least
+    assert forked["broken"] is None and fresh["broken"] is None
+    assert forked["mlp"] > activations and fresh["mlp"] > activations
+    assert abs(forked["mlp"] - fresh["mlp"]) < 0.1 * fresh["mlp"] + 2**20, result
+
+
 def test_everything_is_strict_json_and_the_environment_is_described(measured):
     measurement, _, _, _, fractions = measured
     json.dumps([measurement.metrics, measurement.speedup, measurement.environment], allow_nan=False)

@@ -147,14 +147,15 @@ def test_an_onnx_file_that_does_not_run_at_a_batch_size_and_a_missing_file_give_
     assert measurement.floor["1"]["mode"] in ("plain", "optimized")
 
 
-def _job(cnn, folder: Path, steps: list[dict]) -> dict:
+def _job(cnn, folder: Path, steps: list[dict], serving=("plain", "optimized"), **spec_fields) -> dict:
     traced, evaluation, calibration = cnn
     torch.jit.save(traced, str(folder / "model.pt"))
     np.savez(folder / "calibration.npz", input=calibration.inputs[0].numpy(), label=calibration.labels.numpy())
     spec = {
         "steps": steps,
-        "benchmark": {"batch_sizes": [1, 8], "warmup": 2, "iterations": 12, "serving": ["plain", "optimized"]},
+        "benchmark": {"batch_sizes": [1, 8], "warmup": 2, "iterations": 12, "serving": list(serving)},
         "seed": 0,
+        **spec_fields,
     }
     files = {
         "model": str(folder / "model.pt"),
@@ -189,6 +190,24 @@ def test_a_lossless_pipeline_is_its_own_floor_and_claims_nothing_beyond_it(cnn, 
 
     assert "baseline_compiled" not in report and report["summary"]["beyond_floor"] is None
     assert {entry["model"] for entry in report["summary"]["lossless_floor"].values()} <= {"baseline", "stage1"}
+
+
+def test_a_job_serving_on_onnx_runtime_times_the_results_onnx_artifact_and_the_baselines_export(cnn, tmp_path):
+    steps = [{"op": "quantize", "scheme": "dynamic_int8"}]
+    report = _job(cnn, tmp_path, steps, serving=("plain", "onnxruntime"), output_formats=["torchscript", "onnx"])
+
+    assert "missing" not in report["onnx"], report["onnx"]
+    for side in ("baseline", "result"):
+        figures = report[side]["serving"]["onnxruntime"]
+        assert figures["latency_ms"]["8"]["p50"] > 0, figures
+    assert (tmp_path / "baseline.onnx").exists()
+
+
+def test_onnx_runtime_serving_alone_times_an_export_without_offering_it(cnn, tmp_path):
+    report = _job(cnn, tmp_path, [{"op": "quantize", "scheme": "dynamic_int8"}], serving=("plain", "onnxruntime"))
+
+    assert "onnx" not in report  # not asked for in output_formats: timed, not offered
+    assert report["result"]["serving"]["onnxruntime"]["latency_ms"]["1"]["p50"] > 0
 
 
 @pytest.mark.cuda

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -64,9 +65,9 @@ def _staged(store: BlobStore) -> list:
 
 
 def test_collection_keeps_every_referenced_blob_and_deletes_old_orphans(session, store, tmp_path):
-    model, dataset, artifact, deleted, old_orphan = (
+    model, dataset, artifact, onnx_artifact, deleted, old_orphan = (
         _put(store, tmp_path, name.encode(), age_ns=2 * DAY_NS)
-        for name in ("model", "dataset", "artifact", "deleted", "orphan")
+        for name in ("model", "dataset", "artifact", "onnx artifact", "deleted", "orphan")
     )
     fresh_orphan = _put(store, tmp_path, b"written a moment ago, its row not yet committed")
     stranger_kept = _plant_stranger(store)
@@ -87,6 +88,8 @@ def test_collection_keeps_every_referenced_blob_and_deletes_old_orphans(session,
             status=JobStatus.SUCCEEDED,
             artifact_sha256=artifact.sha256,
             artifact_size_bytes=8,
+            onnx_sha256=onnx_artifact.sha256,
+            onnx_size_bytes=13,
         )
     )
     session.flush()
@@ -98,10 +101,41 @@ def test_collection_keeps_every_referenced_blob_and_deletes_old_orphans(session,
         model.sha256,
         dataset.sha256,
         artifact.sha256,
+        onnx_artifact.sha256,
         fresh_orphan.sha256,
     }
     assert stranger_kept() and _staged(store) == []
     assert blobs.collect_orphans(session, store, grace_s=3600) == []
+
+
+def test_collection_keeps_a_stored_step_while_its_model_lives_and_frees_it_with_the_model(session, store, tmp_path):
+    from app.models import StepCheckpoint
+    from app.services import checkpoints
+
+    model_blob, kept, dropped = (
+        _put(store, tmp_path, name.encode(), age_ns=2 * DAY_NS) for name in ("model", "step of a live model", "step")
+    )
+    key = uuid.uuid4().hex * 2
+    live = UploadedModel(name="m", size_bytes=5, sha256=model_blob.sha256)
+    gone = UploadedModel(name="gone", size_bytes=5, sha256=model_blob.sha256)
+    session.add_all([live, gone])
+    session.flush()
+    for owner, blob in ((live, kept), (gone, dropped)):
+        job = CompressionJob(model_id=owner.id, spec={}, spec_hash="x", status=JobStatus.FAILED)
+        session.add(job)
+        session.flush()
+        checkpoints.record(session, "default", key, job.id, owner.id, 0, blob, {"op": "prune"})
+    session.flush()
+
+    assert blobs.collect_orphans(session, store, grace_s=3600) == []
+    gone.deleted_at = utcnow()
+    session.flush()
+    assert blobs.collect_orphans(session, store, grace_s=3600) == [dropped.sha256]
+    assert store.exists(kept.sha256) and not store.exists(dropped.sha256)
+    # A deleted model's stored steps are no longer offered for reuse either.
+    assert [c.sha256 for c in checkpoints.stored_prefix(session, "default", [key])] == [kept.sha256]
+    owners = StepCheckpoint.model_id.in_([live.id, gone.id])
+    assert session.query(StepCheckpoint).filter(owners).count() == 2  # the rows stay, the job's record
 
 
 def test_a_blob_written_again_while_collected_is_spared(session, store, tmp_path):

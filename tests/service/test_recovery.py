@@ -244,3 +244,98 @@ def test_only_dead_attempts_directories_are_removed(tmp_path):
     finally:
         live.remove()
     assert remove_abandoned(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+TWO_PRUNES = [
+    {"op": "prune", "structure": "unstructured", "amount": 0.3},
+    {"op": "prune", "structure": "unstructured", "amount": 0.6},
+]
+
+
+def _pipeline(api, model_id: str, steps: list[dict], **spec) -> str:
+    response = api.post(
+        "/v1/jobs",
+        json={"model_id": model_id, "input_spec": SPIN_INPUT, "steps": steps, "benchmark": QUICK_BENCH, **spec},
+    )
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def _steps_run(service: Service, job_id: str) -> list[int]:
+    """The steps of a job that ran to completion, each time one did (the worker logs every step's
+    output it stores: a step run twice is logged twice)."""
+    log = service.log_text("worker")
+    return [step for step in range(1, 10) for _ in range(log.count(f"job {job_id}: step {step} of "))]
+
+
+def _load_artifact(api, job_id: str, tmp_path: Path):
+    import torch
+
+    path = tmp_path / f"{job_id}.pt"
+    path.write_bytes(api.get(f"/v1/jobs/{job_id}/artifact").content)
+    return torch.jit.load(str(path))
+
+
+def test_a_job_killed_in_its_second_step_resumes_after_the_first_and_other_jobs_reuse_it_within_a_tenant(
+    tmp_path, redis_broker
+):
+    import torch
+
+    keys = '["acme:key-a", "globex:key-b"]'
+    with _service(tmp_path, redis_broker, COMPACTOR_API_KEYS=keys) as service:
+        acme = api_client(service.url, headers={"Authorization": "Bearer key-a"})
+        globex = api_client(service.url, headers={"Authorization": "Bearer key-b"})
+        with acme, globex:
+            worker = service.start_worker()
+            slow = zoo.script(zoo.SlowCheck(2_000_000))  # a few seconds per step's check
+            model = upload_model(acme, slow)["id"]
+            wait_for(acme, f"/v1/models/{model}", lambda m: m["status"] == "ready")
+            job_id = _pipeline(acme, model, TWO_PRUNES)
+            wait_for(acme, f"/v1/jobs/{job_id}", lambda j: j["progress"]["step_index"] == 1, timeout=120)
+            process = model_process(worker, job_id)
+            assert process is not None and _steps_run(service, job_id) == [1]
+            process.kill()  # in step 2: the job is retried (`killed`) and must not run step 1 again
+
+            job = wait_job(acme, job_id)
+            assert (job["status"], job["attempts"]) == ("succeeded", 2), job
+            assert _steps_run(service, job_id) == [1, 2], "step 1 ran again after the kill"
+            report = acme.get(f"/v1/jobs/{job_id}/report").json()
+            assert [s["reused_from"] for s in report["stages"]] == [job_id, None]
+            assert report["stages"][0]["details"]["seconds"] > 0 and "metrics" in report["stages"][0]
+            assert any("resumed after step 1 of 2" in note for note in report["notes"]), report["notes"]
+            # Measured inside the sandbox by probes forked from the job's clean copy.
+            assert all(report[m]["peak_memory_bytes"] for m in ("baseline", "result")), report["notes"]
+            artifact = _load_artifact(acme, job_id, tmp_path)
+            weight = dict(artifact.named_parameters())["linear.weight"]
+            assert (weight == 0).float().mean().item() >= 0.6  # both prunes are in what was stored
+
+            # The same first step, then another: the first is reused from the job above.
+            quantized = [TWO_PRUNES[0], {"op": "quantize", "scheme": "dynamic_int8"}]
+            shared = wait_job(acme, _pipeline(acme, model, quantized))
+            assert shared["status"] == "succeeded", shared
+            assert _steps_run(service, shared["id"]) == [2]
+            shared_report = acme.get(f"/v1/jobs/{shared['id']}/report").json()
+            assert [s["reused_from"] for s in shared_report["stages"]] == [job_id, None]
+            assert any(f"stored outputs of job {job_id}" in n for n in shared_report["notes"])
+
+            # The same job again (a replayed trial): no step runs, the stored last step is the artifact.
+            replay = wait_job(acme, _pipeline(acme, model, TWO_PRUNES))
+            assert replay["status"] == "succeeded" and _steps_run(service, replay["id"]) == [], replay
+            replay_report = acme.get(f"/v1/jobs/{replay['id']}/report").json()
+            assert [s["reused_from"] for s in replay_report["stages"]] == [job_id, job_id]
+            assert replay["artifact"]["sha256"] == job["artifact"]["sha256"]
+
+            # Asked not to: every step runs.
+            fresh = wait_job(acme, _pipeline(acme, model, TWO_PRUNES, reuse_checkpoints=False))
+            assert fresh["status"] == "succeeded" and _steps_run(service, fresh["id"]) == [1, 2]
+
+            # The same bytes and steps for another tenant: nothing of acme's is seen.
+            other = upload_model(globex, slow)["id"]
+            wait_for(globex, f"/v1/models/{other}", lambda m: m["status"] == "ready")
+            theirs = wait_job(globex, _pipeline(globex, other, TWO_PRUNES))
+            assert theirs["status"] == "succeeded" and _steps_run(service, theirs["id"]) == [1, 2]
+            their_report = globex.get(f"/v1/jobs/{theirs['id']}/report").json()
+            assert [s["reused_from"] for s in their_report["stages"]] == [None, None]
+            assert torch.equal(
+                dict(_load_artifact(globex, theirs["id"], tmp_path).named_parameters())["linear.weight"], weight
+            ), "a resumed run computes what an uninterrupted one does"

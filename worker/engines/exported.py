@@ -66,7 +66,10 @@ def load_exported_program(path: str | Path) -> torch.export.ExportedProgram:
                 "them), so they are never unpickled: export the model with tensor example inputs",
             ) from exc
     try:
-        return torch.export.load(str(path))
+        # an open file, not the path: torch.export.load warns about (and may one day refuse) a path
+        # not ending in .pt2, and the sandbox names its copy of every upload model.pt
+        with open(path, "rb") as fh:
+            return torch.export.load(fh)
     except Exception as exc:  # torch raises many types for a bad archive
         raise EngineError("model_invalid", f"torch.export.load cannot load this file: {model_text(exc)}") from exc
 
@@ -112,11 +115,19 @@ def exported_to_torchscript(program: torch.export.ExportedProgram) -> torch.jit.
     return traced
 
 
-# Higher-order operators carry graphs of their own (branches, loop bodies) chosen at run time: a
-# trace follows one path and would freeze it, so a program holding one is refused.
+# The higher-order operators that choose among graphs of their own (branches, loop bodies) at run
+# time: a trace would follow one path and freeze it. (Others, such as a grad-mode wrapper, are left
+# to the trace, which refuses what it cannot record.)
+CONTROL_FLOW_OPERATORS = frozenset({"cond", "while_loop", "map_impl", "scan", "associative_scan"})
+
+
 def _refuse_control_flow(program: torch.export.ExportedProgram) -> None:
     for node in program.graph_module.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+        if (
+            node.op == "call_function"
+            and isinstance(node.target, torch._ops.HigherOrderOperator)
+            and node.target.name() in CONTROL_FLOW_OPERATORS
+        ):
             raise EngineError(
                 "export_not_traceable",
                 f"the exported program has data-dependent control flow ({node.target.name()} at node "
@@ -246,36 +257,44 @@ def _name_modules_after_originals(module: torch.nn.Module, program: torch.export
 def _check_agreement(
     program: torch.export.ExportedProgram, traced: torch.jit.ScriptModule, inputs: tuple[torch.Tensor, ...]
 ) -> None:
+    batch = inputs[0].shape[0]
     with torch.inference_mode():
         try:
-            expected = program.module()(*inputs)
+            expected = [program.module()(*inputs) for _ in range(2)]
         except Exception as exc:
             raise EngineError(
                 "export_not_traceable",
-                f"the exported program does not run on its own sample inputs at batch {inputs[0].shape[0]}: "
-                f"{model_text(exc)}",
+                f"the exported program does not run on its own sample inputs at batch {batch}: {model_text(exc)}",
             ) from exc
         try:
             actual = traced(*inputs)
         except Exception as exc:
             raise EngineError(
                 "export_not_traceable",
-                f"the module traced from the exported program does not run at batch {inputs[0].shape[0]}: "
-                f"{model_text(exc)}",
+                f"the module traced from the exported program does not run at batch {batch}: {model_text(exc)}",
             ) from exc
-    want, got = _leaves(expected), _leaves(actual)
-    same = len(want) == len(got) and all(
+    if not _same(*expected):
+        raise EngineError(
+            "export_not_traceable",
+            "the exported program gives different outputs on the same inputs (was it exported in training "
+            "mode, with dropout active?): export model.eval()",
+        )
+    if not _same(expected[0], actual):
+        raise EngineError(
+            "export_not_traceable",
+            f"the module traced from the exported program computes something else at batch {batch} "
+            "(its graph depends on values a trace freezes): upload torch.jit.script of the model",
+        )
+
+
+def _same(first, second) -> bool:
+    want, got = _leaves(first), _leaves(second)
+    return len(want) == len(got) and all(
         w.shape == g.shape and w.dtype == g.dtype and torch.allclose(w, g, rtol=AGREEMENT_RTOL, atol=AGREEMENT_ATOL)
         if w.is_floating_point()
         else torch.equal(w, g)
         for w, g in zip(want, got, strict=False)
     )
-    if not same:
-        raise EngineError(
-            "export_not_traceable",
-            f"the module traced from the exported program computes something else at batch "
-            f"{inputs[0].shape[0]} (its graph depends on values a trace freezes): upload torch.jit.script of the model",
-        )
 
 
 def _leaves(output) -> list[torch.Tensor]:

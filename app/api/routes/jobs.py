@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterable
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
@@ -29,9 +29,11 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problems(*COMMON_
 
 
 def to_read(job: CompressionJob, deliveries: list | None = None) -> JobRead:
-    artifact = None
+    artifact = onnx_artifact = None
     if job.artifact_sha256:
         artifact = ArtifactInfo(size_bytes=job.artifact_size_bytes, sha256=job.artifact_sha256)
+    if job.onnx_sha256:
+        onnx_artifact = ArtifactInfo(size_bytes=job.onnx_size_bytes, sha256=job.onnx_sha256)
     return JobRead(
         id=job.id,
         name=job.name,
@@ -46,6 +48,7 @@ def to_read(job: CompressionJob, deliveries: list | None = None) -> JobRead:
         started_at=job.started_at,
         finished_at=job.finished_at,
         artifact=artifact,
+        onnx_artifact=onnx_artifact,
         revision=job.revision,
         webhooks=None
         if deliveries is None
@@ -191,9 +194,20 @@ def get_report_html(job_id: str, session: ReadSessionDep, tenant: TenantDep):
 @router.get(
     "/{job_id}/artifact",
     operation_id="download_artifact",
-    responses=download_responses("The compressed TorchScript file"),
+    responses=download_responses("The compressed TorchScript file, or with `format=onnx` the ONNX file"),
 )
-def download_artifact(job_id: str, request: Request, session: ReadSessionDep, tenant: TenantDep, store: StoreDep):
-    """Download the compressed TorchScript artifact (ETag = sha256, Range supported)."""
-    job = service.get_artifact(session, tenant, job_id)
-    return blob_response(request, store, job.artifact_sha256, job.artifact_size_bytes, f"{job.id}.pt")
+def download_artifact(
+    job_id: str,
+    request: Request,
+    session: ReadSessionDep,
+    tenant: TenantDep,
+    store: StoreDep,
+    artifact_format: Annotated[
+        Literal["torchscript", "onnx"],
+        Query(alias="format", description="`onnx`: the ONNX file (404 `onnx_not_available` when there is none)."),
+    ] = "torchscript",
+):
+    """Download the compressed artifact: TorchScript, or ONNX with `?format=onnx` (ETag = sha256, Range supported)."""
+    sha256, size = service.get_artifact(session, tenant, job_id, artifact_format)
+    suffix = ".onnx" if artifact_format == "onnx" else ".pt"
+    return blob_response(request, store, sha256, size, f"{job_id}{suffix}")

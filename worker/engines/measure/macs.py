@@ -64,6 +64,13 @@ def count_macs(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> MacCou
 
 
 class _MacRecorder(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ to keep torch.compile out of it, importing all of
+        # torch._dynamo (seconds) at the first operator. The recorder only ever watches a TorchScript
+        # forward, which torch.compile never traces: without the wrapper, nothing to keep out.
+        return False
+
     def __init__(self) -> None:
         super().__init__()
         self.by_operator: dict[str, int] = defaultdict(int)

@@ -31,7 +31,7 @@ from worker.engines.measure.latency import (
     time_interleaved,
 )
 from worker.engines.measure.macs import MacCount, count_macs
-from worker.engines.measure.memory import cpu_peak_memory, cuda_peak_memory
+from worker.engines.measure.memory import CleanFork, cpu_peak_memory, cuda_peak_memory
 from worker.engines.measure.quality import FidelityAccumulator, count_correct
 from worker.engines.measure.serving import (
     SERVING_MODES,
@@ -82,6 +82,7 @@ def measure_models(
     progress: ProgressFn = lambda fraction, message: None,
     onnx_files: Mapping[str, Path] | None = None,
     lossless: Iterable[str] | None = None,
+    clean: CleanFork | None = None,
 ) -> Measurement:
     """Measure size, work, quality, latency and memory of several models side by side.
 
@@ -103,6 +104,9 @@ def measure_models(
         onnx_files: `{name: ONNX file}` of the models the `onnxruntime` mode can run.
         lossless: the models made with no loss (None: the reference alone): their modes whose
             outputs agree with their `plain` outputs within float tolerance make the floor.
+
+        clean: a copy of the caller's process from before it loaded any model, to fork the CPU
+            memory probes from (None: each probe is a fresh interpreter).
 
     Returns:
         A `Measurement` (metrics, speed-ups with spread, environment, notes, floor).
@@ -137,7 +141,7 @@ def measure_models(
         for name in models:
             metrics[name].update(quality[name])
         progress(0.25, "measured accuracy and fidelity")
-        peaks = _peak_memory(models, files, timed, data, config, device, notes)
+        peaks = _peak_memory(models, files, timed, data, config, device, notes, clean)
         for name in models:
             metrics[name]["peak_memory_bytes"] = peaks.get(name)
         progress(0.35, "measured peak memory")
@@ -258,6 +262,7 @@ def _peak_memory(
     config: BenchmarkConfig,
     device: torch.device,
     notes: list[str],
+    clean: CleanFork | None,
 ) -> dict[str, int | None]:
     """Peak memory at the largest batch size, for the timed models."""
     if not config.measure_memory or not timed:
@@ -266,7 +271,7 @@ def _peak_memory(
     if device.type == "cuda":
         return {name: cuda_peak_memory(models[name], inputs, device) for name in timed}
     probed = {name: files[name] for name in timed if name in files}
-    peaks = cpu_peak_memory(probed, inputs, torch.get_num_threads())
+    peaks = cpu_peak_memory(probed, inputs, torch.get_num_threads(), clean)
     failed = sorted(name for name in timed if peaks.get(name) is None)
     if failed:
         notes.append(
@@ -381,6 +386,14 @@ def _latency(
     return speedup, result
 
 
+def _modes_run(metrics: dict[str, dict[str, Any]], name: str, modes: Iterable[str], lossless_only: bool) -> list[str]:
+    """The modes a timed model was run in, plain first; with `lossless_only`, only those whose
+    outputs agree with plain within float tolerance."""
+    serving = metrics[name]["serving"]
+    ran = [mode for mode in modes if "latency_ms" in serving.get(mode, {})]
+    return ["plain"] + [mode for mode in ran if serving[mode]["lossless"] or not lossless_only]
+
+
 def _floor(
     timings: LatencyResult,
     metrics: dict[str, dict[str, Any]],
@@ -393,15 +406,6 @@ def _floor(
     """The lossless floor per batch size, and each lossy model's fastest mode over it."""
     if reference not in timed:
         return {}, {}
-
-    def modes(name: str, lossless_only: bool) -> list[str]:
-        figures = metrics[name]["serving"]
-        return ["plain"] + [
-            mode
-            for mode in config.serving
-            if mode in figures and "latency_ms" in figures[mode] and (figures[mode]["lossless"] or not lossless_only)
-        ]
-
     for name in sorted(lossless & set(timed)):
         for mode, figures in metrics[name]["serving"].items():
             if figures.get("lossless") is False:
@@ -409,34 +413,31 @@ def _floor(
                     f"{name} served {mode} differs from its plain outputs by {figures['max_abs_difference']:.3g}, "
                     "beyond float tolerance: it is not counted in the lossless floor"
                 )
+    rounds = timings.round_medians_ms
     floor: dict[str, dict[str, Any]] = {}
     beyond: dict[str, dict[str, dict[str, Any]]] = {}
     for batch_size in config.batch_sizes:
-        rounds = timings.round_medians_ms
-        reference_rounds = rounds[reference][batch_size]
 
-        def over_reference(key: str, _reference_rounds=reference_rounds, _batch=batch_size) -> dict:
-            return paired_speedup(_reference_rounds, rounds[key][_batch])
+        def over(base: tuple[str, str], served: tuple[str, str], _batch: int = batch_size) -> dict:
+            """The paired speed-up of (model, mode) `served` over (model, mode) `base`."""
+            return paired_speedup(rounds[_key(*base)][_batch], rounds[_key(*served)][_batch])
 
-        candidates = [(name, mode) for name in timed if name in lossless for mode in modes(name, lossless_only=True)]
-        name, mode = max(candidates, key=lambda c: over_reference(_key(*c))["median"])
-        floor_key = _key(name, mode)
+        plain = (reference, "plain")
+        candidates = [(n, m) for n in timed if n in lossless for m in _modes_run(metrics, n, config.serving, True)]
+        fastest = max(candidates, key=lambda candidate: over(plain, candidate)["median"])
+        figures = metrics[fastest[0]] if fastest[1] == "plain" else metrics[fastest[0]]["serving"][fastest[1]]
         floor[str(batch_size)] = {
-            "model": name,
-            "mode": mode,
-            "p50_ms": (metrics[name] if mode == "plain" else metrics[name]["serving"][mode])["latency_ms"][
-                str(batch_size)
-            ]["p50"],
-            **over_reference(floor_key),
+            "model": fastest[0],
+            "mode": fastest[1],
+            "p50_ms": figures["latency_ms"][str(batch_size)]["p50"],
+            **over(plain, fastest),
         }
-        for other in timed:
-            if other in lossless:
+        for name in timed:
+            if name in lossless:
                 continue
-            fastest = max(modes(other, lossless_only=False), key=lambda m: over_reference(_key(other, m))["median"])
-            beyond.setdefault(other, {})[str(batch_size)] = {
-                "mode": fastest,
-                **paired_speedup(rounds[floor_key][batch_size], rounds[_key(other, fastest)][batch_size]),
-            }
+            modes = _modes_run(metrics, name, config.serving, False)
+            mode = max(modes, key=lambda m: over(plain, (name, m))["median"])
+            beyond.setdefault(name, {})[str(batch_size)] = {"mode": mode, **over(fastest, (name, mode))}
     return floor, beyond
 
 

@@ -1,13 +1,19 @@
 """Peak memory of one inference: CUDA peak allocation in process, CPU resident growth in isolation.
 
 On CPU the allocator reuses whatever earlier models freed, so resident growth inside the worker
-says little; a fresh Python process loads the saved file and runs the batch, and its peak
-anonymous resident memory above what it held before loading is the figure.
+says little; a process that has never loaded a model loads the saved file and runs the batch, and
+its peak anonymous resident memory above what it held before loading is the figure. That process
+is a fork of a `CleanFork` (a copy of the job's process taken before it loaded any model, with
+torch already imported) when the caller made one, else a fresh interpreter, which costs a torch
+import (seconds) per model measured.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,17 +48,113 @@ print(json.dumps({"peak_growth_bytes": max(growth, 0)}))
 _PROBE_TIMEOUT_S = 300
 
 
-def cpu_peak_memory(files: dict[str, Path], inputs: Sequence[torch.Tensor], threads: int) -> dict[str, int | None]:
+class CleanFork:
+    """A copy of this process, forked before it loads any model, that forks one memory probe per
+    model on request: each probe starts with torch imported and no model's memory behind it, as a
+    fresh interpreter would, without paying for the import.
+
+    Make it while the process is still single-threaded and has loaded no model (the job's start);
+    close it when done. Linux only.
+
+    Example:
+        with CleanFork() as clean:
+            ...  # load and compress models
+            cpu_peak_memory({"baseline": Path("model.pt")}, (x,), threads=1, clean=clean)
+    """
+
+    def __init__(self):
+        requests_read, self._requests = os.pipe()
+        self._replies, replies_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the copy: serve until the job's process closes the pipe, never return
+            # Nothing else of the job's process (its channel to the worker, files): only the two pipes.
+            low, high = sorted((requests_read, replies_write))
+            os.closerange(3, low)
+            os.closerange(low + 1, high)
+            os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
+            code = 0
+            try:
+                _serve_probes(requests_read, replies_write)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(requests_read)
+        os.close(replies_write)
+
+    def probe(self, files: dict[str, Path], inputs_path: Path, threads: int, timeout_s: float) -> dict[str, int | None]:
+        """`{name: peak growth bytes or None}`, one forked probe per file, all at once."""
+        request = {"files": {name: str(path) for name, path in files.items()}, "inputs": str(inputs_path)}
+        os.write(self._requests, json.dumps({**request, "threads": threads}).encode() + b"\n")
+        line = b""
+        while not line.endswith(b"\n"):
+            ready, _, _ = select.select([self._replies], [], [], timeout_s)
+            chunk = os.read(self._replies, 1 << 16) if ready else b""
+            if not chunk:
+                self.close()
+                return {name: None for name in files}
+            line += chunk
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.pid is None:
+            return
+        os.close(self._requests)
+        os.close(self._replies)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        self.pid = None
+
+    def __enter__(self) -> CleanFork:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+
+def _serve_probes(requests_fd: int, replies_fd: int) -> None:
+    with os.fdopen(requests_fd, "rb") as requests:
+        for line in requests:
+            request = json.loads(line)
+            probes = {}
+            for name, path in request["files"].items():
+                result = f"{request['inputs']}.{len(probes)}.json"
+                pid = os.fork()
+                if pid == 0:  # the probe: the same code a fresh interpreter runs, its print into `result`
+                    code = 1
+                    try:
+                        with open(result, "w") as out:
+                            os.dup2(out.fileno(), 1)
+                            sys.argv = ["probe", path, request["inputs"], str(request["threads"])]
+                            exec(_CPU_PROBE, {"__name__": "__probe__"})
+                            sys.stdout.flush()
+                        code = 0
+                    finally:
+                        os._exit(code)
+                probes[name] = (pid, result)
+            peaks = {}
+            for name, (pid, result) in probes.items():
+                _, status = os.waitpid(pid, 0)
+                peaks[name] = _peak_from(Path(result).read_text()) if os.waitstatus_to_exitcode(status) == 0 else None
+            os.write(replies_fd, json.dumps(peaks).encode() + b"\n")
+
+
+def cpu_peak_memory(
+    files: dict[str, Path], inputs: Sequence[torch.Tensor], threads: int, clean: CleanFork | None = None
+) -> dict[str, int | None]:
     """Peak anonymous resident growth (bytes) of loading each file and running it twice on `inputs`.
 
-    Each model runs in its own fresh process (all started at once, then awaited), so no model's
-    freed memory hides another's. Linux only (`/proc/self/statm`); a model whose probe fails maps
-    to None.
+    Each model runs in its own process that has loaded no other model (all started at once, then
+    awaited), so no model's freed memory hides another's: a fork of `clean`, or without it a fresh
+    interpreter. Linux only (`/proc/self/status`); a model whose probe fails maps to None.
 
     Args:
         files: `{name: saved TorchScript file}`.
         inputs: the positional inputs of one batch (CPU tensors).
         threads: intra-op threads for the probe processes.
+        clean: a `CleanFork` of this process to fork the probes from (None: fresh interpreters).
 
     Returns:
         `{name: bytes or None}`.
@@ -63,6 +165,8 @@ def cpu_peak_memory(files: dict[str, Path], inputs: Sequence[torch.Tensor], thre
     with tempfile.TemporaryDirectory(prefix="compactor-memory-") as tmp:
         inputs_path = Path(tmp) / "inputs.pt"
         torch.save(tuple(t.cpu() for t in inputs), inputs_path)
+        if clean is not None and clean.pid is not None:
+            return clean.probe(files, inputs_path, threads, _PROBE_TIMEOUT_S)
         probes = {
             name: subprocess.Popen(
                 [sys.executable, "-c", _CPU_PROBE, str(path), str(inputs_path), str(threads)],
@@ -84,7 +188,14 @@ def _probe_result(probe: subprocess.Popen) -> int | None:
         return None
     if probe.returncode != 0:
         return None
-    return int(json.loads(stdout.strip().splitlines()[-1])["peak_growth_bytes"])
+    return _peak_from(stdout)
+
+
+def _peak_from(stdout: str) -> int | None:
+    try:
+        return int(json.loads(stdout.strip().splitlines()[-1])["peak_growth_bytes"])
+    except (ValueError, IndexError, KeyError, TypeError):
+        return None
 
 
 def cuda_peak_memory(model: torch.nn.Module, inputs: Sequence[torch.Tensor], device: torch.device) -> int:

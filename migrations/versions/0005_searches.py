@@ -1,7 +1,7 @@
 """accuracy-aware searches, and the search a job is a trial of
 
-Revision ID: 0004
-Revises: 0002
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-04 02:00:00
 """
 from alembic import op
@@ -9,8 +9,8 @@ import sqlalchemy as sa
 import app.models.base
 
 
-revision = '0004'
-down_revision = '0002'
+revision = '0005'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 
