@@ -193,8 +193,8 @@ def _empty_result() -> dict:
     return {"baseline": None, "trials": [], "front": [], "pick": None, "feasible": None, "closest": None}
 
 
-def get_artifact_job(session: Session, tenant: str, search_id: str) -> CompressionJob:
-    """The job whose artifact is the search's: the pick's, or the closest candidate's when infeasible."""
+def get_artifact(session: Session, tenant: str, search_id: str) -> tuple[str, int]:
+    """The (sha256, size) of the search's artifact: the pick's, or the closest candidate's when infeasible."""
     search = get_search(session, tenant, search_id, with_result=True)
     chosen = (search.result or {}).get("pick") or (search.result or {}).get("closest")
     if search.status != JobStatus.SUCCEEDED or not chosen:

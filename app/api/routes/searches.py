@@ -143,5 +143,5 @@ def download_search_artifact(
     search_id: str, request: Request, session: ReadSessionDep, tenant: TenantDep, store: StoreDep
 ):
     """Download the pick's artifact, or the closest candidate's when nothing met the constraints (409 before)."""
-    job = service.get_artifact_job(session, tenant, search_id)
-    return blob_response(request, store, job.artifact_sha256, job.artifact_size_bytes, f"{search_id}.pt")
+    sha256, size = service.get_artifact(session, tenant, search_id)
+    return blob_response(request, store, sha256, size, f"{search_id}.pt")
