@@ -237,7 +237,12 @@ def test_canceling_a_search_cancels_every_trial_and_queues_no_more(api, digits_s
 
 
 def test_a_worker_killed_mid_search_does_not_lose_the_search(service, api, digits_setup):
-    spec = _spec(digits_setup, budget={"max_trials": 3, "parallel": 2, "time_limit_s": 600})
+    # A loose limit, so that no candidate is stopped early and the child of a prefix runs too.
+    spec = _spec(
+        digits_setup,
+        constraints={"max_accuracy_drop": 0.5},
+        budget={"max_trials": 4, "parallel": 2, "time_limit_s": 600},
+    )
     created = _create(api, spec)
     deadline = time.monotonic() + 120
     victim = None
@@ -255,6 +260,12 @@ def test_a_worker_killed_mid_search_does_not_lose_the_search(service, api, digit
     explored = [t for t in report["trials"] if t["role"] != "verify"]
     assert all(t["status"] in ("succeeded", "pruned") for t in explored), [(t["status"], t["error"]) for t in explored]
     assert any(api.get(f"/v1/jobs/{t['job_id']}").json()["attempts"] == 2 for t in explored)
+    # The prefix ran first, and its child reused the prefix's stored step instead of pruning again.
+    by_params = {(t["params"]["prune"], t["params"]["quantize"]): t for t in explored}
+    parent, child = by_params[(0.5, "none")], by_params[(0.5, "dynamic_int8")]
+    assert parent["number"] < child["number"] and child["status"] == "succeeded"
+    stages = api.get(f"/v1/jobs/{child['job_id']}/report").json()["stages"]
+    assert stages[0]["op"] == "prune" and stages[0]["reused_from"] == parent["job_id"]
     service.start_worker(key=victim)
 
 
