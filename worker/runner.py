@@ -191,7 +191,11 @@ def _execute_job(
         onnx_path = None if "missing" in onnx_section else str(onnx_file)
     onnx_files = {result_name: Path(onnx_path)} if onnx_path else {}
     if timed_on_ort and steps:
-        onnx_files.update(_baseline_onnx(teacher, evaluation, out))
+        baseline_onnx = _baseline_onnx(teacher, evaluation, out)
+        if isinstance(baseline_onnx, Path):
+            onnx_files["baseline"] = baseline_onnx
+        else:
+            floor_notes.append(f"the baseline is not timed on ONNX Runtime: {baseline_onnx}")
 
     def measure_progress(fraction: float, message: str) -> None:
         emit(
@@ -255,16 +259,16 @@ def _execute_job(
     return {"artifact_path": str(paths[result_name]), "onnx_path": onnx_path, "report": report}
 
 
-def _baseline_onnx(teacher: torch.jit.ScriptModule, evaluation: ModelData, out: Path) -> dict[str, Path]:
-    """The baseline's float ONNX file for the onnxruntime serving mode, when it exports (else the
-    mode reports the baseline as not run, with its reason)."""
+def _baseline_onnx(teacher: torch.jit.ScriptModule, evaluation: ModelData, out: Path) -> Path | str:
+    """The baseline's float ONNX file for the onnxruntime serving mode, or why it does not export
+    (the report's notes say it; the mode shows the baseline as not run)."""
     try:
         data = export_onnx(teacher, evaluation.take(2))
-    except OnnxUnavailable:
-        return {}
+    except OnnxUnavailable as exc:
+        return exc.reason
     path = out / "baseline.onnx"
     path.write_bytes(data)
-    return {"baseline": path}
+    return path
 
 
 def _baseline_file(teacher: torch.jit.ScriptModule, upload: Path, out: Path) -> Path:

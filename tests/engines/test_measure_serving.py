@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.zoo import SequentialCNN, digits, trace, train_classifier
+from tests.zoo import SequentialCNN, TinyEncoder, digits, round_trip, trace, train_classifier
 from worker.cpu_share import cpu_share
 from worker.engines.data import ModelData
 from worker.engines.measure import BenchmarkConfig, measure_models
@@ -230,3 +230,26 @@ def test_on_cuda_optimized_serving_is_timed_and_onnx_runtime_says_it_measures_on
     serving = measurement.metrics["baseline"]["serving"]
     assert serving["optimized"]["latency_ms"]["8"]["p50"] > 0 and serving["optimized"]["lossless"] is True
     assert serving["onnxruntime"]["unavailable"].startswith("ONNX Runtime is measured on its CPU execution provider")
+
+
+def test_a_baseline_the_exporter_cannot_express_is_timed_without_onnx_runtime_and_says_why(tmp_path):
+    # nn.MultiheadAttention in a traced, reloaded module: the ONNX exporter loses a tensor's rank
+    model, _ = round_trip(trace(TinyEncoder(), torch.randint(0, 1000, (2, 12))))
+    torch.jit.save(model, str(tmp_path / "model.pt"))
+    spec = {
+        "input_spec": [{"shape": [1, 12], "dtype": "int64", "low": 0, "high": 1000}],
+        "steps": [{"op": "quantize", "scheme": "dynamic_int8"}],
+        "benchmark": {"batch_sizes": [2], "warmup": 2, "iterations": 6, "serving": ["plain", "onnxruntime"]},
+    }
+    files = {"model": str(tmp_path / "model.pt"), "calibration": None, "evaluation": None}
+    files.update(students={}, output_dir=str(tmp_path))
+    report = execute_job(lambda event: None, spec, files, cpu=cpu_share(1, override=1).describe(), extra_time_s=0)[
+        "report"
+    ]
+
+    assert report["baseline"]["serving"]["onnxruntime"] == {
+        "unavailable": "no ONNX file of this model was made in this job"
+    }
+    why = [note for note in report["notes"] if note.startswith("the baseline is not timed on ONNX Runtime")]
+    assert len(why) == 1 and "cannot export this model" in why[0], report["notes"]
+    assert report["summary"]["lossless_floor"]["2"]["mode"] == "plain"  # the only mode that ran
