@@ -32,7 +32,9 @@ datasets = typer.Typer(help="Calibration, training and evaluation datasets.", no
 jobs = typer.Typer(help="Compression jobs: submit, follow, report, download.", no_args_is_help=True)
 cli.add_typer(models, name="models")
 cli.add_typer(datasets, name="datasets")
+searches = typer.Typer(help="Accuracy-aware searches: state the limits, get the recipe.", no_args_is_help=True)
 cli.add_typer(jobs, name="jobs")
+cli.add_typer(searches, name="searches")
 
 
 # ---- the service ----
@@ -460,6 +462,164 @@ def download_artifact(
     """Download a job's compressed TorchScript (or ONNX) file, checked against its sha256."""
     with _server(url, api_key) as client:
         sha256 = client.download_artifact(job_id, output, artifact_format.value)
+    typer.echo(f"{output}  sha256 {sha256}")
+
+
+SearchId = Annotated[str, typer.Argument(metavar="ID", help="the search's id")]
+
+
+def _search_line(search: dict) -> str:
+    progress = search.get("progress") or {}
+    line = (
+        f"{search['id']}  {search['status']}  {progress.get('stage', '')}  "
+        f"{progress.get('trials_done', 0)}/{progress.get('trials_planned', 0)} trials"
+    )
+    if progress.get("trials_pruned"):
+        line += f", {progress['trials_pruned']} stopped early"
+    return line
+
+
+def _finish_search(search: dict, as_json: bool) -> None:
+    """Say how a finished search ended; exit 0 only when it succeeded (feasible or not)."""
+    if as_json:
+        _print_json(search)
+    if search["status"] == "succeeded":
+        _err(f"search {search['id']} succeeded" + ("" if search.get("feasible") else ": nothing met the constraints"))
+        return
+    error = search.get("error") or {}
+    _err(f"search {search['id']} {search['status']}" + (f": {error['code']}: {error['message']}" if error else ""))
+    raise typer.Exit(1)
+
+
+def _wait_search(client: CompactorClient, search_id: str) -> dict:
+    try:
+        return client.wait_for_search(search_id, on_update=lambda s: _err(_search_line(s)))
+    except KeyboardInterrupt:
+        _err(f"stopped waiting; search {search_id} goes on: `compactor searches wait {search_id}` follows it again")
+        raise typer.Exit(130) from None
+
+
+@searches.command("create")
+def create_search(
+    spec_file: Annotated[str, typer.Argument(metavar="SPEC.json", help="a SearchSpec file; - reads stdin")],
+    wait: Annotated[bool, typer.Option("--wait", help="follow the search; exit 0 only when it succeeds")] = False,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start an accuracy-aware search and print its id."""
+    spec = _read_spec(spec_file)
+    with _server(url, api_key) as client:
+        search = client.create_search(spec)
+        if not wait:
+            _show(search, as_json, search["id"])
+            return
+        if not as_json:
+            typer.echo(search["id"])
+        search = _wait_search(client, search["id"])
+    _finish_search(search, as_json)
+
+
+@searches.command("wait")
+def wait_search(
+    search_id: SearchId, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None, as_json: JsonOption = False
+) -> None:
+    """Follow a search to its end (progress on stderr); exit 0 only when it succeeded."""
+    with _server(url, api_key) as client:
+        search = _wait_search(client, search_id)
+    _finish_search(search, as_json)
+
+
+@searches.command("get")
+def get_search(
+    search_id: SearchId, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None, as_json: JsonOption = False
+) -> None:
+    """Show a search: status, trials done / planned, and the pick."""
+    with _server(url, api_key) as client:
+        search = client.get_search(search_id)
+    if as_json:
+        _print_json(search)
+        return
+    typer.echo(_search_line(search))
+    if search.get("error"):
+        typer.echo(f"{search['error']['code']}: {search['error']['message']}")
+    pick = search.get("pick")
+    if pick:
+        kind = "pick" if search.get("feasible") else "closest (infeasible)"
+        typer.echo(f"{kind}: trial {pick['number']}, job {pick['job_id']}: {_recipe(pick.get('steps'))}")
+
+
+@searches.command("cancel")
+def cancel_search(
+    search_id: SearchId, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None, as_json: JsonOption = False
+) -> None:
+    """Cancel a search and every trial it has running; print its status."""
+    with _server(url, api_key) as client:
+        search = client.cancel_search(search_id)
+    _show(search, as_json, f"{search['id']}  {search['status']}")
+
+
+def _recipe(steps) -> str:
+    return (
+        " → ".join(
+            step.get("scheme") or (f"{step['op']} {step['amount']:g}" if "amount" in step else step["op"])
+            for step in steps or []
+        )
+        or "baseline"
+    )
+
+
+def _trial_lines(report: dict) -> list[str]:
+    chosen = (report.get("pick") or report.get("closest") or {}).get("number")
+    front = set(report.get("front") or [])
+    lines = [f"{'#':>3}  {'status':<10} {'accuracy':>9} {'speed-up':>9} {'size':>11}  recipe"]
+    for trial in report.get("trials", []):
+        if trial["role"] == "verify":
+            continue
+        figures = trial.get("figures") or {}
+        accuracy = "" if figures.get("accuracy") is None else f"{figures['accuracy']:.4f}"
+        speedup = "" if figures.get("speedup") is None else f"{figures['speedup']:.2f}×"
+        size = "" if figures.get("size_bytes") is None else f"{figures['size_bytes']:,}"
+        mark = "*" if trial["number"] == chosen else ("f" if trial["number"] in front else " ")
+        lines.append(
+            f"{trial['number']:>3}{mark} {trial['status']:<10} {accuracy:>9} {speedup:>9} {size:>11}  "
+            f"{_recipe(trial['steps'])}"
+        )
+    lines.append("(* the pick or closest candidate, f on the front)")
+    return lines
+
+
+@searches.command("report")
+def search_report(
+    search_id: SearchId,
+    html: Annotated[bool, typer.Option("--html", help="save the HTML report instead")] = False,
+    output: Annotated[Path, typer.Option("-o", "--output", help="where --html saves it")] = Path("search.html"),
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a search's trials, front and pick: a table, the whole JSON, or the HTML page."""
+    with _server(url, api_key) as client:
+        if html:
+            output.write_text(client.get_search_report_html(search_id), encoding="utf-8")
+        else:
+            report = client.get_search_report(search_id)
+    if html:
+        typer.echo(str(output))
+        return
+    _show(report, as_json, "\n".join(_trial_lines(report)))
+
+
+@searches.command("artifact")
+def download_search_artifact(
+    search_id: SearchId,
+    output: Annotated[Path, typer.Option("-o", "--output", help="the file to write")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Download the pick's TorchScript file (the closest candidate's when infeasible), checked against its sha256."""
+    with _server(url, api_key) as client:
+        sha256 = client.download_search_artifact(search_id, output)
     typer.echo(f"{output}  sha256 {sha256}")
 
 

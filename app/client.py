@@ -164,14 +164,56 @@ class CompactorClient:
         """
         field = "onnx_artifact" if artifact_format == "onnx" else "artifact"
         expected = (self.get_job(job_id).get(field) or {}).get("sha256")
+        return self._download(
+            f"/v1/jobs/{job_id}/artifact", expected, f"the job's {field}.sha256", dest, {"format": artifact_format}
+        )
+
+    # searches
+
+    def create_search(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Start a SearchSpec; the answer is the queued search."""
+        return self._json("POST", "/v1/searches", json=spec)
+
+    def get_search(self, search_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/searches/{search_id}")
+
+    def cancel_search(self, search_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/searches/{search_id}/cancel")
+
+    def wait_for_search(
+        self, search_id: str, on_update: Callable[[dict[str, Any]], None] | None = None, interval: float = 2.0
+    ) -> dict[str, Any]:
+        """Poll a search until it ends, calling `on_update` with each state; returns the finished search."""
+        while True:
+            search = self.get_search(search_id)
+            if on_update is not None:
+                on_update(search)
+            if search["status"] not in ACTIVE_JOB_STATUSES:
+                return search
+            time.sleep(interval)
+
+    def get_search_report(self, search_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/searches/{search_id}/report")
+
+    def get_search_report_html(self, search_id: str) -> str:
+        return self._send("GET", f"/v1/searches/{search_id}/report.html").text
+
+    def download_search_artifact(self, search_id: str, dest: Path) -> str:
+        """Stream the search's artifact (the pick's, or the closest candidate's) to `dest`, checked
+        like a job's against its job's sha256 and the ETag; returns the sha256."""
+        chosen = self.get_search(search_id).get("pick") or {}
+        expected = (self.get_job(chosen["job_id"]).get("artifact") or {}).get("sha256") if chosen else None
+        return self._download(f"/v1/searches/{search_id}/artifact", expected, "the pick's artifact.sha256", dest)
+
+    def _download(
+        self, route: str, expected: str | None, named: str, dest: Path, params: dict[str, str] | None = None
+    ) -> str:
         partial = dest.with_name(dest.name + ".part")
         digest = hashlib.sha256()
         try:
             # A service on an object store may answer 307 to a presigned URL; the ETag that names
             # the sha256 is the service's, not the store's.
-            with self._http.stream(
-                "GET", f"/v1/jobs/{job_id}/artifact", params={"format": artifact_format}, follow_redirects=True
-            ) as response:
+            with self._http.stream("GET", route, params=params, follow_redirects=True) as response:
                 if response.is_error:
                     response.read()
                     raise _problem(response)
@@ -188,7 +230,7 @@ class CompactorClient:
             partial.unlink(missing_ok=True)
             raise
         actual = digest.hexdigest()
-        for source, announced in ((f"the job's {field}.sha256", expected), ("the ETag", etag)):
+        for source, announced in ((named, expected), ("the ETag", etag)):
             if announced != actual:
                 partial.unlink(missing_ok=True)
                 raise DownloadMismatch(f"downloaded bytes hash to {actual}, {source} says {announced or 'nothing'}")

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from app import observability
 from app.api.guards import RequestGuard
 from app.api.openapi import contract_openapi
-from app.api.routes import datasets, health, jobs, models, webhooks, workers
+from app.api.routes import datasets, health, jobs, models, searches, webhooks, workers
 from app.errors import install_error_handlers
 from app.settings import get_settings
 
@@ -39,6 +39,7 @@ def create_app(observe: bool = True) -> FastAPI:
             {"name": "models", "description": "Uploaded TorchScript models."},
             {"name": "datasets", "description": "Calibration, training and evaluation data."},
             {"name": "jobs", "description": "Compression pipelines, reports and artifacts."},
+            {"name": "searches", "description": "Accuracy-aware searches: limits in, the recipe and its front out."},
             {"name": "webhooks", "description": "The secret webhooks are signed with."},
             {"name": "service", "description": "Health probes."},
         ],
@@ -47,7 +48,7 @@ def create_app(observe: bool = True) -> FastAPI:
     app.add_middleware(RequestGuard, header_limit=get_settings().max_request_header_bytes)
     if observe:
         observability.install(app)
-    for module in (models, datasets, jobs, webhooks, workers, health):
+    for module in (models, datasets, jobs, searches, webhooks, workers, health):
         app.include_router(module.router)
     app.openapi = lambda: contract_openapi(app)
     return app

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 RUN_JOB = "compactor.run_job"
 VALIDATE_MODEL = "compactor.validate_model"
 DELIVER_WEBHOOK = "compactor.deliver_webhook"
+ADVANCE_SEARCH = "compactor.advance_search"
+# Tasks of the notifier (worker/notifier.py): I/O and bookkeeping, never a job worker's slot.
+NOTIFIER_TASKS = (DELIVER_WEBHOOK, ADVANCE_SEARCH)
 # kombu's Redis transport keeps every delivered, not yet acknowledged message here (its defaults).
 REDIS_UNACKED, REDIS_UNACKED_INDEX = "unacked", "unacked_index"
 
@@ -146,10 +149,10 @@ def _celery() -> Celery:
 
 def send(task: str, *args: str, device_kind: str = CPU, recovery: bool = False, countdown: float | None = None) -> bool:
     """Send a task to the queue of `device_kind` (its recovery queue: ahead of the others; a
-    webhook to the notifiers' queue), to run `countdown` seconds from now if given; False (logged)
+    webhook or a search's advance to the notifiers' queue), to run `countdown` seconds from now if given; False (logged)
     when the broker is unreachable — the sweeper re-sends later."""
     client = _celery()
-    name = webhook_queue() if task == DELIVER_WEBHOOK else queue_for(device_kind, recovery)
+    name = webhook_queue() if task in NOTIFIER_TASKS else queue_for(device_kind, recovery)
     try:
         # The request that caused the work is named in the worker's log lines for it.
         headers = {"compactor_request_id": logs.request_id.get()}

@@ -1,4 +1,4 @@
-"""The notifier: a Celery worker that only delivers webhooks, beside the job workers.
+"""The notifier: a Celery worker that delivers webhooks and advances searches, beside the job workers.
 
 Deliveries have a queue of their own (`<queue>.webhooks`) and their own worker, because a job
 worker's slots are held by jobs for minutes or hours: a webhook queued behind them would reach its
@@ -12,7 +12,7 @@ from __future__ import annotations
 from celery.signals import celeryd_after_setup
 
 from app import queue
-from app.services import webhooks
+from app.services import searches, webhooks
 
 celery_app = queue.make_celery()
 celery_app.conf.update(task_acks_late=True, worker_prefetch_multiplier=4, worker_hijack_root_logger=False)
@@ -31,3 +31,9 @@ def deliver_webhook(delivery_id: str) -> None:
     delay = webhooks.attempt(delivery_id)
     if delay is not None and delay <= webhooks.COUNTDOWN_LIMIT_S:
         queue.send(queue.DELIVER_WEBHOOK, delivery_id, countdown=delay)
+
+
+@celery_app.task(name=queue.ADVANCE_SEARCH)
+def advance_search(search_id: str) -> None:
+    """Queue a search's next trials, or pick its result (the sweepers do it too, as a backstop)."""
+    searches.advance(search_id)

@@ -9,6 +9,7 @@ import time
 from celery.signals import celeryd_after_setup, setup_logging, worker_init, worker_ready, worker_shutdown
 
 from app import logs, queue
+from app.services import searches
 from app.settings import get_settings
 from worker import cpu_share, devices, execution, status  # noqa: F401 (status registers its remote-control command)
 from worker.celery_app import celery_app
@@ -118,6 +119,11 @@ def _start_sweeper(**_) -> None:
                     log.warning("re-sent %d lost job(s) or validation(s): %s", len(resent), resent)
             except Exception:
                 log.exception("sweeping for lost jobs failed; retrying later")
+            try:
+                # The backstop of the notifier's advances (a lost message, a notifier down, a time limit).
+                searches.advance_active()
+            except Exception:
+                log.exception("advancing searches failed; retrying later")
             if time.monotonic() >= next_collection:
                 next_collection = time.monotonic() + settings.blob_collect_interval_s
                 try:

@@ -10,6 +10,8 @@ from worker.engines.errors import EngineError, model_text
 from worker.engines.exported import exported_to_torchscript, is_exported_archive, load_exported_program
 from worker.engines.modules import load_model
 
+_MAX_KINDS, _MAX_KIND_CHARS = 64, 64
+
 
 def validate_model(emit: Callable[[dict], None], path: str) -> dict:
     """Load a TorchScript file, or a torch.export archive and the TorchScript module traced from it
@@ -26,11 +28,19 @@ def validate_model(emit: Callable[[dict], None], path: str) -> dict:
             raise EngineError("model_invalid", f"torch.jit.load cannot load this file: {model_text(exc)}") from exc
         inputs = _schema_inputs(model)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    layers: dict[str, int] = {}
+    for _, module in model.named_modules():
+        # Class names come from the upload: bounded in length and number before anyone shows them.
+        kind = str(getattr(module, "original_name", type(module).__name__))[:_MAX_KIND_CHARS]
+        if kind in layers or len(layers) < _MAX_KINDS:
+            layers[kind] = layers.get(kind, 0) + 1
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "buffers_bytes": buffers,
         "submodules": sum(1 for _ in model.named_modules()) - 1,
         "inputs": inputs,
+        # Module kinds by count: what a search proposes candidates from (app.services.search_space).
+        "layers": layers,
     }
 
 

@@ -5,6 +5,7 @@ from app.models.checkpoint import StepCheckpoint
 from app.models.dataset import Dataset
 from app.models.job import CompressionJob
 from app.models.model import UploadedModel
+from app.models.search import Search
 from app.models.webhook import DeliveryStatus, WebhookDelivery, WebhookSecret
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "CompressionJob",
     "Dataset",
     "DeliveryStatus",
+    "Search",
     "StepCheckpoint",
     "UploadedModel",
     "WebhookDelivery",

@@ -72,3 +72,7 @@ class CompressionJob(IdMixin, Base):
     # Bumped by every change a watcher sees (status, progress): the id of the job's events
     # (`GET /v1/jobs/{id}/events`), so a client resuming with Last-Event-ID misses nothing newer.
     revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Set on a search's trials (and the job that re-checks its pick): otherwise an ordinary job.
+    search_id: Mapped[str | None] = mapped_column(
+        ForeignKey("searches.id", ondelete="RESTRICT"), default=None, index=True
+    )

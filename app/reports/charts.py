@@ -244,3 +244,75 @@ def layer_bars(rows: list[LayerRow], title: str) -> str:
                 f'<text class="value" x="{bar_x + bar_w + 6}" y="{ry + 14}">{significant(fraction * 100, 3)}%</text>'
             )
     return _svg(int(width), int(height), title, "".join(parts))
+
+
+@dataclass
+class FrontPoint:
+    """One trial on the search's front chart."""
+
+    label: str
+    latency_ms: float
+    quality: float
+    size_bytes: float
+    on_front: bool
+    picked: bool
+    feasible: bool
+
+
+def front_scatter(points: list[FrontPoint], quality_name: str, batch: str, limit: float | None) -> str:
+    """Each trial at (latency, quality), its marker's area proportional to its size; the front
+    joined by a line, the pick ringed, and the quality limit drawn across when there is one."""
+    width, height, left, right, top, bottom = 660, 340, 70, 150, 18, 48
+    xs, ys = [p.latency_ms for p in points], [p.quality for p in points] + ([limit] if limit is not None else [])
+    x_ticks = nice_ticks(0, max(xs) * 1.1 or 1.0, 5)
+    pad = max((max(ys) - min(ys)) * 0.25, 0.002)
+    y_ticks = nice_ticks(max(min(ys) - pad, 0.0), min(max(ys) + pad, 1.0) if max(ys) <= 1 else max(ys) + pad, 4)
+    x_max, y_min, y_max = x_ticks[-1], y_ticks[0], y_ticks[-1]
+    largest = max(p.size_bytes for p in points) or 1.0
+
+    def x(value: float) -> float:
+        return left + (width - left - right) * value / x_max
+
+    def y(value: float) -> float:
+        return top + (height - top - bottom) * (1 - (value - y_min) / ((y_max - y_min) or 1))
+
+    step_points = (y_ticks[1] - y_ticks[0]) * 100 if len(y_ticks) > 1 else 1.0
+    decimals = 0 if step_points >= 1 else 1 if step_points >= 0.1 else 2
+    parts = [_axis_y(y_ticks, y, left, width - right, lambda v: fmt_percent(v, decimals))]
+    for tick in x_ticks:
+        parts.append(
+            f'<line class="grid" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top}" y2="{height - bottom}"/>'
+            f'<text class="tick" x="{x(tick):.1f}" y="{height - bottom + 16}" text-anchor="middle">{esc(fmt_ms_tick(tick))}</text>'
+        )
+    if limit is not None and y_min <= limit <= y_max:
+        parts.append(
+            f'<line class="limit" x1="{left}" x2="{width - right}" y1="{y(limit):.1f}" y2="{y(limit):.1f}"/>'
+            f'<text class="tick" x="{width - right + 4}" y="{y(limit) + 4:.1f}">limit</text>'
+        )
+    front = sorted((p for p in points if p.on_front), key=lambda p: p.latency_ms)
+    if len(front) > 1:
+        path = " ".join(
+            f"{'M' if i == 0 else 'L'}{x(p.latency_ms):.1f},{y(p.quality):.1f}" for i, p in enumerate(front)
+        )
+        parts.append(f'<path class="trail" d="{path}"/>')
+    for point in sorted(points, key=lambda p: -p.size_bytes):
+        px, py = x(point.latency_ms), y(point.quality)
+        # Area, not radius, follows size: a model twice as large covers twice the ink.
+        radius = 4 + 10 * math.sqrt(point.size_bytes / largest)
+        css = "m-result" if point.picked else ("m-stage1" if point.on_front else "m-base")
+        ring = f'<circle class="pick-ring" cx="{px:.1f}" cy="{py:.1f}" r="{radius + 4:.1f}"/>' if point.picked else ""
+        parts.append(
+            f"<g><title>{esc(point.label)}: {esc(fmt_ms(point.latency_ms))}, {esc(quality_name)} "
+            f"{esc(fmt_percent(point.quality))}{' (pick)' if point.picked else ''}</title>{ring}"
+            f'<circle class="{css}" fill-opacity="0.75" cx="{px:.1f}" cy="{py:.1f}" r="{radius:.1f}"/>'
+            f'<text class="point-label" x="{px + radius + 3:.1f}" y="{py + 4:.1f}">{esc(point.label)}</text></g>'
+        )
+    parts.append(
+        f'<text class="axis-label" x="{(left + width - right) / 2:.1f}" y="{height - 8}" text-anchor="middle">'
+        f"p50 latency at batch {esc(batch)} (marker area: size)</text>"
+    )
+    parts.append(
+        f'<text class="axis-label" transform="translate(14,{(top + height - bottom) / 2:.1f}) rotate(-90)" '
+        f'text-anchor="middle">{esc(quality_name)}</text>'
+    )
+    return _svg(width, height, f"{quality_name} against p50 latency at batch {batch}, per trial", "".join(parts))

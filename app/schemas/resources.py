@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.common import ErrorInfo
 
@@ -20,6 +20,9 @@ class ModelSummary(BaseModel):
     buffers_bytes: int
     submodules: int
     inputs: list[ModelInput] | None = None
+    layers: dict[str, int] | None = Field(
+        None, description="Module kinds (class names, at most 64) and how many of each; what a search proposes from."
+    )
 
 
 class ModelRead(BaseModel):

@@ -89,11 +89,12 @@ def _spec_hash(spec: JobSpec) -> str:
 
 
 def create_job(
-    session: Session, tenant: str, spec: JobSpec, idempotency_key: str | None
+    session: Session, tenant: str, spec: JobSpec, idempotency_key: str | None, search_id: str | None = None
 ) -> tuple[CompressionJob, bool]:
     """Store a queued job and send it to the workers once committed; returns (job, created).
 
     With an `idempotency_key`, the same key and spec return the existing job; another spec is a 409.
+    `search_id` makes it a trial of that search (app.services.searches).
     """
     spec_hash = _spec_hash(spec)
     if idempotency_key:
@@ -112,6 +113,7 @@ def create_job(
         idempotency_key=idempotency_key,
         status=JobStatus.QUEUED,
         progress=queued_progress(device_kind),
+        search_id=search_id,
     )
     try:
         with session.begin_nested():

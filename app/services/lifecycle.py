@@ -14,6 +14,8 @@ from datetime import timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from app import queue
+from app.db import after_commit
 from app.models import CompressionJob, UploadedModel
 from app.models.base import utcnow
 from app.models.job import FINAL_STATUSES, TRANSITIONS, JobStatus, job_progress
@@ -39,6 +41,10 @@ def _move(session: Session, job_id: str, to: JobStatus, *where, **values) -> boo
     moved = result.rowcount == 1
     if moved and to in FINAL_STATUSES:
         webhooks.record_job_event(session, job_id)
+        search_id = session.scalar(select(CompressionJob.search_id).where(CompressionJob.id == job_id))
+        if search_id is not None:
+            # A trial ended: its search proposes the next ones now (the sweepers would, later).
+            after_commit(session, lambda: queue.send(queue.ADVANCE_SEARCH, search_id))
     return moved
 
 
