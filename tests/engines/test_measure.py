@@ -235,7 +235,9 @@ def test_interleaving_rotates_and_speedup_reflects_a_known_ratio():
     config = BenchmarkConfig(batch_sizes=[1], warmup=0, iterations=6, rounds=3)
     result = time_interleaved(
         # sleeps long enough that a loaded host's wake-up delay (a millisecond or two) keeps the ratio
-        {1: {"fast": sleeper("fast", 0.01), "slow": sleeper("slow", 0.03)}}, config, torch.device("cpu")
+        {1: {"fast": sleeper("fast", 0.01), "slow": sleeper("slow", 0.03)}},
+        config,
+        torch.device("cpu"),
     )
 
     timed = order[4:]  # after two warm-up calls each
