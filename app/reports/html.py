@@ -89,9 +89,9 @@ def render_report_html(report: dict) -> str:
     job = get(report, "job_id")
     name = get(report, "spec", "name")
     title = f"Compactor report · {name or job or 'job'}"
-    return _PAGE.substitute(
+    return PAGE.substitute(
         title=esc(title),
-        style=_STYLE,
+        style=STYLE,
         body="".join(s for s in sections if s),
         footer=esc(f"Compactor · job {job}" if job else "Compactor"),
     )
@@ -202,7 +202,7 @@ def _profile_headline(metrics: dict) -> str:
 def _header(report: dict, columns: list[_Column]) -> str:
     spec = dict_of(report.get("spec"))
     steps = [s for s in list_of(spec.get("steps")) if isinstance(s, dict)]
-    recipe = " → ".join(esc(_step_label(s)) for s in steps) or "profile only (no steps)"
+    recipe = " → ".join(esc(step_label(s)) for s in steps) or "profile only (no steps)"
     meta = [f"job <code>{esc(report.get('job_id') or DASH)}</code>"]
     if spec.get("name"):
         meta.insert(0, f"<strong>{esc(spec['name'])}</strong>")
@@ -217,7 +217,8 @@ def _header(report: dict, columns: list[_Column]) -> str:
     )
 
 
-def _step_label(step: dict) -> str:
+def step_label(step: dict) -> str:
+    """A step in a few words (`prune channel 50 %`), as the job and search reports name it."""
     op = str(step.get("op", "step"))
     detail = step.get("scheme") or step.get("structure") or (f"{step['epochs']} epochs" if step.get("epochs") else None)
     amount = num(step.get("amount"))
@@ -688,7 +689,8 @@ def _environment_section(report: dict) -> str:
     return f"<section><h2>Environment</h2>{table}{spec_html}</section>"
 
 
-_PAGE = Template("""<!doctype html>
+# The page frame and its style, shared by the job and the search reports.
+PAGE = Template("""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -706,7 +708,7 @@ $body
 </html>
 """)
 
-_STYLE = """
+STYLE = """
 :root { --ink:#1f2937; --muted:#6b7280; --line:#e5e7eb; --panel:#f8fafc; --base:#94a3b8; --result:#2563eb;
   --s1:#0d9488; --s2:#d97706; --s3:#7c3aed; --s4:#db2777; --ok:#047857; --bad:#b91c1c; }
 * { box-sizing: border-box; }

@@ -9,7 +9,7 @@ from typing import Any
 
 from app.reports.charts import FrontPoint, front_scatter
 from app.reports.format import dict_of, esc, fmt_bytes, fmt_count, fmt_ms, fmt_percent, fmt_ratio, get, list_of, num
-from app.reports.html import _PAGE, _STYLE, _step_label
+from app.reports.html import PAGE, STYLE, step_label
 
 _EXTRA_STYLE = """
 svg .pick-ring { fill: none; stroke: var(--result); stroke-width: 2; }
@@ -19,7 +19,7 @@ tr.pick td { background: #eff6ff; font-weight: 600; }
 
 
 def _recipe(steps: Any) -> str:
-    labels = [_step_label(step) for step in list_of(steps) if isinstance(step, dict)]
+    labels = [step_label(step) for step in list_of(steps) if isinstance(step, dict)]
     return " → ".join(labels) or "no steps (the uploaded model)"
 
 
@@ -38,9 +38,9 @@ def render_search_html(report: dict) -> str:
     report = dict_of(report)
     sections = [_header(report), _front_section(report), _trials_section(report)]
     name = report.get("name") or report.get("search_id") or "search"
-    return _PAGE.substitute(
+    return PAGE.substitute(
         title=esc(f"Compactor search · {name}"),
-        style=_STYLE + _EXTRA_STYLE,
+        style=STYLE + _EXTRA_STYLE,
         body="".join(s for s in sections if s),
         footer=esc(f"Compactor · search {report.get('search_id')}"),
     )
