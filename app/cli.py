@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 cli = typer.Typer(
     name="compactor", help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False
 )
-models = typer.Typer(help="Uploaded TorchScript models.", no_args_is_help=True)
+models = typer.Typer(help="Uploaded models (TorchScript or torch.export archives).", no_args_is_help=True)
 datasets = typer.Typer(help="Calibration, training and evaluation datasets.", no_args_is_help=True)
 jobs = typer.Typer(help="Compression jobs: submit, follow, report, download.", no_args_is_help=True)
 cli.add_typer(models, name="models")
@@ -244,7 +244,7 @@ def upload_model(
     api_key: ApiKeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Upload a TorchScript model (torch.jit.save file) and print its id."""
+    """Upload a model (a torch.jit.save file, or a torch.export.save .pt2) and print its id."""
     with _server(url, api_key) as client:
         model = client.upload_model(file, name)
         if wait:
@@ -393,6 +393,13 @@ def _key_figures(report: dict) -> list[str]:
         f"  size           {baseline['size_bytes']:,} → {result['size_bytes']:,} bytes "
         f"({summary['size_ratio']:.2f}× smaller)"
     )
+    floor, beyond = summary.get("lossless_floor") or {}, summary.get("beyond_floor") or {}
+    if floor:
+        served = (f"{e['median']:.2f}× at batch {b} ({e['model']} {e['mode']})" for b, e in floor.items())
+        lines.append(f"  lossless floor {', '.join(served)}")
+    if beyond:
+        served = (f"{e['median']:.2f}× at batch {b} (served {e['mode']})" for b, e in beyond.items())
+        lines.append(f"  beyond floor   {', '.join(served)}")
     if summary.get("accuracy_drop") is not None:
         lines.append(f"  accuracy drop  {summary['accuracy_drop']:.4f}")
     if summary.get("fidelity_cosine_min") is not None:

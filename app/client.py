@@ -88,7 +88,8 @@ class CompactorClient:
     # models and datasets
 
     def upload_model(self, path: Path, name: str | None = None) -> dict[str, Any]:
-        """Upload a TorchScript file (streamed from disk); the answer's `status` starts at `validating`."""
+        """Upload a TorchScript or torch.export file (streamed from disk); the answer's `status` starts
+        at `validating`."""
         return self._upload("/v1/models", path, name)
 
     def get_model(self, model_id: str) -> dict[str, Any]:

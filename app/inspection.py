@@ -1,4 +1,5 @@
-"""Torch-free checks of uploaded files: TorchScript archive structure and dataset array headers.
+"""Torch-free checks of uploaded files: model archive structure (TorchScript, torch.export) and
+dataset array headers.
 
 The API never unpickles or imports torch: it reads zip directories and array headers only. Full
 validation (loading the model) happens in a worker. Each check reads a seekable binary file (a local
@@ -36,9 +37,40 @@ _DAMAGED_ZIP = (
 )
 
 
+MODEL_FORMATS = ("torchscript", "torch.export")
+# The torch.export archive schema this service's torch (pinned, 2.13) reads; tests/test_inspection_fuzz.py
+# checks it against torch's own.
+EXPORT_SCHEMA_MAJOR = 8
+EXPORT_ARCHIVE_VERSION = b"0"
+# The graph description is parsed whole here: bounded so an upload cannot make the API build a huge
+# JSON tree (a transformer's is a few MB).
+EXPORT_JSON_LIMIT = 32 * 1024 * 1024
+
+
+def inspect_model_archive(fh: BinaryIO, size: int) -> str:
+    """The format of an uploaded model from its zip layout alone: "torchscript" (torch.jit.save) or
+    "torch.export" (torch.export.save); raises InvalidInput with a code otherwise. Nothing in it is
+    unpickled: only member names and the JSON members of a torch.export archive are read."""
+    with _model_zip(fh, size) as archive:
+        if any(entry.filename.rsplit("/", 1)[-1] == "archive_format" for entry in archive.infolist()):
+            _refuse_entries_outside(archive, "export_archive_damaged")
+            _check_exported_archive(archive)
+            return "torch.export"
+        _refuse_entries_outside(archive, "not_torchscript")
+        _check_torchscript_entries(archive.namelist())
+    return "torchscript"
+
+
 def check_torchscript_archive(fh: BinaryIO, size: int) -> None:
     """Raise InvalidInput unless the file `fh` (of `size` bytes) is structurally a TorchScript
     archive (a zip with code/)."""
+    with _model_zip(fh, size) as archive:
+        _refuse_entries_outside(archive, "not_torchscript")
+        _check_torchscript_entries(archive.namelist())
+
+
+def _model_zip(fh: BinaryIO, size: int) -> zipfile.ZipFile:
+    """The upload opened as a zip, or InvalidInput saying what it is instead."""
     if size == 0:
         raise InvalidInput("the file is empty", code="empty_file")
     if not zipfile.is_zipfile(fh):
@@ -46,38 +78,137 @@ def check_torchscript_archive(fh: BinaryIO, size: int) -> None:
         head = fh.read(2)
         if head[:1] == b"\x80":
             raise InvalidInput(
-                "this is a legacy torch.save pickle, not a TorchScript archive: export the model "
-                "with torch.jit.script or torch.jit.trace and save it with torch.jit.save",
+                "this is a legacy torch.save pickle, not a model archive: export the model with "
+                "torch.jit.script or torch.jit.trace and save it with torch.jit.save, or save "
+                "torch.export.export's program with torch.export.save",
                 code="not_torchscript",
             )
         raise InvalidInput(
-            "the file is not a TorchScript archive (not a zip file, or truncated)", code="not_torchscript"
-        )
-    try:
-        with zipfile.ZipFile(fh) as archive:
-            entries = archive.infolist()
-    except _DAMAGED_ZIP as exc:
-        raise InvalidInput(f"the archive is damaged: {exc}", code="not_torchscript") from exc
-    names = [entry.filename for entry in entries]
-    if any(_points_outside(entry) for entry in entries):
-        raise InvalidInput(
-            "the archive has entries that point outside it (absolute paths, '..' or links); "
-            "torch.jit.save never writes such entries",
+            "the file is neither a TorchScript archive nor a torch.export archive (not a zip file, or truncated)",
             code="not_torchscript",
         )
+    try:
+        archive = zipfile.ZipFile(fh)
+    except _DAMAGED_ZIP as exc:
+        raise InvalidInput(f"the archive is damaged: {exc}", code="not_torchscript") from exc
+    return archive
+
+
+def _refuse_entries_outside(archive: zipfile.ZipFile, code: str) -> None:
+    if any(_points_outside(entry) for entry in archive.infolist()):
+        raise InvalidInput(
+            "the archive has entries that point outside it (absolute paths, '..' or links); "
+            "torch.jit.save and torch.export.save never write such entries",
+            code=code,
+        )
+
+
+def _check_torchscript_entries(names: list[str]) -> None:
     has_data = any(n.endswith("/data.pkl") for n in names)
     has_code = any("/code/" in n for n in names)
     has_constants = any(n.endswith("/constants.pkl") for n in names)
     if has_data and not (has_code and has_constants):
         raise InvalidInput(
             "this is a torch.save() pickle of an eager model, not TorchScript: it is refused "
-            "(never unpickled); export with torch.jit.script/trace and torch.jit.save",
+            "(never unpickled); export with torch.jit.script/trace and torch.jit.save, or torch.export.save",
             code="not_torchscript",
         )
     if not (has_data and has_code):
         raise InvalidInput(
-            "the zip file is not a TorchScript archive (no data.pkl and code/ entries)", code="not_torchscript"
+            "the zip file is neither a TorchScript archive (no data.pkl and code/ entries) nor a torch.export "
+            "archive (no archive_format entry)",
+            code="not_torchscript",
         )
+
+
+def _damaged(detail: str) -> InvalidInput:
+    return InvalidInput(f"the torch.export archive is damaged: {detail}", code="export_archive_damaged")
+
+
+def _unsupported(detail: str) -> InvalidInput:
+    return InvalidInput(f"this torch.export archive is not supported: {detail}", code="export_archive_unsupported")
+
+
+def _check_exported_archive(archive: zipfile.ZipFile) -> None:
+    """A torch.export.save archive as torch.export.load reads it: one root folder holding the
+    format marker, the program's JSON, its weight and constant tables and every file they name,
+    with no payload stored as a pickle (torch would unpickle those unrestricted)."""
+    names = set(archive.namelist())
+    root = archive.infolist()[0].filename.split("/", 1)[0] + "/"
+    if any(not name.startswith(root) for name in names):
+        raise _damaged(f"its members are not all in one root folder ({root!r}), as torch.export.save writes them")
+    marker = _read_member(archive, root + "archive_format", 64).strip()
+    if marker != b"pt2":
+        raise _unsupported(f"archive_format is {marker[:16]!r}, not pt2")
+    if any(name.startswith((root + "data/aotinductor/", root + "data/executorch/")) for name in names):
+        raise _unsupported(
+            "it is a compiled package (AOTInductor or ExecuTorch), not an exported program: save the "
+            "program torch.export.export returns with torch.export.save"
+        )
+    version = _read_member(archive, root + "archive_version", 64).strip() if root + "archive_version" in names else b"0"
+    if version != EXPORT_ARCHIVE_VERSION:
+        raise _unsupported(f"archive_version {version[:16]!r}; this service reads version 0 (torch 2.13)")
+    if {root + "data/weights/model.pt", root + "data/constants/model.pt"} & names:
+        raise _unsupported("it stores weights in the legacy pickled layout: save it again with torch.export.save")
+    program = _json_member(archive, root + "models/model.json")
+    schema = program.get("schema_version") if isinstance(program, dict) else None
+    major = schema.get("major") if isinstance(schema, dict) else None
+    if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict) or not isinstance(major, int):
+        raise _damaged("models/model.json is not an exported program (no graph_module and schema_version)")
+    if major != EXPORT_SCHEMA_MAJOR:
+        raise _unsupported(
+            f"it was written with export schema {major}; this service reads schema {EXPORT_SCHEMA_MAJOR} (torch 2.13)"
+        )
+    if root + "data/sample_inputs/model.pt" not in names:
+        raise _damaged("it has no sample inputs (data/sample_inputs/model.pt)")
+    for table, folder in (("weights", "data/weights/"), ("constants", "data/constants/")):
+        config = _json_member(archive, f"{root}{folder}model_{table}_config.json")
+        entries = config.get("config") if isinstance(config, dict) else None
+        if not isinstance(entries, dict):
+            raise _damaged(f"{folder}model_{table}_config.json is not a table of payloads")
+        for fqn, entry in entries.items():
+            _check_payload(names, root + folder, table, fqn, entry)
+
+
+def _check_payload(names: set[str], folder: str, table: str, fqn: str, entry) -> None:
+    path = entry.get("path_name") if isinstance(entry, dict) else None
+    if not isinstance(path, str) or not isinstance(entry.get("use_pickle", False), bool):
+        raise _damaged(f"the {table} entry {fqn[:80]!r} names no payload file")
+    pickled = entry.get("use_pickle") or path.startswith(("custom_obj_", "opaque_obj_"))
+    if pickled:
+        raise InvalidInput(
+            f"the {table} entry {fqn[:80]!r} is stored as a pickle (a tensor subclass or a Python object), "
+            "which torch.export.load would unpickle without restriction: it is refused (never unpickled); "
+            "export a model whose weights and constants are plain tensors",
+            code="export_pickle_refused",
+        )
+    if table == "constants" and not path.startswith("tensor_"):
+        raise _unsupported(f"the constant {fqn[:80]!r} is of a kind torch.export.load does not read ({path[:40]!r})")
+    if folder + path not in names:
+        raise _damaged(f"the {table} entry {fqn[:80]!r} names {path[:80]!r}, which the archive does not hold")
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """A member's bytes, at most `limit` of them (a longer member is refused, never read whole)."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise _damaged(f"it has no {name.split('/', 1)[-1]} member") from None
+    if info.file_size > limit:
+        raise _unsupported(f"{name.split('/', 1)[-1]} is larger than {limit} bytes")
+    try:
+        with archive.open(info) as member:
+            return member.read(limit + 1)
+    except _DAMAGED_ZIP as exc:
+        raise _damaged(f"{name.split('/', 1)[-1]} cannot be read ({exc})") from exc
+
+
+def _json_member(archive: zipfile.ZipFile, name: str):
+    raw = _read_member(archive, name, EXPORT_JSON_LIMIT)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise _damaged(f"{name.split('/', 1)[-1]} is not JSON") from exc
 
 
 def _points_outside(entry: zipfile.ZipInfo) -> bool:

@@ -1,7 +1,8 @@
 """The upload inspectors on structured mutations of real files: a TorchScript archive made by
-torch.jit.save, datasets made by numpy and safetensors. Whatever the bytes, an inspector answers
-or raises InvalidInput (a 422 with a code), never anything else (a 500); and a dataset it accepts
-is one the worker's loader reads, with the shapes it declared."""
+torch.jit.save, a torch.export archive made by torch.export.save, datasets made by numpy and
+safetensors. Whatever the bytes, an inspector answers or raises InvalidInput (a 422 with a code),
+never anything else (a 500), and reads no pickle; a dataset it accepts is one the worker's loader
+reads, with the shapes it declared."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from hypothesis import strategies as st
 from safetensors.numpy import save
 
 from app.errors import InvalidInput
-from app.inspection import check_torchscript_archive, inspect_dataset
-from tests import zoo
+from app.inspection import EXPORT_SCHEMA_MAJOR, check_torchscript_archive, inspect_dataset, inspect_model_archive
+from tests import exported, zoo
 from worker.engines.data import load_dataset
 
 # Rewritten archives may repeat a name on purpose (zipfile warns).
@@ -58,6 +59,7 @@ def _arrays() -> dict[str, np.ndarray]:
 
 
 MODEL = _torchscript()
+EXPORTED = exported.exported_cnn()
 SAFETENSORS = save(_arrays())
 NPZ = {}
 for _name, _writer in (("stored", np.savez), ("compressed", np.savez_compressed)):
@@ -139,6 +141,120 @@ def test_model_inspector_refuses_cleanly(tmp_path, data):
             check_torchscript_archive(fh, len(content))
     except InvalidInput:
         pass
+
+
+@FUZZ
+@given(data=st.data())
+def test_model_inspector_refuses_damaged_exported_archives_cleanly(tmp_path, data):
+    content = data.draw(
+        st.one_of(byte_damage(EXPORTED), directory_damage(EXPORTED), rezipped(EXPORTED), exported_json_variant())
+    )
+    path = _write(tmp_path, content)
+    try:
+        with open(path, "rb") as fh:
+            assert inspect_model_archive(fh, len(content)) in ("torchscript", "torch.export")
+    except InvalidInput as refused:
+        assert refused.code in {"not_torchscript", "empty_file"} or refused.code.startswith("export_")
+
+
+@st.composite
+def exported_json_variant(draw) -> bytes:
+    """The real .pt2 with one of its JSON members (the program, the weights or constants table)
+    changed anywhere in its structure, or replaced by other JSON or by bytes that are not JSON."""
+    member = draw(
+        st.sampled_from(
+            [
+                "models/model.json",
+                "data/weights/model_weights_config.json",
+                "data/constants/model_constants_config.json",
+            ]
+        )
+    )
+    table = json.loads(exported.members(EXPORTED)[next(n for n in exported.members(EXPORTED) if n.endswith(member))])
+    how = draw(st.sampled_from(["whole", "top", "entry", "field", "bytes"]))
+    if how == "whole":
+        table = draw(JSON)
+    elif how == "top" and isinstance(table, dict) and table:
+        table[draw(st.sampled_from(sorted(table)))] = draw(JSON)
+    elif how in ("entry", "field") and isinstance(table.get("config"), dict) and table["config"]:
+        name = draw(st.sampled_from(sorted(table["config"])))
+        if how == "entry":
+            table["config"][name] = draw(JSON)
+        else:
+            field = draw(st.sampled_from(["path_name", "use_pickle", "tensor_meta", "is_param"]))
+            table["config"][name][field] = draw(JSON | st.sampled_from([True, "weight_9", "custom_obj_0", "../x"]))
+    raw = draw(st.binary(max_size=32)) if how == "bytes" else json.dumps(table).encode()
+    return exported.rewritten(EXPORTED, {member: raw})
+
+
+def test_the_exported_archive_check_reads_the_schema_this_torch_writes():
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    assert EXPORT_SCHEMA_MAJOR == SCHEMA_VERSION[0]
+
+
+def test_real_archives_are_recognised_by_format():
+    assert inspect_model_archive(io.BytesIO(EXPORTED), len(EXPORTED)) == "torch.export"
+    assert inspect_model_archive(io.BytesIO(MODEL), len(MODEL)) == "torchscript"
+
+
+def _refusal(content: bytes) -> InvalidInput:
+    with pytest.raises(InvalidInput) as refused:
+        inspect_model_archive(io.BytesIO(content), len(content))
+    return refused.value
+
+
+def _program_with(**changes) -> bytes:
+    name = next(n for n in exported.members(EXPORTED) if n.endswith("models/model.json"))
+    program = {**json.loads(exported.members(EXPORTED)[name]), **changes}
+    return exported.rewritten(EXPORTED, {"models/model.json": json.dumps(program).encode()})
+
+
+@pytest.mark.parametrize(
+    "changes, code, words",
+    [
+        ({"models/model.json": b"{not json"}, "export_archive_damaged", "not JSON"),
+        ({"models/model.json": None}, "export_archive_damaged", "no models/model.json"),
+        ({"data/weights/weight_0": None}, "export_archive_damaged", "does not hold"),
+        ({"data/sample_inputs/model.pt": None}, "export_archive_damaged", "no sample inputs"),
+        ({"archive_format": b"zip"}, "export_archive_unsupported", "not pt2"),
+        ({"archive_version": b"7"}, "export_archive_unsupported", "archive_version"),
+        ({"data/aotinductor/model/model.so": b"\x7fELF"}, "export_archive_unsupported", "compiled package"),
+        ({"data/weights/model.pt": b"\x80\x02"}, "export_archive_unsupported", "legacy"),
+        ({"../escape.py": b"print()"}, "export_archive_damaged", "outside"),
+    ],
+)
+def test_damaged_and_unsupported_exported_archives_are_refused_with_a_code(changes, code, words):
+    refused = _refusal(exported.rewritten(EXPORTED, dict(changes)))
+
+    assert refused.code == code and words in refused.detail
+
+
+def test_an_archive_of_another_export_schema_is_unsupported():
+    refused = _refusal(_program_with(schema_version={"major": EXPORT_SCHEMA_MAJOR + 1, "minor": 0}))
+
+    assert refused.code == "export_archive_unsupported" and f"schema {EXPORT_SCHEMA_MAJOR + 1}" in refused.detail
+
+
+def test_a_weight_stored_as_a_pickle_is_refused_without_unpickling_it(tmp_path):
+    marker = tmp_path / "ran"
+
+    refused = _refusal(exported.with_pickled_weight(EXPORTED, marker))
+
+    assert refused.code == "export_pickle_refused" and not marker.exists()
+
+
+def test_a_constant_that_is_a_python_object_is_refused():
+    constants = {"config": {"table": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": False}}}
+    content = exported.rewritten(
+        EXPORTED,
+        {
+            "data/constants/model_constants_config.json": json.dumps(constants).encode(),
+            "data/constants/opaque_obj_0": b"\x80\x04N.",
+        },
+    )
+
+    assert _refusal(content).code == "export_pickle_refused"
 
 
 @st.composite

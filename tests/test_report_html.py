@@ -354,10 +354,98 @@ def test_chromium_renders_the_report_without_console_messages(tmp_path):
 
 
 @chromium_only
-def test_chromium_renders_a_profile_and_an_empty_report(tmp_path):
-    for name, report in (("profile", profile_report()), ("empty", copy.deepcopy({}))):
+def test_chromium_renders_a_profile_an_empty_and_a_serving_report(tmp_path):
+    for name, report in (("profile", profile_report()), ("empty", copy.deepcopy({})), ("serving", serving_report())):
         page = tmp_path / f"{name}.html"
         page.write_text(render_report_html(report), encoding="utf-8")
         dom, console = _chromium(page, tmp_path)
         assert console == [], name
         assert "<h1" in dom
+
+
+def _spread(median: float, low: float, high: float, **extra) -> dict:
+    return {
+        "median": median,
+        "min": low * 0.9,
+        "max": high * 1.1,
+        "rounds": 9,
+        "interval": {"low": low, "high": high, "confidence": 0.96},
+        "noisy": False,
+        **extra,
+    }
+
+
+def serving_report() -> dict:
+    """The realistic report served plain, optimized and on ONNX Runtime (no ONNX file for the result)."""
+    report = realistic_report()
+    report["spec"]["benchmark"]["serving"] = ["plain", "optimized", "onnxruntime"]
+    for side, optimized in (("baseline", {"1": 0.85, "32": 15.2}), ("result", {"1": 0.28, "32": 6.1})):
+        metrics = report[side]
+        metrics["serving"] = {
+            "optimized": {
+                "unavailable": None,
+                "max_abs_difference": 2.4e-6,
+                "lossless": True,
+                "latency_ms": {
+                    b: {"p50": p, "p90": p, "p99": p, "mean": p, "iterations": 105} for b, p in optimized.items()
+                },
+                "speedup": {
+                    b: _spread(report["baseline"]["latency_ms"][b]["p50"] / p, 1.0, 2.0) for b, p in optimized.items()
+                },
+            },
+            "onnxruntime": {"unavailable": "no ONNX file of <this> model was made in this job"},
+        }
+    report["summary"]["lossless_floor"] = {
+        "1": _spread(1.07, 0.98, 1.15, model="baseline", mode="optimized", p50_ms=0.85),
+        "32": _spread(1.63, 1.55, 1.70, model="baseline", mode="optimized", p50_ms=15.2),
+    }
+    report["summary"]["beyond_floor"] = {
+        "1": _spread(2.9, 2.7, 3.1, mode="plain"),
+        "32": _spread(2.5, 2.4, 2.6, mode="optimized"),
+    }
+    return report
+
+
+def test_the_headline_credits_a_lossy_result_only_beyond_a_floor_clearly_above_plain():
+    report = serving_report()
+    assert (
+        headline(report)
+        == "3.1× faster at batch 32 (2.5× beyond the 1.63× lossless floor), 3.9× smaller, −0.2 pt accuracy"
+    )
+    report["summary"]["beyond_floor"]["32"].update(
+        median=1.02, interval={"low": 0.97, "high": 1.06, "confidence": 0.96}
+    )
+    assert "(no clear gain beyond the 1.63× lossless floor)" in headline(report)
+    report["summary"]["beyond_floor"]["32"].update(median=0.8, interval={"low": 0.75, "high": 0.85, "confidence": 0.96})
+    assert "(1.25× slower than the 1.63× lossless floor)" in headline(report)
+    # a floor whose interval includes 1.0 is no faster than plain: nothing to subtract, nothing said
+    report["summary"]["lossless_floor"]["32"]["interval"] = {"low": 0.98, "high": 1.7, "confidence": 0.96}
+    assert headline(report) == "3.1× faster at batch 32, 3.9× smaller, −0.2 pt accuracy"
+
+
+def test_the_page_shows_every_mode_the_floor_and_why_a_mode_did_not_run():
+    page = render_report_html(serving_report())
+    section = page.split("Serving modes and the lossless floor", 1)[1].split("</section>", 1)[0]
+    # the baseline and the result (the last stage) have figures for both modes; the fixture's prune stage has none
+    assert section.count(">optimized<") == 2 and section.count(">onnxruntime<") == 2
+    assert "not run: no ONNX file of &lt;this&gt; model was made in this job" in section
+    assert "batch 32: lossless floor 1.63× (baseline served optimized" in section
+    assert "the result adds 2.5× beyond it, served optimized, interval 2.40–2.60×" in section
+    # a report served plain, whose floor is the baseline as uploaded, has no such section
+    assert "Serving modes" not in render_report_html(realistic_report())
+
+
+@pytest.mark.parametrize(
+    "serving",
+    [
+        {"baseline": {"serving": {"optimized": "x", "onnxruntime": {"unavailable": 5}}}},
+        {"summary": {"lossless_floor": {"1": None, "8": {"model": 3}}, "beyond_floor": "x"}},
+        {"spec": {"benchmark": {"serving": "plain"}}, "baseline_compiled": {"metrics": None, "speedup": [1]}},
+    ],
+)
+def test_malformed_serving_figures_still_render(serving):
+    report = serving_report()
+    for key, value in serving.items():
+        report[key] = {**report[key], **value} if isinstance(report.get(key), dict) else value
+    page = render_report_html(report)
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")

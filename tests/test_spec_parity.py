@@ -15,6 +15,7 @@ from pydantic_core import PydanticUndefined
 from app.schemas.job import BenchmarkSpec, JobSpec, Step
 from worker.engines.errors import EngineError
 from worker.engines.measure import BenchmarkConfig
+from worker.engines.measure.serving import SERVING_MODES
 from worker.engines.pipeline import parse_step, step_configs
 
 SCHEMAS = {
@@ -129,3 +130,18 @@ def test_each_rule_is_enforced_on_both_sides(step, field):
 def test_the_allowed_neighbours_of_each_rule_pass_both_sides(step):
     JobSpec.model_validate({"model_id": "m", "input_spec": [{"shape": [1, 4]}], "steps": [step]})
     parse_step(step)
+
+
+def test_the_serving_modes_agree_and_their_rule_holds_on_both_sides():
+    schema_modes = typing.get_args(typing.get_args(BenchmarkSpec.model_fields["serving"].annotation)[0])
+    assert set(schema_modes) == set(SERVING_MODES)
+
+    for serving in (["optimized"], ["plain", "plain"]):
+        with pytest.raises(ValidationError) as api:
+            BenchmarkSpec.model_validate({"serving": serving})
+        assert [e["loc"] for e in api.value.errors()] == [("serving",)]
+        with pytest.raises(EngineError) as engine:
+            BenchmarkConfig(serving=serving)
+        assert engine.value.code == "invalid_benchmark" and "serving" in engine.value.message
+    BenchmarkSpec.model_validate({"serving": ["plain", "onnxruntime", "optimized"]})
+    BenchmarkConfig(serving=["plain", "onnxruntime", "optimized"])

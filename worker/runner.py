@@ -18,6 +18,7 @@ import torch
 from worker.cpu_share import cpu_share
 from worker.engines.data import ModelData, load_dataset, synthetic_data
 from worker.engines.errors import EngineError, model_text
+from worker.engines.exported import is_exported_archive
 from worker.engines.measure import BenchmarkConfig, measure_models
 from worker.engines.measure.memory import CleanFork
 from worker.engines.measure.quality import fidelity_score, output_leaves
@@ -27,6 +28,8 @@ from worker.errors import is_out_of_memory
 
 Emit = Callable[[dict], None]
 STEPS_SHARE = 80.0  # percent of the progress bar the steps take; measuring takes the rest
+# The uploaded model put through the pipeline's compile step: a lossless floor candidate.
+BASELINE_COMPILED = "baseline_compiled"
 
 
 @dataclass
@@ -117,9 +120,9 @@ def _execute_job(
     reference_outputs = _run(teacher, example, compute)
 
     models = {"baseline": teacher}
-    paths = {"baseline": Path(job_files.model)}
+    paths = {"baseline": _baseline_file(teacher, Path(job_files.model), out)}
     stages = []
-    current = load_model(job_files.model, compute)
+    current = load_model(paths["baseline"], compute)
     for index, step in enumerate(steps):
         share = STEPS_SHARE / max(len(steps), 1)
         base = 2.0 + index * share
@@ -158,6 +161,7 @@ def _execute_job(
         emit({"checkpoint": {"step_index": index, "path": str(paths[name]), "stage": stages[-1]}})
 
     result_name = f"stage{len(steps)}" if steps else "baseline"
+    lossless, floor_notes = _lossless_models(steps, teacher, ctx, models, paths, out)
 
     def measure_progress(fraction: float, message: str) -> None:
         emit(
@@ -177,6 +181,7 @@ def _execute_job(
         data=evaluation,
         config=benchmark,
         progress=measure_progress,
+        lossless=lossless,
         clean=clean,
     )
     for index, stage in enumerate(stages):
@@ -188,21 +193,66 @@ def _execute_job(
         "worker": f"{socket.gethostname()} ({platform.machine()})",
         "cpu_share": cpu,
     }
+    summary = summarize(
+        measurement.metrics["baseline"],
+        measurement.metrics[result_name],
+        measurement.speedup.get(result_name, {}),
+        spec.get("target"),
+    )
+    summary["lossless_floor"] = measurement.floor
+    summary["beyond_floor"] = measurement.beyond_floor.get(result_name)
     report = {
         "spec": spec,
         "environment": environment,
         "baseline": measurement.metrics["baseline"],
         "result": measurement.metrics[result_name],
         "stages": stages,
-        "summary": summarize(
-            measurement.metrics["baseline"],
-            measurement.metrics[result_name],
-            measurement.speedup.get(result_name, {}),
-            spec.get("target"),
-        ),
-        "notes": _notes(stages) + measurement.notes,
+        "summary": summary,
+        "notes": _notes(stages) + floor_notes + measurement.notes,
     }
+    if BASELINE_COMPILED in measurement.metrics:
+        report["baseline_compiled"] = {
+            "metrics": measurement.metrics[BASELINE_COMPILED],
+            "speedup": measurement.speedup.get(BASELINE_COMPILED, {}),
+        }
     return {"artifact_path": str(paths[result_name]), "report": report}
+
+
+def _baseline_file(teacher: torch.jit.ScriptModule, upload: Path, out: Path) -> Path:
+    """The TorchScript file of the baseline: the upload itself, or for a torch.export archive the
+    module traced from it, saved, so that the baseline's size, the memory probe (which loads files)
+    and every step start from the one TorchScript module the report calls the baseline."""
+    if not is_exported_archive(upload):
+        return upload
+    path = out / "baseline.pt"
+    save_model(teacher, path)
+    return path
+
+
+def _lossless_models(
+    steps: list, teacher: torch.jit.ScriptModule, ctx: PipelineContext, models: dict, paths: dict, out: Path
+) -> tuple[list[str], list[str]]:
+    """The models made with no loss, whose fastest lossless serving is the floor: the baseline, the
+    stages of a pipeline of compile steps only, and, when a lossy pipeline compiles its result, the
+    baseline compiled the same way (so the lossy steps are not credited with what compile gave).
+    Returns their names and a note where the baseline would not compile."""
+    lossless = ["baseline"]
+    for index, step in enumerate(steps):
+        if step.op != "compile":
+            break
+        lossless.append(f"stage{index + 1}")
+    compiles = [step for step in steps if step.op == "compile"]
+    if not compiles or len(lossless) == len(steps) + 1:
+        return lossless, []
+    ctx.progress = lambda fraction, message: None
+    try:
+        compiled = run_step(teacher, compiles[-1], ctx).model.eval()
+    except EngineError as exc:
+        return lossless, [f"the lossless floor has no compiled baseline: {exc.code}: {exc.message}"]
+    paths[BASELINE_COMPILED] = out / f"{BASELINE_COMPILED}.pt"
+    save_model(compiled, paths[BASELINE_COMPILED])
+    models[BASELINE_COMPILED] = compiled
+    return [*lossless, BASELINE_COMPILED], []
 
 
 def _pin_threads(threads: int) -> None:

@@ -78,6 +78,7 @@ def render_report_html(report: dict) -> str:
         _header(report, columns),
         _cards(report, columns),
         _latency_section(report, columns),
+        _serving_section(report, columns),
         _stage_chart_section(columns),
         _metrics_section(columns),
         _layers_section(report),
@@ -146,6 +147,7 @@ def headline(report: dict) -> str:
         low, high = num(interval.get("low")), num(interval.get("high"))
         parts.append(
             speedup_phrase(speedup[batch], batch, (low, high) if low is not None and high is not None else None)
+            + _beyond_floor_phrase(summary, batch)
         )
     size_ratio = num(summary.get("size_ratio"))
     if size_ratio is None:
@@ -167,6 +169,22 @@ def headline(report: dict) -> str:
             # rounded down: "≥ 0.9900" must not be claimed for a worst sample at 0.98996
             parts.append(f"cosine ≥ {math.floor(cosine * 1e4) / 1e4:.4f}")
     return ", ".join(parts) or "no summary figures in this report"
+
+
+def _beyond_floor_phrase(summary: dict, batch: str) -> str:
+    """ " (1.4× beyond the 2.1× lossless floor)" where serving the baseline with no compression is
+    clearly faster than plain (its interval above 1.0): the part of the speed-up the lossy steps earned."""
+    floor, beyond = dict_of(get(summary, "lossless_floor", batch)), dict_of(get(summary, "beyond_floor", batch))
+    floor_low, floor_median = num(get(floor, "interval", "low")), num(floor.get("median"))
+    median = num(beyond.get("median"))
+    if floor_median is None or median is None or (floor_low if floor_low is not None else floor_median) <= 1.0:
+        return ""
+    low, high = num(get(beyond, "interval", "low")), num(get(beyond, "interval", "high"))
+    if low is not None and high is not None and low <= 1.0 <= high:
+        return f" (no clear gain beyond the {fmt_ratio(floor_median)} lossless floor)"
+    if median < 1:
+        return f" ({fmt_ratio(1 / median)} slower than the {fmt_ratio(floor_median)} lossless floor)"
+    return f" ({fmt_ratio(median)} beyond the {fmt_ratio(floor_median)} lossless floor)"
 
 
 def _profile_headline(metrics: dict) -> str:
@@ -348,6 +366,80 @@ def _latency_section(report: dict, columns: list[_Column]) -> str:
         f'<section><h2>Latency per batch size</h2><p class="hint">Bars: median (p50) per call; '
         f"whisker: p90; dot or arrow: p99. Models timed interleaved in one process.</p>"
         f'<div class="panels">{"".join(panels)}</div></section>'
+    )
+
+
+def _serving_section(report: dict, columns: list[_Column]) -> str:
+    """Every model in every serving mode (p50 and the paired speed-up over the baseline served plain),
+    the lossless floor and what the result adds beyond it."""
+    models = [columns[0]]
+    compiled = dict_of(report.get("baseline_compiled"))
+    if compiled:
+        speedup = {str(b): num(get(s, "median")) for b, s in dict_of(compiled.get("speedup")).items()}
+        models.append(_Column("baseline compiled", "m-base", dict_of(compiled.get("metrics")), speedup))
+    models += columns[1:]
+    modes = [str(m) for m in list_of(get(report, "spec", "benchmark", "serving")) if m != "plain"]
+    modes = modes or sorted({str(m) for c in models for m in dict_of(c.metrics.get("serving"))})
+    summary = dict_of(report.get("summary"))
+    floor = dict_of(summary.get("lossless_floor"))
+    if not modes and all((get(e, "model"), get(e, "mode")) == ("baseline", "plain") for e in floor.values()):
+        return ""  # served plain only, and nothing lossless beats the baseline as uploaded
+    batches = batch_keys(*(c.metrics.get("latency_ms") for c in models))
+    rows = []
+    for column in models:
+        for mode in ["plain", *modes]:
+            figures = column.metrics if mode == "plain" else dict_of(get(column.metrics, "serving", mode))
+            label = [f'<span class="dot {column.css}"></span>{esc(column.label)}', esc(mode)]
+            if mode != "plain" and figures.get("unavailable"):
+                rows.append([*label, f'<span class="muted">not run: {esc(figures["unavailable"])}</span>'])
+                continue
+            if mode != "plain" and not figures:
+                continue
+            cells = []
+            for batch in batches:
+                p50 = get(figures, "latency_ms", batch, "p50")
+                if mode == "plain":
+                    ratio = column.speedup.get(batch)
+                else:
+                    ratio = num(get(figures, "speedup", batch, "median"))
+                cells.append(
+                    esc(fmt_ms(p50)) + (f' <span class="muted">{esc(fmt_ratio(ratio))}</span>' if ratio else "")
+                )
+            difference = "" if mode == "plain" else f"max |Δ| vs plain {fmt_float(figures.get('max_abs_difference'))}"
+            rows.append(
+                [
+                    *label,
+                    " · ".join(f"batch {b}: {c}" for b, c in zip(batches, cells))
+                    + (f'<br><span class="muted">{esc(difference)}</span>' if difference else ""),
+                ]
+            )
+    lines = []
+    for batch in batch_keys(floor):
+        entry = dict_of(floor[batch])
+        text = (
+            f"batch {batch}: lossless floor {fmt_ratio(entry.get('median'))} "
+            f"({entry.get('model', '?')} served {entry.get('mode', '?')}, p50 {fmt_ms(entry.get('p50_ms'))})"
+        )
+        beyond = dict_of(get(summary, "beyond_floor", batch))
+        if num(beyond.get("median")) is not None:
+            interval = dict_of(beyond.get("interval"))
+            spread = (
+                f", interval {interval['low']:.2f}–{interval['high']:.2f}×"
+                if num(interval.get("low")) is not None and num(interval.get("high")) is not None
+                else ""
+            )
+            text += (
+                f"; the result adds {fmt_ratio(beyond['median'])} beyond it, served {beyond.get('mode', '?')}{spread}"
+            )
+        lines.append(f"<li>{esc(text)}</li>")
+    return (
+        "<section><h2>Serving modes and the lossless floor</h2>"
+        '<p class="hint">p50 per call, and the paired speed-up over the baseline served plain, for each way of '
+        "serving each model, timed in the same interleaved rounds. The lossless floor is the fastest of them with "
+        "no compression; a lossy result is credited only with what it adds beyond it.</p>"
+        f"{_table(['model', 'mode', 'p50 · speed-up'], rows)}"
+        + (f"<ul>{''.join(lines)}</ul>" if lines else "")
+        + "</section>"
     )
 
 

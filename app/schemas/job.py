@@ -171,6 +171,29 @@ class BenchmarkSpec(_Strict):
     warmup: int = Field(10, ge=0, le=10_000)
     iterations: int = Field(100, ge=5, le=100_000)
     threads: int | None = Field(None, ge=1, description="CPU threads for timing; default: the worker's setting.")
+    serving: list[Literal["plain", "optimized", "onnxruntime"]] = Field(
+        default_factory=lambda: ["plain"],
+        min_length=1,
+        max_length=3,
+        description="How baseline and result are run, each mode timed in the same rounds: plain (torch.jit.load), "
+        "optimized (torch.jit.optimize_for_inference after loading), onnxruntime (the ONNX file on ONNX Runtime's "
+        "CPU provider). plain is always one: speed-ups divide by it.",
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> BenchmarkSpec:
+        if "plain" not in self.serving or len(set(self.serving)) != len(self.serving):
+            _refuse(
+                "BenchmarkSpec",
+                [
+                    (
+                        ("serving",),
+                        "serving lists each mode once and includes 'plain' "
+                        "(the model as loaded, which speed-ups divide by)",
+                    )
+                ],
+            )
+        return self
 
 
 class TargetSpec(_Strict):

@@ -41,6 +41,35 @@ class Fidelity(_Open):
     max_abs_error: float
 
 
+class Interval(_Open):
+    low: float
+    high: float
+    confidence: float
+
+
+class SpeedupSpread(_Open):
+    median: float
+    min: float
+    max: float
+    rounds: int
+    interval: Interval | None = Field(None, description="Distribution-free interval for the median ratio.")
+    noisy: bool = Field(False, description="The interval stayed wider than 10% or below 95% confidence.")
+
+
+class ServingFigures(_Open):
+    """One model served in one mode other than plain: its figures, or why the mode could not run it."""
+
+    unavailable: str | None = Field(None, description="Why this mode could not run the model (then no figures).")
+    max_abs_difference: float | None = Field(None, description="Largest |output - plain output| on the check data.")
+    lossless: bool | None = Field(None, description="Every output within float tolerance of the plain outputs.")
+    latency_ms: dict[str, LatencyStats] = {}
+    throughput_per_s: dict[str, float] = {}
+    energy: dict[str, EnergyStats] = {}
+    speedup: dict[str, SpeedupSpread] = Field(
+        {}, description="Paired speed-up over the baseline served plain, per batch size."
+    )
+
+
 class Metrics(_Open):
     size_bytes: int
     compressed_size_bytes: int | None = None
@@ -56,6 +85,9 @@ class Metrics(_Open):
     energy: dict[str, EnergyStats] = {}
     accuracy: Accuracy | None = None
     fidelity: Fidelity | None = None
+    serving: dict[str, ServingFigures] = Field(
+        {}, description="The other serving modes of benchmark.serving (the figures above are plain)."
+    )
 
 
 class SandboxInfo(_Open):
@@ -101,35 +133,47 @@ class Stage(_Open):
     )
 
 
-class Interval(_Open):
-    low: float
-    high: float
-    confidence: float
-
-
-class SpeedupSpread(_Open):
-    median: float
-    min: float
-    max: float
-    rounds: int
-    interval: Interval | None = Field(None, description="Distribution-free interval for the median ratio.")
-    noisy: bool = Field(False, description="The interval stayed wider than 10% or below 95% confidence.")
-
-
 class TargetCheck(_Open):
     limit: float
     actual: float | None
     met: bool
 
 
+class FloorFigure(SpeedupSpread):
+    """The lossless floor at one batch size: the fastest way to serve the model with no compression."""
+
+    model: str = Field(description="baseline, or baseline_compiled (the upload through the pipeline's compile step).")
+    mode: str = Field(description="The serving mode it is reached in.")
+    p50_ms: float
+
+
+class BeyondFloor(SpeedupSpread):
+    """A lossy result's paired speed-up over the lossless floor, served in its fastest mode."""
+
+    mode: str
+
+
 class Summary(_Open):
     speedup: dict[str, float]
     speedup_spread: dict[str, SpeedupSpread] = {}
+    lossless_floor: dict[str, FloorFigure] = Field(
+        {}, description="Per batch size, the best speed available with no compression (its speed-up over plain)."
+    )
+    beyond_floor: dict[str, BeyondFloor] | None = Field(
+        None, description="Per batch size, what the lossy steps add beyond the floor (null for a lossless pipeline)."
+    )
     size_ratio: float
     accuracy_drop: float | None = None
     fidelity_cosine_min: float | None = None
     targets: dict[str, TargetCheck] = {}
     headline: str = ""
+
+
+class CompiledBaseline(_Open):
+    """The uploaded model put through the pipeline's compile step, measured beside the others."""
+
+    metrics: Metrics
+    speedup: dict[str, SpeedupSpread] = Field({}, description="Paired speed-up over the baseline served plain.")
 
 
 class Report(_Open):
@@ -139,6 +183,9 @@ class Report(_Open):
     spec: dict[str, Any]
     environment: Environment
     baseline: Metrics
+    baseline_compiled: CompiledBaseline | None = Field(
+        None, description="The upload through the pipeline's compile step, a floor candidate (lossy pipelines only)."
+    )
     result: Metrics
     stages: list[Stage]
     summary: Summary

@@ -23,12 +23,13 @@ class ModelSummary(BaseModel):
 
 
 class ModelRead(BaseModel):
-    """An uploaded TorchScript model."""
+    """An uploaded model: a TorchScript archive, or a torch.export archive that workers trace into
+    TorchScript (jobs' baselines and artifacts are TorchScript either way)."""
 
     model_config = ConfigDict(from_attributes=True)
     id: str
     name: str
-    format: Literal["torchscript"] = "torchscript"
+    format: Literal["torchscript", "torch.export"] = "torchscript"
     status: Literal["validating", "ready", "invalid"]
     error: ErrorInfo | None = None
     size_bytes: int

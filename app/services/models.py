@@ -1,4 +1,5 @@
-"""Uploaded models: accept a streamed TorchScript archive, queue its validation, list and delete."""
+"""Uploaded models: accept a streamed TorchScript or torch.export archive, queue its validation,
+list and delete."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from sqlalchemy.orm import Session
 from app import queue
 from app.db import after_commit
 from app.errors import Conflict
-from app.inspection import check_torchscript_archive
+from app.inspection import inspect_model_archive
 from app.models import CompressionJob, UploadedModel
 from app.models.job import ACTIVE_STATUSES
 from app.multipart import ReceivedUpload
@@ -23,12 +24,14 @@ def create_model(session: Session, store: BlobStore, tenant: str, upload: Receiv
     try:
         name = display_name(upload, "model.pt")
         with writer.open_staged() as staged:
-            check_torchscript_archive(staged, writer.size)
+            model_format = inspect_model_archive(staged, writer.size)
         sha256 = writer.commit().sha256
     except BaseException:
         writer.discard()
         raise
-    model = UploadedModel(tenant=tenant, name=name, size_bytes=writer.size, sha256=sha256, status="validating")
+    model = UploadedModel(
+        tenant=tenant, name=name, format=model_format, size_bytes=writer.size, sha256=sha256, status="validating"
+    )
     session.add(model)
     session.flush()
     model_id = model.id

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from app.client import CompactorClient, DownloadMismatch, ProblemError
-from tests import zoo
+from tests import exported, zoo
 from tests.service.servers import ROOT, free_port, stop_process, wait_until_up
 
 
@@ -87,6 +87,7 @@ def test_upload_submit_wait_report_download(server, tmp_path):
 
     figures = _ok(compactor(server, "jobs", "report", job_id))
     assert "× smaller" in figures and "at batch 1" in figures, figures
+    assert "lossless floor 1.00× at batch 1 (baseline plain)" in figures and "beyond floor" in figures, figures
     report = json.loads(_ok(compactor(server, "jobs", "report", job_id, "--json")))
     assert report["job_id"] == job_id and figures.splitlines()[0] == report["summary"]["headline"]
     _ok(compactor(server, "jobs", "report", job_id, "--html", "-o", str(tmp_path / "report.html")))
@@ -97,6 +98,16 @@ def test_upload_submit_wait_report_download(server, tmp_path):
     compressed = torch.jit.load(str(tmp_path / "compressed.pt"))
     with torch.inference_mode():
         assert torch.nn.functional.cosine_similarity(compressed(x[:8]), original(x[:8])).min() > 0.99
+
+
+def test_a_torch_export_archive_uploads_and_an_unconvertible_one_exits_with_its_code(server, tmp_path):
+    (tmp_path / "cnn.pt2").write_bytes(exported.exported_cnn())
+    (tmp_path / "branching.pt2").write_bytes(exported.exported_branching())
+
+    model = json.loads(_ok(compactor(server, "models", "upload", str(tmp_path / "cnn.pt2"), "--wait", "--json")))
+    assert model["status"] == "ready" and model["format"] == "torch.export" and model["name"] == "cnn.pt2"
+    refused = compactor(server, "models", "upload", str(tmp_path / "branching.pt2"), "--wait")
+    assert refused.returncode == 1 and refused.stderr.startswith("export_not_traceable: "), refused.stderr
 
 
 def test_refusals_and_failures_exit_non_zero_with_their_code(server, tmp_path):

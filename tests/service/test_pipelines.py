@@ -145,3 +145,44 @@ def test_prune_then_compile_job_returns_a_frozen_artifact_without_batchnorm(api,
     # compile only as the last step: a 422 naming it, before anything runs
     refused = api.post("/v1/jobs", json={**spec, "steps": [{"op": "compile"}, {"op": "quantize", "scheme": "fp16"}]})
     assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "steps", 0]
+
+
+def test_serving_modes_and_the_lossless_floor_reach_the_report(api, digits_ids):
+    model_id, calibration_id, eval_id = digits_ids
+    spec = {
+        "model_id": model_id,
+        "calibration_dataset_id": calibration_id,
+        "eval_dataset_id": eval_id,
+        "steps": [{"op": "prune", "structure": "channel", "amount": 0.5}],
+        "benchmark": {**QUICK_BENCH, "serving": ["plain", "optimized", "onnxruntime"]},
+    }
+    done, report, _ = _run(api, spec)
+
+    for side in ("baseline", "result"):
+        serving = report[side]["serving"]
+        assert serving["onnxruntime"]["unavailable"] == "no ONNX file of this model was made in this job"
+        assert serving["onnxruntime"]["latency_ms"] == {} and serving["onnxruntime"]["speedup"] == {}
+        optimized = serving["optimized"]
+        assert (
+            optimized["unavailable"] is None
+            and optimized["lossless"] is True
+            and optimized["max_abs_difference"] < 1e-4
+        )
+        for batch in ("1", "8"):
+            assert 0 < optimized["latency_ms"][batch]["p50"] <= optimized["latency_ms"][batch]["p99"]
+            assert optimized["speedup"][batch]["rounds"] >= 7
+            assert report[side]["latency_ms"][batch]["p50"] > 0  # plain, where it always was
+    summary = report["summary"]
+    for batch in ("1", "8"):
+        floor = summary["lossless_floor"][batch]
+        assert floor["model"] == "baseline" and floor["mode"] in ("plain", "optimized")
+        expected = 1.0 if floor["mode"] == "plain" else report["baseline"]["serving"]["optimized"]["speedup"][batch]
+        assert floor["median"] == (expected if floor["mode"] == "plain" else expected["median"])
+        assert summary["beyond_floor"][batch]["mode"] in ("plain", "optimized")
+    assert report["environment"]["serving"]["onnxruntime"]["onnxruntime"]
+
+    html = api.get(f"/v1/jobs/{done['id']}/report.html").text
+    assert "Serving modes and the lossless floor" in html and "not run: no ONNX file" in html
+
+    refused = api.post("/v1/jobs", json={**spec, "benchmark": {"serving": ["optimized"]}})
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "benchmark", "serving"]

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import torch
 
+from worker.engines.exported import exported_to_torchscript, is_exported_archive, load_exported_program
+
 
 def load_model(source: str | Path | bytes, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """Load a TorchScript archive (path or bytes) onto `device`, in eval mode."""
+    """Load a TorchScript archive (path or bytes) onto `device`, in eval mode; a torch.export
+    archive (a path) is traced into TorchScript first (`worker.engines.exported`)."""
     if isinstance(source, (bytes, bytearray)):
         model = torch.jit.load(io.BytesIO(source), map_location=device)
+    elif is_exported_archive(source):
+        model = exported_to_torchscript(load_exported_program(source)).to(device)
     else:
         model = torch.jit.load(str(source), map_location=device)
     return model.eval()

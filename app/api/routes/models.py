@@ -1,4 +1,4 @@
-"""/v1/models: uploaded TorchScript models."""
+"""/v1/models: uploaded models (TorchScript or torch.export archives)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=problems(*COM
     operation_id="upload_model",
     response_model=ModelRead,
     responses={201: created_responses("model"), **problems(413, 415, 503)},
-    openapi_extra=upload_body("A TorchScript archive (torch.jit.save)."),
+    openapi_extra=upload_body(
+        "A TorchScript archive (torch.jit.save) or a torch.export archive (torch.export.save, .pt2)."
+    ),
 )
 async def upload_model(
     request: Request, response: Response, session: SessionDep, tenant: TenantDep, store: StoreDep, settings: SettingsDep
 ) -> ModelRead:
-    """Upload a TorchScript model (multipart `file`, optional `name`); it is validated by a worker."""
+    """Upload a TorchScript or torch.export model (multipart `file`, optional `name`); a worker validates it."""
     upload = await receive_upload(request, store, settings.max_upload_bytes)
     model = service.create_model(session, store, tenant, upload)
     metrics.UPLOAD_BYTES.labels("model").inc(model.size_bytes)
@@ -59,4 +61,5 @@ def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, store: S
 def download_model(model_id: str, request: Request, session: ReadSessionDep, tenant: TenantDep, store: StoreDep):
     """Download the original bytes of a model (ETag = sha256, Range supported)."""
     model = service.get_model(session, tenant, model_id)
-    return blob_response(request, store, model.sha256, model.size_bytes, f"{model.id}.pt")
+    suffix = ".pt2" if model.format == "torch.export" else ".pt"
+    return blob_response(request, store, model.sha256, model.size_bytes, f"{model.id}{suffix}")

@@ -17,21 +17,11 @@ import torch
 
 from worker.engines.compile.config import CompileConfig
 from worker.engines.errors import EngineError, model_text
-from worker.engines.measure.quality import output_leaves
+from worker.engines.measure.quality import FLOAT_TOLERANCE, output_leaves
 from worker.engines.pipeline import PipelineContext, StageOutput
 
 # Samples the compiled model is checked on: enough to catch a wrong fold, cheap beside any step.
 CHECK_SAMPLES = 64
-# Per output dtype, (rtol, atol): refolded float arithmetic differs in the last bits, no more.
-TOLERANCE = {
-    torch.float64: (1e-7, 1e-9),
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (1e-2, 1e-3),
-    torch.bfloat16: (3e-2, 1e-2),
-    # activations rounded to int8 while the model runs: a last-bit change before the rounding (a
-    # folded BatchNorm) can move a value across one int8 step, 8 significant bits as in bfloat16
-    torch.qint8: (3e-2, 1e-2),
-}
 # The ops that round float activations to int8 at run time (dynamic and static int8 schemes).
 ACTIVATION_ROUNDING = frozenset(
     {
@@ -94,8 +84,8 @@ def _compute_dtype(model: torch.jit.ScriptModule) -> torch.dtype:
     if ACTIVATION_ROUNDING & _node_kinds(model).keys():
         return torch.qint8
     tensors = [*model.parameters(), *model.buffers()]
-    floats = [t.dtype for t in tensors if t.is_floating_point() and t.dtype in TOLERANCE]
-    return max(floats, key=lambda dtype: TOLERANCE[dtype][0], default=torch.float32)
+    floats = [t.dtype for t in tensors if t.is_floating_point() and t.dtype in FLOAT_TOLERANCE]
+    return max(floats, key=lambda dtype: FLOAT_TOLERANCE[dtype][0], default=torch.float32)
 
 
 def _check_same_outputs(model, compiled, ctx: PipelineContext) -> float:
@@ -137,7 +127,7 @@ def _compare(path: str, expected, actual, precision: torch.dtype) -> float:
             raise EngineError("compile_not_lossless", f"{path}: the compiled model's {expected.dtype} output differs")
         return 0.0
     # The looser of the output's own precision and the one the model computes in.
-    rtol, atol = max(TOLERANCE.get(expected.dtype, TOLERANCE[torch.float32]), TOLERANCE[precision])
+    rtol, atol = max(FLOAT_TOLERANCE.get(expected.dtype, FLOAT_TOLERANCE[torch.float32]), FLOAT_TOLERANCE[precision])
     difference = (expected.double() - actual.double()).abs()
     allowed = atol + rtol * expected.double().abs()
     if bool((difference > allowed).any()) or bool(torch.isnan(actual).ne(torch.isnan(expected)).any()):

@@ -20,6 +20,7 @@ import torch
 
 from worker.engines.errors import EngineError
 from worker.engines.measure.energy import EnergyMeter, cpu_seconds, runqueue_wait_s
+from worker.engines.measure.serving import SERVING_MODES
 
 # TorchScript's profiling executor records shapes on the first call and optimises the graph on
 # the second, so fewer warm-up calls would time the profiling run.
@@ -47,9 +48,11 @@ class BenchmarkConfig:
         measure_memory: whether to measure peak memory (on CPU, one subprocess per model).
         max_rounds: rounds at most, adding rounds while a speed-up's interval is wide.
         extra_time_s: seconds the added rounds may take in all (the budget after `rounds`).
+        serving: the serving modes every timed model is run in (`serving.SERVING_MODES`), side by
+            side in the same rounds; `plain` is always among them (the speed-ups divide by it).
 
     Example:
-        BenchmarkConfig.from_spec({"device": "cpu", "batch_sizes": [1, 32], "iterations": 200})
+        BenchmarkConfig.from_spec({"device": "cpu", "batch_sizes": [1, 32], "serving": ["plain", "optimized"]})
     """
 
     device: str = "cpu"
@@ -63,9 +66,21 @@ class BenchmarkConfig:
     measure_memory: bool = True
     max_rounds: int = 31
     extra_time_s: float = 30.0
+    serving: Sequence[str] = ("plain",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
+        object.__setattr__(self, "serving", tuple(self.serving))
+        unknown = [mode for mode in self.serving if mode not in SERVING_MODES]
+        if unknown:
+            raise EngineError(
+                "invalid_benchmark", f"unknown serving mode {unknown[0]!r}: use {', '.join(SERVING_MODES)}"
+            )
+        if "plain" not in self.serving or len(set(self.serving)) != len(self.serving):
+            raise EngineError(
+                "invalid_benchmark",
+                "serving lists each mode once and includes 'plain' (the model as loaded, which speed-ups divide by)",
+            )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise EngineError("invalid_benchmark", "batch_sizes must be a non-empty list of positive integers")
         for name in ("iterations", "rounds", "eval_batch_size"):

@@ -1,7 +1,8 @@
 """The measurement entry point: every figure of the report's Metrics for a set of models at once.
 
-All models live in one process and are timed interleaved against the same inputs, so a speed-up
-compares like with like; quality is measured against the reference model's outputs.
+All models live in one process and are timed interleaved against the same inputs, in every serving
+mode asked for, so a speed-up compares like with like; quality is measured against the reference
+model's outputs, and the lossless floor is the fastest way to serve a model with no compression.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from worker.engines.measure.energy import NOT_MEASURED, energy_meter
 from worker.engines.measure.latency import (
     MIN_WARMUP,
     BenchmarkConfig,
+    LatencyResult,
     latency_summary,
     paired_speedup,
     time_interleaved,
@@ -31,6 +33,15 @@ from worker.engines.measure.latency import (
 from worker.engines.measure.macs import MacCount, count_macs
 from worker.engines.measure.memory import CleanFork, cpu_peak_memory, cuda_peak_memory
 from worker.engines.measure.quality import FidelityAccumulator, count_correct
+from worker.engines.measure.serving import (
+    SERVING_MODES,
+    Runner,
+    ServedModel,
+    ServingUnavailable,
+    max_abs_difference,
+    run_checked,
+    serve,
+)
 from worker.engines.measure.size import file_size, weight_stats
 
 ProgressFn = Callable[[float, str], None]
@@ -43,15 +54,22 @@ class Measurement:
     Attributes:
         metrics: `{name: Metrics}` shaped like API.md's Metrics, JSON-safe.
         speedup: `{name: {"<batch>": {"median", "min", "max", "rounds"}}}` against the reference,
-            for every timed model except the reference itself.
+            for every timed model except the reference itself (both served `plain`).
         environment: `{"device", "device_name", "torch", "threads", "worker", "measured_at", …}`.
         notes: things a reader should know (a figure that could not be measured, and why).
+        floor: `{"<batch>": {"model", "mode", "p50_ms", "median", "min", "max", …}}`: the lossless
+            floor, the fastest of the lossless models in their lossless modes, with its paired
+            speed-up over the reference served plain.
+        beyond_floor: `{name: {"<batch>": {"mode", "median", "min", "max", …}}}` for every timed
+            model that is not lossless: its fastest mode's paired speed-up over the floor.
     """
 
     metrics: dict[str, dict[str, Any]]
     speedup: dict[str, dict[str, dict[str, float | int]]]
     environment: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    floor: dict[str, dict[str, Any]] = field(default_factory=dict)
+    beyond_floor: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 def measure_models(
@@ -62,9 +80,14 @@ def measure_models(
     config: BenchmarkConfig | None = None,
     latency_for: Iterable[str] | None = None,
     progress: ProgressFn = lambda fraction, message: None,
+    onnx_files: Mapping[str, Path] | None = None,
+    lossless: Iterable[str] | None = None,
     clean: CleanFork | None = None,
 ) -> Measurement:
     """Measure size, work, quality, latency and memory of several models side by side.
+
+    Every timed model is run in each of `config.serving`'s modes, all in the same interleaved
+    rounds; a mode that cannot run a model gets `{"unavailable": reason}` in place of its figures.
 
     Args:
         models: `{name: model}` in eval mode, already on `config.device`; quantized and
@@ -78,11 +101,14 @@ def measure_models(
         latency_for: names to time and probe for memory; the others get size and quality only
             (latency `{}`, peak memory None). None: all.
         progress: `progress(fraction, message)`.
+        onnx_files: `{name: ONNX file}` of the models the `onnxruntime` mode can run.
+        lossless: the models made with no loss (None: the reference alone): their modes whose
+            outputs agree with their `plain` outputs within float tolerance make the floor.
         clean: a copy of the caller's process from before it loaded any model, to fork the CPU
             memory probes from (None: each probe is a fresh interpreter).
 
     Returns:
-        A `Measurement` (metrics, speed-ups with spread, environment, notes).
+        A `Measurement` (metrics, speed-ups with spread, environment, notes, floor).
 
     Raises:
         EngineError: unknown reference, empty data, unavailable device, or outputs that do not match.
@@ -91,8 +117,10 @@ def measure_models(
         measurement = measure_models({"baseline": teacher, "result": student},
                                      {"baseline": Path("a.pt"), "result": Path("b.pt")},
                                      reference="baseline", data=eval_data,
-                                     config=BenchmarkConfig(batch_sizes=[1, 32]))
+                                     config=BenchmarkConfig(batch_sizes=[1, 32], serving=["plain", "optimized"]))
         measurement.speedup["result"]["32"]["median"]
+        measurement.metrics["result"]["serving"]["optimized"]["speedup"]["32"]["median"]
+        measurement.floor["32"]["mode"]  # "optimized", where that serves the baseline fastest
     """
     config = config or BenchmarkConfig()
     if reference not in models:
@@ -117,11 +145,17 @@ def measure_models(
             metrics[name]["peak_memory_bytes"] = peaks.get(name)
         progress(0.35, "measured peak memory")
         load_at_start = _load_average()
-        speedup = _latency(
-            models, timed, reference, data, config, device, metrics, lambda f, m: progress(0.35 + 0.65 * f, m)
+        served = _serve(models, files, onnx_files or {}, timed, data, config, device, metrics)
+        progress(0.4, f"prepared the serving modes {', '.join(config.serving)}")
+        speedup, timings = _latency(
+            served, timed, reference, data, config, device, metrics, lambda f, m: progress(0.4 + 0.6 * f, m)
+        )
+        floor, beyond_floor = _floor(
+            timings, metrics, timed, reference, set(lossless) if lossless is not None else {reference}, config, notes
         )
         environment = {
             **_environment(device, config),
+            "serving": {mode: SERVING_MODES[mode].describe() for mode in config.serving},
             "usable_cores": usable_cores(),
             "load_average": {"start": load_at_start, "end": _load_average()},
             "energy_meter": getattr(energy_meter(device), "source", NOT_MEASURED),
@@ -134,7 +168,9 @@ def measure_models(
             notes.append(
                 "a speed-up's interval stayed wide after the rounds the time budget allowed: it is marked noisy"
             )
-        return Measurement(_json_safe(metrics), _json_safe(speedup), environment, notes)
+        return Measurement(
+            _json_safe(metrics), _json_safe(speedup), environment, notes, _json_safe(floor), _json_safe(beyond_floor)
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -243,8 +279,58 @@ def _peak_memory(
     return peaks
 
 
-def _latency(
+def _key(name: str, mode: str) -> str:
+    """The timed entry of a model in a mode: its plain entry keeps the model's own name."""
+    return name if mode == "plain" else f"{name}@{mode}"
+
+
+# Samples each serving mode's outputs are compared on with the model's plain outputs.
+CHECK_SAMPLES = 64
+
+
+def _serve(
     models: Mapping[str, torch.nn.Module],
+    files: Mapping[str, Path],
+    onnx_files: Mapping[str, Path],
+    timed: list[str],
+    data: ModelData,
+    config: BenchmarkConfig,
+    device: torch.device,
+    metrics: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, Runner]]:
+    """`{name: {mode: runner}}` of the timed models in every mode that runs them; each other mode
+    gets `metrics[name]["serving"][mode] = {"unavailable": reason}`, each mode that runs its check
+    (`max_abs_difference` against plain, `lossless`)."""
+    check = _inputs(data, min(CHECK_SAMPLES, data.num_samples), device)
+    served: dict[str, dict[str, Runner]] = {}
+    for name in models:
+        metrics[name]["serving"] = {}
+    for name in timed:
+        model = ServedModel(models[name], files.get(name), onnx_files.get(name))
+        served[name] = {"plain": serve("plain", model, device)}
+        others = [mode for mode in config.serving if mode != "plain"]
+        if others:
+            with torch.inference_mode():
+                expected = served[name]["plain"].outputs(check)
+        for mode in others:
+            try:
+                runner = serve(mode, model, device)
+                with torch.inference_mode():
+                    actual = run_checked(f"it does not run in {mode} mode", lambda: runner.outputs(check))
+                    for batch_size in config.batch_sizes:
+                        call = runner.bind(_inputs(data, batch_size, device))
+                        run_checked(f"it does not run in {mode} mode at batch {batch_size}", call)
+                difference, within = max_abs_difference(expected, actual)
+            except ServingUnavailable as unavailable:
+                metrics[name]["serving"][mode] = {"unavailable": unavailable.reason}
+                continue
+            served[name][mode] = runner
+            metrics[name]["serving"][mode] = {"max_abs_difference": difference, "lossless": within}
+    return served
+
+
+def _latency(
+    served: dict[str, dict[str, Runner]],
     timed: list[str],
     reference: str,
     data: ModelData,
@@ -252,38 +338,106 @@ def _latency(
     device: torch.device,
     metrics: dict[str, dict[str, Any]],
     progress: ProgressFn,
-) -> dict[str, dict[str, dict[str, float | int]]]:
-    """Fill latency and throughput into `metrics`; return the paired speed-ups."""
-    for name in models:
+) -> tuple[dict[str, dict[str, dict[str, float | int]]], LatencyResult]:
+    """Fill latency and throughput into `metrics` (plain at the top, every other mode under
+    `serving`); return the paired speed-ups of the plain models and the timings."""
+    for name in metrics:
         metrics[name]["latency_ms"], metrics[name]["throughput_per_s"] = {}, {}
     if not timed:
-        return {}
+        return {}, LatencyResult()
     calls = {}
     for batch_size in config.batch_sizes:
         inputs = _inputs(data, batch_size, device)
-        calls[batch_size] = {name: _inference_call(models[name], inputs) for name in timed}
+        calls[batch_size] = {
+            _key(name, mode): runner.bind(inputs) for name in timed for mode, runner in served[name].items()
+        }
     meter = energy_meter(device)
     with torch.inference_mode():
         result = time_interleaved(calls, config, device, progress, reference=reference, meter=meter)
     speedup: dict[str, dict[str, dict[str, float | int]]] = {}
     threads = 1 if device.type == "cuda" else torch.get_num_threads()
     for name in timed:
-        metrics[name]["energy"] = {}
-        for batch_size in config.batch_sizes:
-            usage = result.usage[name][batch_size]
-            summary = latency_summary(result.samples_ms[name][batch_size], usage, threads)
-            metrics[name]["latency_ms"][str(batch_size)] = summary
-            metrics[name]["throughput_per_s"][str(batch_size)] = batch_size / (summary["mean"] / 1000)
-            metrics[name]["energy"][str(batch_size)] = {
-                "cpu_ms_per_call": 1000 * usage.cpu_s / max(usage.calls, 1),
-                "joules_per_call": None if usage.joules is None else usage.joules / max(usage.calls, 1),
-                "noisy": summary["noisy"],
-            }
-            if name != reference and reference in timed:
-                speedup.setdefault(name, {})[str(batch_size)] = paired_speedup(
-                    result.round_medians_ms[reference][batch_size], result.round_medians_ms[name][batch_size]
+        for mode in served[name]:
+            key = _key(name, mode)
+            figures = metrics[name] if mode == "plain" else metrics[name]["serving"][mode]
+            figures.update({"latency_ms": {}, "throughput_per_s": {}, "energy": {}})
+            if mode != "plain":
+                figures["speedup"] = {}
+            for batch_size in config.batch_sizes:
+                usage = result.usage[key][batch_size]
+                summary = latency_summary(result.samples_ms[key][batch_size], usage, threads)
+                figures["latency_ms"][str(batch_size)] = summary
+                figures["throughput_per_s"][str(batch_size)] = batch_size / (summary["mean"] / 1000)
+                figures["energy"][str(batch_size)] = {
+                    "cpu_ms_per_call": 1000 * usage.cpu_s / max(usage.calls, 1),
+                    "joules_per_call": None if usage.joules is None else usage.joules / max(usage.calls, 1),
+                    "noisy": summary["noisy"],
+                }
+                if reference not in timed or key == reference:
+                    continue
+                paired = paired_speedup(
+                    result.round_medians_ms[reference][batch_size], result.round_medians_ms[key][batch_size]
                 )
-    return speedup
+                if mode == "plain":
+                    speedup.setdefault(name, {})[str(batch_size)] = paired
+                else:
+                    figures["speedup"][str(batch_size)] = paired
+    return speedup, result
+
+
+def _modes_run(metrics: dict[str, dict[str, Any]], name: str, modes: Iterable[str], lossless_only: bool) -> list[str]:
+    """The modes a timed model was run in, plain first; with `lossless_only`, only those whose
+    outputs agree with plain within float tolerance."""
+    serving = metrics[name]["serving"]
+    ran = [mode for mode in modes if "latency_ms" in serving.get(mode, {})]
+    return ["plain"] + [mode for mode in ran if serving[mode]["lossless"] or not lossless_only]
+
+
+def _floor(
+    timings: LatencyResult,
+    metrics: dict[str, dict[str, Any]],
+    timed: list[str],
+    reference: str,
+    lossless: set[str],
+    config: BenchmarkConfig,
+    notes: list[str],
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
+    """The lossless floor per batch size, and each lossy model's fastest mode over it."""
+    if reference not in timed:
+        return {}, {}
+    for name in sorted(lossless & set(timed)):
+        for mode, figures in metrics[name]["serving"].items():
+            if figures.get("lossless") is False:
+                notes.append(
+                    f"{name} served {mode} differs from its plain outputs by {figures['max_abs_difference']:.3g}, "
+                    "beyond float tolerance: it is not counted in the lossless floor"
+                )
+    rounds = timings.round_medians_ms
+    floor: dict[str, dict[str, Any]] = {}
+    beyond: dict[str, dict[str, dict[str, Any]]] = {}
+    for batch_size in config.batch_sizes:
+
+        def over(base: tuple[str, str], served: tuple[str, str], _batch: int = batch_size) -> dict:
+            """The paired speed-up of (model, mode) `served` over (model, mode) `base`."""
+            return paired_speedup(rounds[_key(*base)][_batch], rounds[_key(*served)][_batch])
+
+        plain = (reference, "plain")
+        candidates = [(n, m) for n in timed if n in lossless for m in _modes_run(metrics, n, config.serving, True)]
+        fastest = max(candidates, key=lambda candidate: over(plain, candidate)["median"])
+        figures = metrics[fastest[0]] if fastest[1] == "plain" else metrics[fastest[0]]["serving"][fastest[1]]
+        floor[str(batch_size)] = {
+            "model": fastest[0],
+            "mode": fastest[1],
+            "p50_ms": figures["latency_ms"][str(batch_size)]["p50"],
+            **over(plain, fastest),
+        }
+        for name in timed:
+            if name in lossless:
+                continue
+            modes = _modes_run(metrics, name, config.serving, False)
+            mode = max(modes, key=lambda m: over(plain, (name, m))["median"])
+            beyond.setdefault(name, {})[str(batch_size)] = {"mode": mode, **over(fastest, (name, mode))}
+    return floor, beyond
 
 
 def _metering(what: str, function: Callable, *args: Any) -> Any:
@@ -294,10 +448,6 @@ def _metering(what: str, function: Callable, *args: Any) -> Any:
         raise
     except Exception as exc:
         raise MeterError(what, exc) from exc
-
-
-def _inference_call(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
-    return lambda: model(*inputs)
 
 
 def _environment(device: torch.device, config: BenchmarkConfig) -> dict[str, Any]:

@@ -18,6 +18,18 @@ import torch
 from worker.engines.data import ModelData
 from worker.engines.errors import EngineError
 
+# Per output dtype, (rtol, atol) within which two runs of the same model agree: refolded or
+# re-fused float arithmetic (the compile step, a serving mode) differs in the last bits, no more.
+FLOAT_TOLERANCE = {
+    torch.float64: (1e-7, 1e-9),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (3e-2, 1e-2),
+    # activations rounded to int8 while the model runs: a last-bit change before the rounding (a
+    # folded BatchNorm) can move a value across one int8 step, 8 significant bits as in bfloat16
+    torch.qint8: (3e-2, 1e-2),
+}
+
 
 def output_leaves(outputs: Any, path: str = "") -> list[tuple[str, Any]]:
     """Every leaf of a model output with its path, in the one order all engines use.
