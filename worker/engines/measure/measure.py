@@ -104,7 +104,6 @@ def measure_models(
         onnx_files: `{name: ONNX file}` of the models the `onnxruntime` mode can run.
         lossless: the models made with no loss (None: the reference alone): their modes whose
             outputs agree with their `plain` outputs within float tolerance make the floor.
-
         clean: a copy of the caller's process from before it loaded any model, to fork the CPU
             memory probes from (None: each probe is a fresh interpreter).
 
