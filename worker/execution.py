@@ -184,17 +184,19 @@ def _run_claimed(job_id: str) -> str:
             return JobStatus.FAILED
         reused = _stored_steps(job_id, tenant, spec, keys, job) if spec.get("reuse_checkpoints", True) else []
         files["stored_steps"] = [{"path": path, "stage": c.stage, "job_id": c.job_id} for c, path in reused]
-        last = {"at": 0.0}
+        last = {"at": 0.0, "stage": None}
         stored_now: set[int] = set()
 
         def on_progress(message: dict) -> bool:
             if "checkpoint" in message:  # never throttled: a later attempt starts after it
                 _store_checkpoint(job_id, tenant, model_id, keys, job, message["checkpoint"], stored_now)
                 return True
-            now = time.monotonic()
-            if now - last["at"] < PROGRESS_EVERY_S:
+            # Within a stage, one write per interval; a new stage is always written, else a stage
+            # that starts right after another (and then runs long) would never be shown.
+            now, stage = time.monotonic(), (message.get("stage"), message.get("step_index"))
+            if now - last["at"] < PROGRESS_EVERY_S and stage == last["stage"]:
                 return True
-            last["at"] = now
+            last.update(at=now, stage=stage)
             return _progress(job_id, message)
 
         outcome = run_isolated(
@@ -210,6 +212,7 @@ def _run_claimed(job_id: str) -> str:
             job_limits(settings.job_time_limit_s),
             on_progress,
             job=job,
+            canceled=lambda: _canceled(job_id),
         )
         artifact = _checked_artifact(job, outcome)
         stored = store.put_file(artifact)
@@ -347,6 +350,11 @@ def _stored_onnx(job: JobDir, outcome: dict, store, report: dict) -> StoredBlob 
     section = report.get("onnx") if isinstance(report.get("onnx"), dict) else {}
     report["onnx"] = {**section, "sha256": stored.sha256, "size_bytes": stored.size}
     return stored
+
+
+def _canceled(job_id: str) -> bool:
+    with read_only_session() as session:
+        return lifecycle.status_of(session, job_id) == JobStatus.CANCELED
 
 
 def _progress(job_id: str, message: dict) -> bool:

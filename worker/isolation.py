@@ -35,6 +35,7 @@ MAX_STRING = 4000  # any one string the child sends
 MAX_ERROR_MESSAGE = 1500
 MAX_TRACEBACK = 8000
 USAGE_EVERY_S = 1.0
+CANCEL_CHECK_S = 1.0
 _CRASH_SIGNALS = {
     signal.SIGSEGV: "segmentation fault",
     signal.SIGBUS: "bus error",
@@ -107,14 +108,16 @@ def run_isolated(
     limits: Limits,
     on_progress: Callable[[dict], bool] = lambda message: True,
     job: JobDir | None = None,
+    canceled: Callable[[], bool] = lambda: False,
 ) -> Any:
     """Call `target` ("package.module:function") in a sandboxed child and return its result.
 
     The target is called as `function(emit=..., **kwargs)`; `emit(dict)` sends a progress message,
     handed to `on_progress` here. When `on_progress` returns False (the job was canceled) the child
-    is killed and IsolatedFailure("canceled") raised. Paths in `kwargs` must be the child's view of
-    `job` (`job.inside(...)`), which runs under its own sandbox; without a `job`, a throwaway one
-    under the configured sandbox is used.
+    is killed and IsolatedFailure("canceled") raised; so it is when `canceled()`, asked every
+    `CANCEL_CHECK_S` whatever the child says (a long timing round sends nothing for minutes).
+    Paths in `kwargs` must be the child's view of `job` (`job.inside(...)`), which runs under its
+    own sandbox; without a `job`, a throwaway one under the configured sandbox is used.
 
     Raises:
         IsolatedFailure: with a code a user can act on, when the child crashed, ran past a limit,
@@ -155,7 +158,7 @@ def run_isolated(
         child_end.close()
         try:
             parent_end.sendall(json.dumps(request).encode() + b"\n")
-            return _serve(process, parent_end, job, limits, on_progress, oom_kills_before)
+            return _serve(process, parent_end, job, limits, on_progress, canceled, oom_kills_before)
         finally:
             if process.poll() is None:
                 _kill(process)
@@ -172,10 +175,12 @@ def _serve(
     job: JobDir,
     limits: Limits,
     on_progress: Callable[[dict], bool],
+    canceled: Callable[[], bool],
     oom_kills_before: int | None,
 ) -> Any:
     deadline = time.monotonic() + limits.time_s
     next_usage = time.monotonic() + USAGE_EVERY_S
+    next_cancel_check = time.monotonic() + CANCEL_CHECK_S
     buffer, heard = b"", False
     while True:
         readable, _, _ = select.select([channel], [], [], 0.2)
@@ -211,6 +216,10 @@ def _serve(
                 "and was stopped; try fewer iterations, a smaller dataset, or raise "
                 "COMPACTOR_JOB_TIME_LIMIT_S",
             )
+        if now > next_cancel_check:
+            next_cancel_check = now + CANCEL_CHECK_S
+            if canceled():
+                raise IsolatedFailure("canceled", "the job was canceled")
         if limits.output_bytes and now > next_usage:
             next_usage = now + USAGE_EVERY_S
             written, entries = job.usage()
