@@ -261,11 +261,19 @@ def test_a_worker_killed_mid_search_does_not_lose_the_search(service, api, digit
     assert all(t["status"] in ("succeeded", "pruned") for t in explored), [(t["status"], t["error"]) for t in explored]
     assert any(api.get(f"/v1/jobs/{t['job_id']}").json()["attempts"] == 2 for t in explored)
     # The prefix ran first, and its child reused the prefix's stored step instead of pruning again.
-    by_params = {(t["params"]["prune"], t["params"]["quantize"]): t for t in explored}
-    parent, child = by_params[(0.5, "none")], by_params[(0.5, "dynamic_int8")]
-    assert parent["number"] < child["number"] and child["status"] == "succeeded"
-    stages = api.get(f"/v1/jobs/{child['job_id']}/report").json()["stages"]
-    assert stages[0]["op"] == "prune" and stages[0]["reused_from"] == parent["job_id"]
+    # Any earlier trial that pruned by the same amount stored that step (with or without a distill
+    # after it), so the child's prune comes from one of them.
+    children = [t for t in explored if t["params"]["prune"] > 0 and t["params"]["quantize"] != "none"]
+    assert children, [t["params"] for t in explored]
+    for child in children:
+        assert child["status"] == "succeeded"
+        prefixes = {
+            t["job_id"]
+            for t in explored
+            if t["number"] < child["number"] and t["params"]["prune"] == child["params"]["prune"] and t["job_id"]
+        }
+        stages = api.get(f"/v1/jobs/{child['job_id']}/report").json()["stages"]
+        assert stages[0]["op"] == "prune" and stages[0]["reused_from"] in prefixes, (stages[0], prefixes)
     service.start_worker(key=victim)
 
 
