@@ -213,7 +213,7 @@ def test_a_cancel_after_the_artifact_is_stored_leaves_no_blob(settings_on_test_d
         session.flush()
         job_id = job.id
 
-    def compressed(target, kwargs, limits, on_progress, job):
+    def compressed(target, kwargs, limits, on_progress, job, canceled):
         # An artifact with bytes of its own: the model with one more file in its archive.
         path = job.root / "out" / "model.pt"
         torch.jit.save(traced_cnn(), str(path), _extra_files={"note": b"compressed"})
