@@ -96,15 +96,28 @@ def spread(values: tuple[float, float, float]) -> str:
     return f"{values[0]:.3f} [{values[1]:.3f}–{values[2]:.3f}]"
 
 
+def round_medians(
+    models: dict[str, Callable], inputs: Sequence[torch.Tensor], rounds: int = 5, iterations: int = 15
+) -> dict[str, list[float]]:
+    """Per model, its interleaved median ms in each of `rounds` rounds."""
+    medians: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, ms in interleaved_latency_ms(models, inputs, iterations=iterations).items():
+            medians[name].append(ms)
+    return medians
+
+
+def paired(medians: dict[str, list[float]], baseline: str) -> dict[str, tuple[float, float, float]]:
+    """Per model, (median, min, max) of its speed-up over `baseline` paired round by round."""
+    ratios = {name: [b / m for b, m in zip(medians[baseline], values)] for name, values in medians.items()}
+    return {name: (statistics.median(v), min(v), max(v)) for name, v in ratios.items()}
+
+
 def paired_speedups(
     models: dict[str, Callable], inputs: Sequence[torch.Tensor], baseline: str, rounds: int = 5, iterations: int = 15
 ) -> tuple[dict[str, tuple[float, float, float]], dict[str, tuple[float, float, float]]]:
     """Per model, (median, min, max) over `rounds` of its interleaved median ms, and of the
     speed-up over `baseline` paired round by round (each round's baseline over that round's model)."""
-    medians: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, ms in interleaved_latency_ms(models, inputs, iterations=iterations).items():
-            medians[name].append(ms)
-    ratios = {name: [b / m for b, m in zip(medians[baseline], medians[name])] for name in models}
+    medians = round_medians(models, inputs, rounds, iterations)
     summary = {name: (statistics.median(v), min(v), max(v)) for name, v in medians.items()}
-    return summary, {name: (statistics.median(v), min(v), max(v)) for name, v in ratios.items()}
+    return summary, paired(medians, baseline)

@@ -12,7 +12,8 @@ import torch
 from tests import zoo
 from worker.engines.data import ModelData
 from worker.engines.export import build_onnx_artifact
-from worker.engines.export.onnx_artifact import FLOAT_AGREEMENT, ort_session, run_session
+from worker.engines.export.onnx_artifact import FLOAT_AGREEMENT
+from worker.engines.export.runtime import ort_session, run_session
 from worker.engines.measure.quality import fidelity, fidelity_score
 from worker.engines.pipeline import PipelineContext, parse_step, run_step
 
@@ -217,3 +218,81 @@ def test_an_fp16_artifact_exports_in_half_precision(tmp_path):
         and section["fidelity"]["reference"] == "the TorchScript artifact"
     )
     assert path.stat().st_size < 0.6 * len(_float_bytes(model, data))
+
+
+class _OutlierChannels(torch.nn.Module):
+    """An MLP whose fc2 input has three channels 80× larger than the rest (the float function is
+    an ordinary MLP: fc2 divides their weights back), so per-tensor int8 of that input crushes the
+    other channels: the activation outliers SmoothQuant is for."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(64, 256), torch.nn.Linear(256, 256), torch.nn.Linear(256, 16)
+        with torch.no_grad():
+            self.fc1.weight[:3] *= 80.0
+            self.fc2.weight[:, :3] /= 80.0
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _outlier_model_and_data():
+    model = torch.jit.trace(_OutlierChannels().eval(), torch.rand(2, 64))
+    return model, ModelData((torch.randn(128, 64, generator=torch.Generator().manual_seed(1)),))
+
+
+def test_a_layer_kept_float_for_fidelity_is_smoothed_and_runs_int8_in_onnx(tmp_path):
+    model, data = _outlier_model_and_data()
+    step = {"op": "quantize", "scheme": "dynamic_int8", "min_fidelity": 0.999}
+
+    models, details, section, path = _export(tmp_path, model, data, [step])
+
+    kept = [row["module"] for row in details[0]["layers"] if row["precision"] == "float32"]
+    quantization = section["quantization"]
+    assert kept == ["fc2"], "the TorchScript step needs fc2 in float (the premise of this test)"
+    assert quantization["modules_smoothed"] == ["fc2"] and quantization["modules_in_float"] == []
+    assert quantization["smoothing"]["method"] == "SmoothQuant" and quantization["nodes_smoothed"]
+    graph = onnx.load(str(path)).graph
+    assert "MatMul" not in {n.op_type for n in graph.node}, "every MatMul runs in int8"
+    assert [n.op_type for n in graph.node].count("Mul") >= 1
+    with torch.inference_mode():
+        reference = models[0](*data.inputs)
+    held = fidelity_score(fidelity(reference, run_session(ort_session(path), data.inputs)[0]))[1]
+    assert held >= 0.999 and section["fidelity_to_source"]["score"] >= 0.999
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"], "no smoothed or float copy left"
+
+
+def test_smoothing_keeps_the_float_function_and_shares_one_mul_per_input(tmp_path):
+    from worker.engines.export.onnx_artifact import _gemm_as_matmul, export_onnx
+    from worker.engines.export.smoothing import smooth_matmuls
+
+    model, data = _outlier_model_and_data()
+    graph_model = _gemm_as_matmul(onnx.load_from_string(export_onnx(model, data.take(2))))
+    matmuls = [n.name for n in graph_model.graph.node if n.op_type == "MatMul"]
+    before = run_session(ort_session(graph_model.SerializeToString()), data.inputs)[0]
+
+    rewritten = smooth_matmuls(graph_model, matmuls, data)
+
+    assert rewritten == sorted(matmuls)
+    assert [n.op_type for n in graph_model.graph.node].count("Mul") == len(matmuls)  # one input each here
+    onnx.checker.check_model(graph_model)
+    after = run_session(ort_session(graph_model.SerializeToString()), data.inputs)[0]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_exporting_leaves_the_model_it_was_given_as_it_was():
+    from worker.engines.export.onnx_artifact import export_onnx
+
+    eager, data, calibration = _digits_model(zoo.SequentialCNN)
+    model = zoo.trace(eager, torch.rand(2, 1, 32, 32))
+    graph = str(model.graph)
+
+    export_onnx(model, data.take(2))
+
+    # torch's exporter inlines the graph it exports in place; a quantize step after it then found
+    # one layer named '' and left conv-BN unfolded (2x slower static int8)
+    assert str(model.graph) == graph
+    step = parse_step({"op": "quantize", "scheme": "static_int8"})
+    out = run_step(model, step, PipelineContext(teacher=model, calibration=calibration, evaluation=data))
+    assert {row["module"] for row in out.details["layers"]} == {"features.0", "features.4", "fc1", "fc2"}

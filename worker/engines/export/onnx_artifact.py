@@ -23,6 +23,8 @@ import torch
 
 from worker.engines.data import ModelData
 from worker.engines.errors import EngineError, model_text
+from worker.engines.export.runtime import ort_session, run_session
+from worker.engines.export.smoothing import ALPHA, smooth_matmuls, smoothable
 from worker.engines.measure.quality import FidelityAccumulator, fidelity_score, flatten_outputs
 from worker.engines.quantize.engine import FIDELITY_MARGIN
 from worker.engines.step_config import StepConfig
@@ -42,6 +44,8 @@ LOSSLESS_OPS = ("compile",)
 # torch's dynamic_int8, dynamic quantization is for Linear-heavy models (ConvInteger is slow).
 DYNAMIC_OPS = ["MatMul", "Gather", "LSTM", "GRU", "Attention"]
 CALIBRATION_SAMPLES = 256
+# how a sensitive layer is kept for min_fidelity, cheapest first (the report's `tried` keys)
+SMOOTHED, INT8_WEIGHTS, FLOAT = "smoothed", "in float, int8 weights", "in float"
 BATCH = 64
 
 
@@ -103,7 +107,7 @@ def build_onnx_artifact(
         plan = _plan(models, steps, stage_details)
         return _build(plan, models[-1], evaluation, calibration or evaluation, path, threads)
     except OnnxUnavailable as exc:
-        for leftover in (path, _float_path(path)):
+        for leftover in (path, _float_path(path), _smoothed_path(path)):
             leftover.unlink(missing_ok=True)
         return {"missing": exc.reason}
 
@@ -117,6 +121,9 @@ def export_onnx(model: torch.jit.ScriptModule, example: ModelData) -> bytes:
     Raises:
         OnnxUnavailable: the exporter cannot express the model (its message, bounded).
     """
+    # the TorchScript-based exporter inlines the graph of the module it is given, in place: a
+    # quantize step run on that module afterwards found no layers to fold or fuse and ran 2x slower
+    model = _private_copy(model)
     inputs = tuple(t.to(_device_of(model)) for t in example.inputs)
     input_names = [_io_name("input", i) for i in range(len(inputs))]
     with torch.inference_mode():
@@ -146,25 +153,6 @@ def export_onnx(model: torch.jit.ScriptModule, example: ModelData) -> bytes:
     except Exception as exc:
         raise OnnxUnavailable(f"{EXPORTER} cannot export this model: {model_text(exc)}") from None
     return buffer.getvalue()
-
-
-def ort_session(model: str | Path | bytes, threads: int = 1):
-    """An ONNX Runtime CPU session with `threads` intra-op threads and one inter-op thread."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def run_session(session, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The session's outputs on positional torch inputs, as CPU tensors in output order."""
-    names = [i.name for i in session.get_inputs()]
-    feed = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
-    return [torch.from_numpy(np.asarray(out)) for out in session.run(None, feed)]
 
 
 def _build(
@@ -214,25 +202,40 @@ def _build(
     tried: dict[str, float] = {}
     added = 0
     while True:
-        # Layers in float for min_fidelity first keep int8 weights, dequantized to float at run time:
-        # their activations are what int8 loses most on (MiniLM's layer.0.output.dense: 0.9898 cosine
-        # min so, 0.9912 with weights per input channel, 0.9907 all float), and the file stays int8-sized.
+        # The layers min_fidelity marks sensitive are tried cheapest first: int8 with their input
+        # smoothed (dynamic int8; int8 speed), then int8 weights dequantized to float at run time
+        # (float arithmetic, int8 size; MiniLM's layer.0.output.dense: 0.9898 cosine min so, 0.9912
+        # with weights per input channel), then fully float.
         sensitive = [module for module in keep if module not in plan.user_float]
-        for weight_only in (True, False) if sensitive else (False,):
-            excluded = sorted({node for module in keep for node in nodes.get(module, [])})
-            _quantize(plan, float_path, path, excluded, calibration)
-            int8_weights = []
-            if weight_only:
-                int8_weights = _weights_as_int8(path, {node for module in sensitive for node in nodes.get(module, [])})
+        sensitive_nodes = {node for module in sensitive for node in nodes.get(module, [])}
+        modes = [FLOAT]
+        if sensitive_nodes:
+            modes = [INT8_WEIGHTS, FLOAT]
+            if plan.method == "dynamic" and smoothable(float_model, sensitive_nodes):
+                modes.insert(0, SMOOTHED)
+        for mode in modes:
+            in_float = keep if mode != SMOOTHED else [m for m in keep if m in plan.user_float]
+            excluded = sorted({node for module in in_float for node in nodes.get(module, [])})
+            smoothed, int8_weights = [], []
+            source = float_path
+            if mode == SMOOTHED:
+                rewritten = _copy(float_model)
+                smoothed = smooth_matmuls(rewritten, sensitive_nodes, calibration, threads)
+                source = _smoothed_path(path)
+                _save(rewritten, source)
+            _quantize(plan, source, path, excluded, calibration)
+            if mode == INT8_WEIGHTS:
+                int8_weights = _weights_as_int8(path, sensitive_nodes)
             session = _loaded(path, threads)
             to_source = _fidelity(session, plan.source, evaluation)
             metric, score = fidelity_score(to_source)
-            tried[f"{len(keep)} in float" + (", int8 weights" if weight_only else "")] = score
+            tried[f"{len(keep) - len(in_float) if mode == SMOOTHED else len(keep)} {mode}"] = score
             if target is None or score >= target:
                 break
         else:
             remaining = [module for module in plan.ranked if module not in keep and module in nodes]
             if not remaining:
+                _smoothed_path(path).unlink(missing_ok=True)
                 return _float_instead(
                     section, float_path, path, plan, artifact, evaluation, threads, metric, score, target
                 )
@@ -240,6 +243,7 @@ def _build(
             keep += remaining[:added]
             continue
         break
+    _smoothed_path(path).unlink(missing_ok=True)
     float_path.unlink(missing_ok=True)
     agreement = _fidelity(session, artifact, evaluation)
     unmatched = [module for module in keep if module not in nodes]
@@ -248,17 +252,21 @@ def _build(
         "scheme": plan.scheme,
         "format": "QDQ" if plan.method == "static" else "QOperator (integer ops)",
         "per_channel": plan.per_channel,
-        "modules_in_float": keep,
+        "modules_in_float": in_float,
         "nodes_in_float": excluded,
         "nodes_with_int8_weights_in_float": int8_weights,
+        "modules_smoothed": [m for m in keep if m not in in_float],
+        "nodes_smoothed": smoothed,
+        "smoothing": {"method": "SmoothQuant", "alpha": ALPHA} if smoothed else None,
         "modules_without_onnx_node": unmatched,
     }
     if plan.min_fidelity is not None:
         quantization["min_fidelity"] = {"target": target, "margin": FIDELITY_MARGIN, "tried": tried}
     if len(keep) > len(plan.keep_float):
+        how = "smoothed" if smoothed else "in float"
         section["notes"].append(
-            f"ONNX int8 kept {len(keep) - len(plan.keep_float)} more layer(s) in float than the TorchScript "
-            f"artifact to hold min_fidelity {plan.min_fidelity}"
+            f"ONNX int8 kept {len(keep) - len(plan.keep_float)} more layer(s) {how} than the TorchScript "
+            f"artifact kept in float to hold min_fidelity {plan.min_fidelity}"
         )
     return {
         **section,
@@ -576,6 +584,25 @@ def _save(model, path: Path) -> None:
 
 def _float_path(path: Path) -> Path:
     return path.with_name(path.stem + ".float.onnx")
+
+
+def _smoothed_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".smoothed.onnx")
+
+
+def _copy(model):
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _private_copy(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    buffer = io.BytesIO()
+    torch.jit.save(model, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer, map_location=_device_of(model))
 
 
 def _device_of(model: torch.jit.ScriptModule) -> torch.device:
