@@ -4,7 +4,8 @@ For each model, a real service (Postgres, Redis, `compactor serve`, the notifier
 search once with one worker and once with two (each worker pinned to a core of its own with one
 thread, as the README's "Several workers on one host" says); then the hand recipes run as plain
 jobs. Printed per model: the search's wall time (created → finished) with 1 and 2 workers and
-their ratio, the trials run and stopped early, the pick; then the pick's and the hand recipes'
+their ratio, the trials run, stopped by their prefix and not timed (their quality pass missed), the
+pick checks (early ones included), the pick; then the pick's and the hand recipes'
 artifacts, downloaded and timed interleaved in this process (one thread, `REPEATS` runs: median
 speed-up over the uploaded model with the min–max of the runs) with their accuracy drop (digits) or
 minimum cosine (MiniLM) on the eval set.
@@ -242,6 +243,8 @@ def _describe(outcome: dict, workers: int) -> list:
     explored = [t for t in report["trials"] if t["role"] != "verify"]
     ran = sum(1 for t in explored if t["job_id"])
     pruned = sum(1 for t in explored if t.get("pruned"))
+    not_timed = sum(1 for t in explored if t.get("stopped_early"))
+    checks = sum(1 for t in report["trials"] if t["role"] == "verify")
     chosen = report.get("pick") or report.get("closest") or {}
     recipe = " → ".join(
         s.get("scheme") or (f"{s['op']} {s['amount']}" if "amount" in s else s["op"]) for s in chosen.get("steps", [])
@@ -253,6 +256,8 @@ def _describe(outcome: dict, workers: int) -> list:
         round(outcome["wall_s"], 1),
         ran,
         pruned,
+        not_timed,
+        checks,
         report.get("feasible"),
         recipe or "—",
         figures.get("speedup") or 0.0,
@@ -280,7 +285,18 @@ def main() -> None:
         rows = [_describe(outcome, workers) for workers, outcome in outcomes.items()]
         print_table(
             f"{case['name']}: search wall time, constraints {case['constraints']}, latency at batch {case['batch']}",
-            ("workers", "status", "wall s", "trials run", "stopped early", "feasible", "pick", "pick speed-up (job)"),
+            (
+                "workers",
+                "status",
+                "wall s",
+                "trials run",
+                "stopped by prefix",
+                "not timed",
+                "pick checks",
+                "feasible",
+                "pick",
+                "pick speed-up (job)",
+            ),
             rows,
         )
         if 1 in outcomes and 2 in outcomes:

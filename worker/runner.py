@@ -31,6 +31,8 @@ Emit = Callable[[dict], None]
 STEPS_SHARE = 80.0  # percent of the progress bar the steps take; measuring takes the rest
 # The uploaded model put through the pipeline's compile step: a lossless floor candidate.
 BASELINE_COMPILED = "baseline_compiled"
+# the targets a result's quality pass can already miss (`target.stop_early` skips timing it then)
+QUALITY_TARGETS = ("max_accuracy_drop", "min_fidelity")
 
 
 @dataclass
@@ -218,6 +220,7 @@ def _execute_job(
         onnx_files=onnx_files,
         lossless=lossless,
         clean=clean,
+        stop_early=_missed_target(spec.get("target"), result_name),
     )
     for index, stage in enumerate(stages):
         name = f"stage{index + 1}"
@@ -234,6 +237,7 @@ def _execute_job(
         measurement.speedup.get(result_name, {}),
         spec.get("target"),
     )
+    summary["stopped_early"] = measurement.stopped_early
     summary["lossless_floor"] = measurement.floor
     summary["beyond_floor"] = measurement.beyond_floor.get(result_name)
     report = {
@@ -337,7 +341,7 @@ def summarize(baseline: dict, result: dict, speedup: dict, target: dict | None) 
     }
     target = target or {}
     checks = {
-        "max_accuracy_drop": (accuracy_drop, lambda limit, actual: actual <= limit),
+        "max_accuracy_drop": (accuracy_drop, lambda limit, actual: actual <= limit + 1e-9),
         "min_fidelity": (held, lambda limit, actual: actual >= limit),
         "min_speedup": (min(medians.values()) if medians else None, lambda limit, actual: actual >= limit),
     }
@@ -349,6 +353,26 @@ def summarize(baseline: dict, result: dict, speedup: dict, target: dict | None) 
                 "met": actual is not None and holds(target[key], actual),
             }
     return summary
+
+
+def _missed_target(target: dict | None, result_name: str) -> Callable[[dict], str | None] | None:
+    """With `target.stop_early`, the check measure_models runs once accuracy and fidelity are in:
+    which quality limit the result already misses (so timing it is wasted), in words, or None."""
+    quality = {key: (target or {}).get(key) for key in QUALITY_TARGETS}
+    if not (target or {}).get("stop_early") or all(limit is None for limit in quality.values()):
+        return None
+
+    def missed(metrics: dict) -> str | None:
+        checked = summarize(metrics["baseline"], metrics[result_name], {}, quality)["targets"]
+        reasons = [
+            f"the result's {key.removeprefix('max_').removeprefix('min_').replace('_', ' ')} "
+            f"{row['actual']:.4f} misses its target {key} {row['limit']:g}"
+            for key, row in checked.items()
+            if row["actual"] is not None and not row["met"]
+        ]
+        return "; ".join(reasons) or None
+
+    return missed
 
 
 def _held_fidelity(fidelity: dict | None) -> float | None:

@@ -156,6 +156,8 @@ def headline(report: dict) -> str:
     if size_ratio:
         parts.append(size_phrase(size_ratio))
     drop = num(summary.get("accuracy_drop"))
+    if summary.get("stopped_early"):
+        parts.append("not timed: it already misses its quality target")
     if drop is not None:
         parts.append(accuracy_phrase(drop))
     else:

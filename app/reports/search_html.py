@@ -84,7 +84,8 @@ def _header(report: dict) -> str:
         f'<h1 class="headline">{esc(headline)}</h1>',
         f'<p class="meta">Constraints: {esc("; ".join(limits) or "none")}. Objective: {esc(objective.get("metric"))}'
         f" at batch {esc(objective.get('batch_size'))}. Trials: {esc(progress.get('trials_done'))} done, "
-        f"{esc(progress.get('trials_pruned'))} stopped early.</p>",
+        f"{esc(progress.get('trials_pruned'))} stopped early by their prefix, "
+        f"{esc(progress.get('trials_not_timed') or 0)} not timed (their quality pass missed).</p>",
     ]
     if report.get("stopped_by_time"):
         lines.append('<p class="warn">The time budget ended the search: the best candidate found so far is kept.</p>')
@@ -142,7 +143,11 @@ def _trials_section(report: dict) -> str:
         figures = dict_of(trial.get("figures"))
         job = trial.get("job_id")
         link = f'<a href="/v1/jobs/{esc(job)}/report.html">{esc(str(job)[:8])}</a>' if job else "—"
-        status = trial.get("pruned") and "stopped early" or trial.get("status")
+        status = (
+            (trial.get("pruned") and "stopped early")
+            or (trial.get("stopped_early") and "not timed: misses the constraint")
+            or trial.get("status")
+        )
         marks = " ".join(
             m for m, on in (("pick", trial.get("number") == picked), ("front", trial.get("number") in front)) if on
         )

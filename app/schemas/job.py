@@ -208,6 +208,12 @@ class TargetSpec(_Strict):
         "(as a quantize step's min_fidelity).",
     )
     min_speedup: float | None = Field(None, gt=0)
+    stop_early: bool = Field(
+        False,
+        description="When the result already misses max_accuracy_drop or min_fidelity on the evaluation "
+        "data, skip the memory probes and the timing: the job succeeds with sizes, MACs, accuracy and "
+        "fidelity, and summary.stopped_early says which limit it missed (a search's trials set this).",
+    )
 
 
 class JobSpec(_Strict):

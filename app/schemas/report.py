@@ -166,6 +166,9 @@ class Summary(_Open):
     accuracy_drop: float | None = None
     fidelity_cosine_min: float | None = None
     targets: dict[str, TargetCheck] = {}
+    stopped_early: str | None = Field(
+        None, description="Why nothing was timed (target.stop_early: the result already missed a quality target)."
+    )
     headline: str = ""
 
 

@@ -130,7 +130,12 @@ class SearchProgress(BaseModel):
     trials_done: int = 0
     trials_planned: int = 0
     trials_running: int = Field(0, description="Trials queued or running now.")
-    trials_pruned: int = Field(0, description="Candidates stopped early by the proxy, without a job.")
+    trials_pruned: int = Field(
+        0, description="Candidates stopped without a job: their prefix trial already missed the constraint."
+    )
+    trials_not_timed: int = Field(
+        0, description="Trials whose job stopped after its accuracy/fidelity pass missed the constraint (not timed)."
+    )
     message: str = ""
 
 

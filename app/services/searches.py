@@ -51,6 +51,9 @@ def trial_spec(spec: SearchSpec, steps: list[dict], name: str) -> dict:
         target["max_accuracy_drop"] = spec.constraints.max_accuracy_drop
     if spec.constraints.min_fidelity is not None:
         target["min_fidelity"] = spec.constraints.min_fidelity
+    if target:
+        # the cheap proxy: a trial whose accuracy (or fidelity) pass already misses is not timed
+        target["stop_early"] = True
     raw = {
         "model_id": spec.model_id,
         "name": name[:255],
@@ -259,6 +262,8 @@ def _advance(session: Session, search_id: str) -> None:
         else:
             _schedule(session, search, spec, space, state, trials)
             trials = _evaluate(spec, state["trials"], _refreshed(session, search_id))
+            _check_early(session, search, spec, state, trials, by_id)
+            trials = _evaluate(spec, state["trials"], _refreshed(session, search_id))
         if not any(t["status"] in ACTIVE_STATUSES for t in trials):
             phase = state["phase"] = "picking"
     if phase in ("picking", "verifying"):
@@ -362,6 +367,7 @@ def _evaluate(spec: SearchSpec, stored: list[dict], by_id: dict[str, Compression
                 "quality": figures["quality"] if figures else None,
                 "objective": figures["objective"] if figures else None,
                 "violations": violations(spec, figures) if figures else {},
+                "stopped_early": figures["stopped_early"] if figures else None,
                 "job_spec": job.spec if job is not None else None,
             }
         )
@@ -408,6 +414,7 @@ def trial_figures(spec: SearchSpec, report: dict | None) -> dict | None:
         "macs": result.get("macs"),
         "quality": quality,
         "objective": objective,
+        "stopped_early": summary.get("stopped_early"),
     }
 
 
@@ -484,24 +491,17 @@ def _pick(
 ) -> None:
     """Choose the best feasible trial and re-check it in a job on its reloaded artifact; finish the
     search once a pick holds (or nothing is feasible)."""
-    verify = state.get("verify")
-    rejected = set(state.get("rejected", []))
-    if verify is not None:
-        job = by_id.get(verify["job_id"]) or session.get(CompressionJob, verify["job_id"])
-        if job is None or job.status in ACTIVE_STATUSES:
-            return
-        outcome = _verified(spec, trials, verify["trial"], job)
-        verify.update(outcome)
-        state.setdefault("verified", []).append(dict(verify))
-        state["verify"] = None
-        if outcome["holds"]:
-            _finish(search, state, verify["trial"], feasible=True)
-            return
-        rejected.add(verify["trial"])
-        state["rejected"] = sorted(rejected)
-    ranked = _ranked_feasible(trials, rejected)
+    _collect_check(session, spec, state, trials, by_id)
+    if state.get("verify") is not None:
+        return
+    ranked = _ranked_feasible(trials, set(state.get("rejected", [])))
     if ranked:
+        best = ranked[0]["number"]
+        if any(v["trial"] == best and v["holds"] for v in state.get("verified", [])):
+            _finish(search, state, best, feasible=True)
+            return
         _queue_verification(session, search, spec, state, ranked[0], by_id)
+        state["phase"] = "verifying"
         return
     if not any(t["status"] == JobStatus.SUCCEEDED and t["role"] != "verify" for t in trials):
         errors = sorted(
@@ -518,6 +518,40 @@ def _pick(
         return
     closest = _closest(trials)
     _finish(search, state, closest["number"], feasible=False)
+
+
+def _check_early(
+    session: Session, search: Search, spec: SearchSpec, state: dict, trials: list[dict], by_id: dict
+) -> None:
+    """While trials still run, re-check the best feasible trial so far in a slot no trial wants:
+    when it is still the best at the end, the search finishes without a check job of its own
+    (on two workers the last check was the part no second worker could share)."""
+    _collect_check(session, spec, state, trials, by_id)
+    if state.get("verify") is not None:
+        return
+    if sum(1 for t in trials if t["status"] in ACTIVE_STATUSES) >= spec.budget.parallel:
+        return
+    ranked = _ranked_feasible(trials, set(state.get("rejected", [])))
+    if ranked and not any(v["trial"] == ranked[0]["number"] for v in state.get("verified", [])):
+        _queue_verification(session, search, spec, state, ranked[0], by_id)
+
+
+def _collect_check(session: Session, spec: SearchSpec, state: dict, trials: list[dict], by_id: dict) -> None:
+    """Record the outcome of the check in flight once its job has ended; a failed check rejects
+    its trial, a canceled one (the time limit) is forgotten and made again."""
+    verify = state.get("verify")
+    if verify is None:
+        return
+    job = by_id.get(verify["job_id"]) or session.get(CompressionJob, verify["job_id"])
+    if job is None or job.status in ACTIVE_STATUSES:
+        return
+    state["verify"] = None
+    if job.status == JobStatus.CANCELED:
+        return
+    verify.update(_verified(spec, trials, verify["trial"], job))
+    state.setdefault("verified", []).append(dict(verify))
+    if not verify["holds"]:
+        state["rejected"] = sorted({*state.get("rejected", []), verify["trial"]})
 
 
 def _queue_verification(
@@ -543,7 +577,6 @@ def _queue_verification(
         {"number": number, "role": "verify", "params": {}, "steps": [], "job_id": job.id, "checks": trial["number"]}
     )
     state["verify"] = {"trial": trial["number"], "job_id": job.id, "model_id": model.id}
-    state["phase"] = "verifying"
 
 
 def _verified(spec: SearchSpec, trials: list[dict], number: int, job: CompressionJob) -> dict:
@@ -591,6 +624,7 @@ def _public_trial(trial: dict) -> dict:
         "violations": trial["violations"],
         "feasible": _feasible(trial) if trial["role"] != "verify" else None,
         "pruned": trial.get("pruned"),
+        "stopped_early": trial.get("stopped_early"),
         "error": trial.get("error"),
         **({"checks": trial["checks"]} if "checks" in trial else {}),
     }
@@ -604,7 +638,8 @@ def _result(spec: SearchSpec, state: dict, trials: list[dict]) -> dict:
     by_number = {t["number"]: t for t in public}
     floor = next((t for t in public if t["role"] == FLOOR and t["figures"]), None)
     baseline = None
-    first = next((t for t in public if t["figures"]), None)
+    # a trial stopped early by its quality pass timed nothing, its baseline neither
+    first = next((t for t in public if t["figures"] and t["figures"]["baseline_latency_ms"] is not None), None)
     if first is not None:
         figures = first["figures"]
         baseline = {
@@ -637,13 +672,16 @@ def _result(spec: SearchSpec, state: dict, trials: list[dict]) -> dict:
     }
 
 
-def _progress(stage: str, done: int, planned: int, running: int, pruned: int, message: str = "") -> dict:
+def _progress(
+    stage: str, done: int, planned: int, running: int, pruned: int, not_timed: int = 0, message: str = ""
+) -> dict:
     return {
         "stage": stage,
         "trials_done": done,
         "trials_planned": planned,
         "trials_running": running,
         "trials_pruned": pruned,
+        "trials_not_timed": not_timed,
         "message": message,
     }
 
@@ -664,4 +702,5 @@ def _progress_of(search: Search, spec: SearchSpec, space: Space, state: dict, tr
         "verifying": "re-checking the pick on its reloaded artifact",
         "done": "done",
     }.get(stage, (search.error or {}).get("message", ""))
-    return _progress(stage, done, planned, running, pruned, message)
+    not_timed = sum(1 for t in explored if t.get("stopped_early"))
+    return _progress(stage, done, planned, running, pruned, not_timed, message)

@@ -368,3 +368,58 @@ def test_beside_a_cpu_bound_process_on_every_core_p50_holds_or_is_marked_noisy()
             hog.wait()
     assert loaded["cpu_wait"] is None or loaded["cpu_wait"] >= 0
     assert loaded["p50"] <= 1.5 * quiet["p50"] or loaded["noisy"], (quiet, loaded)
+
+
+def test_a_stop_early_verdict_on_the_quality_figures_skips_memory_and_timing(measured, tmp_path):
+    _, models, files, (x_test, y_test), _ = measured
+    subset = {name: models[name] for name in ("baseline", "pruned")}
+    seen = []
+
+    def verdict(metrics):
+        seen.append({name: metrics[name].get("accuracy") for name in metrics})
+        return "the result misses its accuracy target"
+
+    measurement = measure_models(
+        subset, {n: files[n] for n in subset}, "baseline", ModelData((x_test,), y_test), CONFIG, stop_early=verdict
+    )
+
+    assert measurement.stopped_early == "the result misses its accuracy target"
+    assert seen and all(accuracy is not None for accuracy in seen[0].values()), "judged on measured accuracy"
+    for name in subset:
+        metrics = measurement.metrics[name]
+        assert metrics["latency_ms"] == {} and metrics["peak_memory_bytes"] is None
+        assert metrics["accuracy"]["top1"] > 0 and metrics["size_bytes"] > 0 and metrics["macs"] > 0
+    assert measurement.speedup == {} and measurement.floor == {}
+    assert any("nothing was timed" in note for note in measurement.notes)
+
+    timed = measure_models(
+        subset,
+        {n: files[n] for n in subset},
+        "baseline",
+        ModelData((x_test,), y_test),
+        CONFIG,
+        stop_early=lambda m: None,
+    )
+    assert timed.stopped_early is None and timed.metrics["pruned"]["latency_ms"]["8"]["p50"] > 0
+
+
+def test_the_runner_stops_early_only_on_a_measured_miss_of_a_quality_target():
+    from worker.runner import _missed_target
+
+    def metrics(accuracy, cosine=0.999):
+        return {
+            "size_bytes": 100,
+            "accuracy": None if accuracy is None else {"top1": accuracy},
+            "fidelity": {"cosine_min": cosine, "top1_agreement": None},
+        }
+
+    check = _missed_target({"max_accuracy_drop": 0.01, "stop_early": True}, "stage1")
+    assert "accuracy drop 0.0500 misses its target max_accuracy_drop 0.01" in check(
+        {"baseline": metrics(0.95), "stage1": metrics(0.90)}
+    )
+    assert check({"baseline": metrics(0.95), "stage1": metrics(0.94)}) is None  # exactly at the limit holds
+    assert check({"baseline": metrics(None), "stage1": metrics(None)}) is None  # no labels: nothing missed
+    fidelity = _missed_target({"min_fidelity": 0.99, "stop_early": True}, "stage1")
+    assert "fidelity" in fidelity({"baseline": metrics(None, 1.0), "stage1": metrics(None, 0.98)})
+    assert _missed_target({"max_accuracy_drop": 0.01}, "stage1") is None  # stop_early not asked for
+    assert _missed_target({"min_speedup": 2.0, "stop_early": True}, "stage1") is None

@@ -57,6 +57,7 @@ class Measurement:
             for every timed model except the reference itself (both served `plain`).
         environment: `{"device", "device_name", "torch", "threads", "worker", "measured_at", …}`.
         notes: things a reader should know (a figure that could not be measured, and why).
+        stopped_early: why nothing was timed (`stop_early`'s verdict on the quality figures), or None.
         floor: `{"<batch>": {"model", "mode", "p50_ms", "median", "min", "max", …}}`: the lossless
             floor, the fastest of the lossless models in their lossless modes, with its paired
             speed-up over the reference served plain.
@@ -70,6 +71,7 @@ class Measurement:
     notes: list[str] = field(default_factory=list)
     floor: dict[str, dict[str, Any]] = field(default_factory=dict)
     beyond_floor: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    stopped_early: str | None = None
 
 
 def measure_models(
@@ -83,6 +85,7 @@ def measure_models(
     onnx_files: Mapping[str, Path] | None = None,
     lossless: Iterable[str] | None = None,
     clean: CleanFork | None = None,
+    stop_early: Callable[[dict[str, dict[str, Any]]], str | None] | None = None,
 ) -> Measurement:
     """Measure size, work, quality, latency and memory of several models side by side.
 
@@ -106,6 +109,9 @@ def measure_models(
             outputs agree with their `plain` outputs within float tolerance make the floor.
         clean: a copy of the caller's process from before it loaded any model, to fork the CPU
             memory probes from (None: each probe is a fresh interpreter).
+        stop_early: called on the metrics once sizes, MACs, accuracy and fidelity are in; a reason
+            it returns skips the memory probes and the timing (the models get the figures of the
+            untimed ones), as for a result that already misses its accuracy target.
 
     Returns:
         A `Measurement` (metrics, speed-ups with spread, environment, notes, floor).
@@ -140,6 +146,10 @@ def measure_models(
         for name in models:
             metrics[name].update(quality[name])
         progress(0.25, "measured accuracy and fidelity")
+        stopped = stop_early(metrics) if stop_early is not None else None
+        if stopped:
+            timed = []
+            notes.append(f"nothing was timed: {stopped}")
         peaks = _peak_memory(models, files, timed, data, config, device, notes, clean)
         for name in models:
             metrics[name]["peak_memory_bytes"] = peaks.get(name)
@@ -169,7 +179,13 @@ def measure_models(
                 "a speed-up's interval stayed wide after the rounds the time budget allowed: it is marked noisy"
             )
         return Measurement(
-            _json_safe(metrics), _json_safe(speedup), environment, notes, _json_safe(floor), _json_safe(beyond_floor)
+            _json_safe(metrics),
+            _json_safe(speedup),
+            environment,
+            notes,
+            _json_safe(floor),
+            _json_safe(beyond_floor),
+            stopped,
         )
     finally:
         torch.set_num_threads(previous_threads)
