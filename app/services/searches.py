@@ -18,7 +18,6 @@ from datetime import timedelta
 
 from pydantic import ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
 from app import queue
@@ -29,7 +28,7 @@ from app.models.base import utcnow
 from app.models.job import ACTIVE_STATUSES, FINAL_STATUSES, JobStatus
 from app.schemas.job import JobSpec
 from app.schemas.search import SearchSpec
-from app.services import jobs, lifecycle
+from app.services import idempotency, jobs, lifecycle
 from app.services.models import get_model
 from app.services.pagination import paginate
 from app.services.search_space import Candidate, Space, hopeless, resolve_space
@@ -74,10 +73,9 @@ def create_search(session: Session, tenant: str, spec: SearchSpec, idempotency_k
     With an `idempotency_key`, the same key and spec return the existing search; another spec is a 409.
     """
     spec_hash = _spec_hash(spec)
-    if idempotency_key:
-        existing = _by_idempotency_key(session, tenant, idempotency_key)
-        if existing is not None:
-            return _replay(existing, spec_hash), False
+    existing = idempotency.stored(session, Search, tenant, idempotency_key, spec_hash, "search")
+    if existing is not None:
+        return existing, False
     model = get_model(session, tenant, spec.model_id)
     space = resolve_space(spec, model.summary)
     if not space.candidates():
@@ -107,15 +105,9 @@ def create_search(session: Session, tenant: str, spec: SearchSpec, idempotency_k
         progress=_progress("queued", 0, min(spec.budget.max_trials, len(space.candidates())), 0, 0),
         state={"trials": []},
     )
-    try:
-        with session.begin_nested():
-            session.add(search)
-            session.flush()
-    except IntegrityError:
-        existing = _by_idempotency_key(session, tenant, idempotency_key)
-        if existing is None:
-            raise
-        return _replay(existing, spec_hash), False
+    search, created = idempotency.insert(session, search, "search")
+    if not created:
+        return search, False
     search_id = search.id
     log.info("search %s created", search_id)
     after_commit(session, lambda: dispatch_advance(search_id))
@@ -125,16 +117,6 @@ def create_search(session: Session, tenant: str, spec: SearchSpec, idempotency_k
 def dispatch_advance(search_id: str) -> None:
     """Ask the notifier to advance a search now; when the broker refuses, the sweepers do it."""
     queue.send(queue.ADVANCE_SEARCH, search_id)
-
-
-def _by_idempotency_key(session: Session, tenant: str, key: str) -> Search | None:
-    return session.scalar(select(Search).where(Search.tenant == tenant, Search.idempotency_key == key))
-
-
-def _replay(search: Search, spec_hash: str) -> Search:
-    if search.spec_hash != spec_hash:
-        raise Conflict("this Idempotency-Key was used with a different search spec", code="idempotency_key_reused")
-    return search
 
 
 def get_search(session: Session, tenant: str, search_id: str, with_result: bool = False) -> Search:
@@ -492,9 +474,10 @@ def _pick(
     """Choose the best feasible trial and re-check it in a job on its reloaded artifact; finish the
     search once a pick holds (or nothing is feasible)."""
     _collect_check(session, spec, state, trials, by_id)
+    ranked = _ranked_feasible(trials, set(state.get("rejected", [])))
+    _drop_superseded_check(session, state, ranked)
     if state.get("verify") is not None:
         return
-    ranked = _ranked_feasible(trials, set(state.get("rejected", [])))
     if ranked:
         best = ranked[0]["number"]
         if any(v["trial"] == best and v["holds"] for v in state.get("verified", [])):
@@ -527,13 +510,24 @@ def _check_early(
     when it is still the best at the end, the search finishes without a check job of its own
     (on two workers the last check was the part no second worker could share)."""
     _collect_check(session, spec, state, trials, by_id)
+    ranked = _ranked_feasible(trials, set(state.get("rejected", [])))
+    _drop_superseded_check(session, state, ranked)
     if state.get("verify") is not None:
         return
-    if sum(1 for t in trials if t["status"] in ACTIVE_STATUSES) >= spec.budget.parallel:
+    # only where it would start now: a check queued behind waiting trials would run after them
+    active = [t for t in trials if t["status"] in ACTIVE_STATUSES]
+    if len(active) >= spec.budget.parallel or any(t["status"] == JobStatus.QUEUED for t in active):
         return
-    ranked = _ranked_feasible(trials, set(state.get("rejected", [])))
     if ranked and not any(v["trial"] == ranked[0]["number"] for v in state.get("verified", [])):
         _queue_verification(session, search, spec, state, ranked[0], by_id)
+
+
+def _drop_superseded_check(session: Session, state: dict, ranked: list[dict]) -> None:
+    """Cancel the check in flight when the trial it checks is no longer the best one."""
+    verify = state.get("verify")
+    if verify is not None and (not ranked or ranked[0]["number"] != verify["trial"]):
+        lifecycle.cancel(session, verify["job_id"])
+        state["verify"] = None
 
 
 def _collect_check(session: Session, spec: SearchSpec, state: dict, trials: list[dict], by_id: dict) -> None:

@@ -144,10 +144,11 @@ def test_a_search_finds_a_pick_on_its_front_that_holds_on_the_reloaded_artifact_
     # Re-checked by a job of its own on the artifact loaded from its file (in the sandbox).
     check = pick["check"]
     assert check["holds"] is True and abs(check["accuracy"] - pick["figures"]["accuracy"]) < 1e-9
-    # Checks may start early, on the best trial so far, while other trials run: the last one
-    # checked the pick.
+    # Checks may start early, on the best trial so far, while other trials run (one whose trial
+    # was beaten meanwhile is canceled): the last one checked the pick.
     verify = [t for t in report["trials"] if t["role"] == "verify"]
-    assert verify and all(t["status"] == "succeeded" for t in verify) and verify[-1]["checks"] == pick["number"]
+    assert verify and verify[-1]["status"] == "succeeded" and verify[-1]["checks"] == pick["number"]
+    assert all(t["status"] in ("succeeded", "canceled") for t in verify)
 
     download = api.get(f"/v1/searches/{created['id']}/artifact")
     assert download.status_code == 200
@@ -247,10 +248,11 @@ def test_canceling_a_search_cancels_every_trial_and_queues_no_more(api, digits_s
 
 
 def test_a_worker_killed_mid_search_does_not_lose_the_search(service, api, digits_setup):
-    # A loose limit, so that no candidate is stopped early and the child of a prefix runs too.
+    # A limit no drop can miss (100 points), so that no candidate is stopped early and the child of
+    # a prefix runs too.
     spec = _spec(
         digits_setup,
-        constraints={"max_accuracy_drop": 0.5},
+        constraints={"max_accuracy_drop": 1.0},
         budget={"max_trials": 4, "parallel": 2, "time_limit_s": 600},
     )
     created = _create(api, spec)
@@ -276,7 +278,7 @@ def test_a_worker_killed_mid_search_does_not_lose_the_search(service, api, digit
     children = [t for t in explored if t["params"]["prune"] > 0 and t["params"]["quantize"] != "none"]
     assert children, [t["params"] for t in explored]
     for child in children:
-        assert child["status"] == "succeeded"
+        assert child["status"] == "succeeded", [(t["params"], t["pruned"], t["figures"]) for t in explored]
         job = api.get(f"/v1/jobs/{child['job_id']}").json()
         stages = api.get(f"/v1/jobs/{child['job_id']}/report").json()["stages"]
         assert stages[0]["op"] == "prune" and stages[0].get("reused_from"), stages[0]
