@@ -133,6 +133,50 @@ def _axis_y(ticks: list[float], y, x0: float, x1: float, label) -> str:
 
 
 @dataclass
+class _Plane:
+    """The latency-across, quality-up frame both scatter charts draw on: scales, grid and ticks."""
+
+    width: int
+    height: int
+    left: int
+    right: int
+    top: int
+    bottom: int
+    x_ticks: list[float]
+    y_ticks: list[float]
+
+    @classmethod
+    def fit(cls, latencies: list[float], qualities: list[float], width, height, left, right, top, bottom) -> _Plane:
+        pad = max((max(qualities) - min(qualities)) * 0.25, 0.002)
+        high = min(max(qualities) + pad, 1.0) if max(qualities) <= 1 else max(qualities) + pad
+        x_ticks = nice_ticks(0, max(latencies) * 1.1 or 1.0, 5)
+        return cls(
+            width, height, left, right, top, bottom, x_ticks, nice_ticks(max(min(qualities) - pad, 0.0), high, 4)
+        )
+
+    def x(self, value: float) -> float:
+        return self.left + (self.width - self.left - self.right) * value / self.x_ticks[-1]
+
+    def y(self, value: float) -> float:
+        low, high = self.y_ticks[0], self.y_ticks[-1]
+        return self.top + (self.height - self.top - self.bottom) * (1 - (value - low) / ((high - low) or 1))
+
+    def grid(self) -> str:
+        """The quality grid in percent (as many decimals as the tick step needs) and the latency grid."""
+        step_points = (self.y_ticks[1] - self.y_ticks[0]) * 100 if len(self.y_ticks) > 1 else 1.0
+        decimals = 0 if step_points >= 1 else 1 if step_points >= 0.1 else 2
+        parts = [_axis_y(self.y_ticks, self.y, self.left, self.width - self.right, lambda v: fmt_percent(v, decimals))]
+        for tick in self.x_ticks:
+            parts.append(
+                f'<line class="grid" x1="{self.x(tick):.1f}" x2="{self.x(tick):.1f}" y1="{self.top}" '
+                f'y2="{self.height - self.bottom}"/>'
+                f'<text class="tick" x="{self.x(tick):.1f}" y="{self.height - self.bottom + 16}" '
+                f'text-anchor="middle">{esc(fmt_ms_tick(tick))}</text>'
+            )
+        return "".join(parts)
+
+
+@dataclass
 class StagePoint:
     """One model on the quality-versus-latency plane."""
 
@@ -145,27 +189,11 @@ class StagePoint:
 def quality_latency_scatter(points: list[StagePoint], quality_name: str, batch: str) -> str:
     """Each stage as a point (latency at `batch` across, quality up), joined in pipeline order."""
     width, height, left, right, top, bottom = 620, 300, 70, 130, 18, 48
-    xs, ys = [p.latency_ms for p in points], [p.quality for p in points]
-    x_ticks = nice_ticks(0, max(xs) * 1.1 or 1.0, 5)
-    spread = max(ys) - min(ys)
-    pad = max(spread * 0.25, 0.002)
-    y_ticks = nice_ticks(max(min(ys) - pad, 0.0), min(max(ys) + pad, 1.0) if max(ys) <= 1 else max(ys) + pad, 4)
-    x_max, y_min, y_max = x_ticks[-1], y_ticks[0], y_ticks[-1]
-
-    def x(value: float) -> float:
-        return left + (width - left - right) * value / x_max
-
-    def y(value: float) -> float:
-        return top + (height - top - bottom) * (1 - (value - y_min) / ((y_max - y_min) or 1))
-
-    step_points = (y_ticks[1] - y_ticks[0]) * 100 if len(y_ticks) > 1 else 1.0
-    decimals = 0 if step_points >= 1 else 1 if step_points >= 0.1 else 2
-    parts = [_axis_y(y_ticks, y, left, width - right, lambda v: fmt_percent(v, decimals))]
-    for tick in x_ticks:
-        parts.append(
-            f'<line class="grid" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top}" y2="{height - bottom}"/>'
-            f'<text class="tick" x="{x(tick):.1f}" y="{height - bottom + 16}" text-anchor="middle">{esc(fmt_ms_tick(tick))}</text>'
-        )
+    plane = _Plane.fit(
+        [p.latency_ms for p in points], [p.quality for p in points], *(width, height), left, right, top, bottom
+    )
+    x, y = plane.x, plane.y
+    parts = [plane.grid()]
     path = " ".join(f"{'M' if i == 0 else 'L'}{x(p.latency_ms):.1f},{y(p.quality):.1f}" for i, p in enumerate(points))
     parts.append(f'<path class="trail" d="{path}"/>')
     for index, point in enumerate(points):
@@ -263,27 +291,12 @@ def front_scatter(points: list[FrontPoint], quality_name: str, batch: str, limit
     """Each trial at (latency, quality), its marker's area proportional to its size; the front
     joined by a line, the pick ringed, and the quality limit drawn across when there is one."""
     width, height, left, right, top, bottom = 660, 340, 70, 150, 18, 48
-    xs, ys = [p.latency_ms for p in points], [p.quality for p in points] + ([limit] if limit is not None else [])
-    x_ticks = nice_ticks(0, max(xs) * 1.1 or 1.0, 5)
-    pad = max((max(ys) - min(ys)) * 0.25, 0.002)
-    y_ticks = nice_ticks(max(min(ys) - pad, 0.0), min(max(ys) + pad, 1.0) if max(ys) <= 1 else max(ys) + pad, 4)
-    x_max, y_min, y_max = x_ticks[-1], y_ticks[0], y_ticks[-1]
+    qualities = [p.quality for p in points] + ([limit] if limit is not None else [])
+    plane = _Plane.fit([p.latency_ms for p in points], qualities, width, height, left, right, top, bottom)
+    x, y = plane.x, plane.y
+    y_min, y_max = plane.y_ticks[0], plane.y_ticks[-1]
     largest = max(p.size_bytes for p in points) or 1.0
-
-    def x(value: float) -> float:
-        return left + (width - left - right) * value / x_max
-
-    def y(value: float) -> float:
-        return top + (height - top - bottom) * (1 - (value - y_min) / ((y_max - y_min) or 1))
-
-    step_points = (y_ticks[1] - y_ticks[0]) * 100 if len(y_ticks) > 1 else 1.0
-    decimals = 0 if step_points >= 1 else 1 if step_points >= 0.1 else 2
-    parts = [_axis_y(y_ticks, y, left, width - right, lambda v: fmt_percent(v, decimals))]
-    for tick in x_ticks:
-        parts.append(
-            f'<line class="grid" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top}" y2="{height - bottom}"/>'
-            f'<text class="tick" x="{x(tick):.1f}" y="{height - bottom + 16}" text-anchor="middle">{esc(fmt_ms_tick(tick))}</text>'
-        )
+    parts = [plane.grid()]
     if limit is not None and y_min <= limit <= y_max:
         parts.append(
             f'<line class="limit" x1="{left}" x2="{width - right}" y1="{y(limit):.1f}" y2="{y(limit):.1f}"/>'

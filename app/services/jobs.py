@@ -8,7 +8,6 @@ import logging
 import math
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
 from app import queue
@@ -19,7 +18,7 @@ from app.models.base import utcnow
 from app.models.job import JobStatus, job_progress
 from app.outbound import AddressRefused
 from app.schemas.job import DistillStep, JobSpec
-from app.services import lifecycle, webhooks
+from app.services import idempotency, lifecycle, webhooks
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.pagination import paginate
@@ -97,10 +96,9 @@ def create_job(
     `search_id` makes it a trial of that search (app.services.searches).
     """
     spec_hash = _spec_hash(spec)
-    if idempotency_key:
-        existing = _by_idempotency_key(session, tenant, idempotency_key)
-        if existing is not None:
-            return _replay(existing, spec_hash), False
+    existing = idempotency.stored(session, CompressionJob, tenant, idempotency_key, spec_hash, "job")
+    if existing is not None:
+        return existing, False
     check_spec(session, tenant, spec)
     stored_spec = spec.model_dump(mode="json")
     device_kind = queue.job_device_kind(stored_spec)
@@ -115,15 +113,9 @@ def create_job(
         progress=queued_progress(device_kind),
         search_id=search_id,
     )
-    try:
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-    except IntegrityError:
-        existing = _by_idempotency_key(session, tenant, idempotency_key)
-        if existing is None:
-            raise
-        return _replay(existing, spec_hash), False
+    job, created = idempotency.insert(session, job, "job")
+    if not created:
+        return job, False
     job_id = job.id
     log.info("job %s created (%s)", job_id, device_kind, extra={"job_id": job_id})
     after_commit(session, lambda: dispatch(job_id, device_kind))
@@ -150,18 +142,6 @@ def dispatch(job_id: str, device_kind: str) -> None:
             job = session.get(CompressionJob, job_id)
             if job is not None and job.enqueued_at is None:
                 job.enqueued_at = utcnow()
-
-
-def _by_idempotency_key(session: Session, tenant: str, key: str) -> CompressionJob | None:
-    return session.scalar(
-        select(CompressionJob).where(CompressionJob.tenant == tenant, CompressionJob.idempotency_key == key)
-    )
-
-
-def _replay(job: CompressionJob, spec_hash: str) -> CompressionJob:
-    if job.spec_hash != spec_hash:
-        raise Conflict("this Idempotency-Key was used with a different job spec", code="idempotency_key_reused")
-    return job
 
 
 def get_job(session: Session, tenant: str, job_id: str, with_report: bool = False) -> CompressionJob:
