@@ -36,6 +36,7 @@ from app.services.search_space import Candidate, Space, hopeless, resolve_space
 log = logging.getLogger(__name__)
 
 FLOOR, CANDIDATE = "floor", "candidate"
+CHECK_ITERATIONS = 5  # the fewest timing iterations a job's benchmark accepts
 
 
 def _spec_hash(spec: SearchSpec) -> str:
@@ -565,7 +566,11 @@ def _queue_verification(
     session.flush()
     checked = spec.model_copy(update={"model_id": model.id})
     number = len(state["trials"])
-    job_spec = JobSpec.model_validate(trial_spec(checked, [], f"{search.name or 'search'} · pick check"))
+    raw = trial_spec(checked, [], f"{search.name or 'search'} · pick check")
+    # The check holds accuracy; its trial's job timed the artifact already: time it as little as a
+    # job allows, at one batch size (the check is the search's last job, which no worker shares).
+    raw["benchmark"] |= {"batch_sizes": [spec.objective.batch_size], "warmup": 0, "iterations": CHECK_ITERATIONS}
+    job_spec = JobSpec.model_validate(raw)
     job, _ = jobs.create_job(session, search.tenant, job_spec, f"search:{search.id}:{number}", search_id=search.id)
     state["trials"].append(
         {"number": number, "role": "verify", "params": {}, "steps": [], "job_id": job.id, "checks": trial["number"]}
