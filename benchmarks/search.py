@@ -174,6 +174,7 @@ def run_case(case: dict, workers: int, args, tmp: Path, hand: bool) -> dict:
                 search = _wait(api, f"/v1/searches/{created.json()['id']}")
                 wall_s = time.monotonic() - started
                 report = api.get(f"/v1/searches/{search['id']}/report").json()
+                _timeline(api, search, report)
                 outcome = {"wall_s": wall_s, "search": search, "report": report, "artifacts": {}}
                 if search["status"] == "succeeded":
                     outcome["artifacts"]["search pick"] = api.get(f"/v1/searches/{search['id']}/artifact").content
@@ -194,6 +195,41 @@ def run_case(case: dict, workers: int, args, tmp: Path, hand: bool) -> dict:
                 return outcome
         finally:
             service.stop()
+
+
+def _timeline(api: httpx.Client, search: dict, report: dict) -> None:
+    """Where the wall time went: each trial's job queued, started and ended, in seconds from the
+    search's creation, and the worker that ran it."""
+    from datetime import datetime
+
+    def seconds(stamp: str | None) -> str:
+        if not stamp:
+            return "—"
+        delta = datetime.fromisoformat(stamp) - datetime.fromisoformat(search["created_at"])
+        return f"{delta.total_seconds():.1f}"
+
+    rows = []
+    for trial in report["trials"]:
+        if not trial["job_id"]:
+            continue
+        job = api.get(f"/v1/jobs/{trial['job_id']}").json()
+        recipe = "check" if trial["role"] == "verify" else " → ".join(s["op"] for s in trial["steps"])
+        rows.append(
+            (
+                trial["number"],
+                recipe,
+                job["status"],
+                seconds(job["created_at"]),
+                seconds(job["started_at"]),
+                seconds(job["finished_at"]),
+                (job["worker"] or "—").split("@")[0],
+            )
+        )
+    print_table(
+        f"  timeline of {search['name']} (seconds from its creation; finished at {seconds(search['finished_at'])})",
+        ("trial", "steps", "status", "queued", "started", "ended", "worker"),
+        rows,
+    )
 
 
 def _quality(case: dict, model, reference: torch.Tensor) -> tuple[str, float]:

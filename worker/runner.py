@@ -169,7 +169,7 @@ def _execute_job(
         emit({"checkpoint": {"step_index": index, "path": str(paths[name]), "stage": stages[-1]}})
 
     result_name = f"stage{len(steps)}" if steps else "baseline"
-    lossless, floor_notes = _lossless_models(steps, teacher, ctx, models, paths, out)
+    lossless, floor_notes = _lossless_models(steps, teacher, ctx, models, paths, out, benchmark.time_stages)
 
     # Before measuring, so that the ONNX file exists while the models are timed. The onnxruntime
     # serving mode times the result's ONNX file (offered only when output_formats asks for it) and
@@ -221,6 +221,7 @@ def _execute_job(
         lossless=lossless,
         clean=clean,
         stop_early=_missed_target(spec.get("target"), result_name),
+        latency_for=None if benchmark.time_stages else {"baseline", result_name},
     )
     for index, stage in enumerate(stages):
         name = f"stage{index + 1}"
@@ -287,19 +288,25 @@ def _baseline_file(teacher: torch.jit.ScriptModule, upload: Path, out: Path) -> 
 
 
 def _lossless_models(
-    steps: list, teacher: torch.jit.ScriptModule, ctx: PipelineContext, models: dict, paths: dict, out: Path
+    steps: list,
+    teacher: torch.jit.ScriptModule,
+    ctx: PipelineContext,
+    models: dict,
+    paths: dict,
+    out: Path,
+    compiled_baseline: bool = True,
 ) -> tuple[list[str], list[str]]:
     """The models made with no loss, whose fastest lossless serving is the floor: the baseline, the
-    stages of a pipeline of compile steps only, and, when a lossy pipeline compiles its result, the
-    baseline compiled the same way (so the lossy steps are not credited with what compile gave).
-    Returns their names and a note where the baseline would not compile."""
+    stages of a pipeline of compile steps only, and, when a lossy pipeline compiles its result (and
+    `compiled_baseline`), the baseline compiled the same way (so the lossy steps are not credited
+    with what compile gave). Returns their names and a note where the baseline would not compile."""
     lossless = ["baseline"]
     for index, step in enumerate(steps):
         if step.op != "compile":
             break
         lossless.append(f"stage{index + 1}")
     compiles = [step for step in steps if step.op == "compile"]
-    if not compiles or len(lossless) == len(steps) + 1:
+    if not compiles or len(lossless) == len(steps) + 1 or not compiled_baseline:
         return lossless, []
     ctx.progress = lambda fraction, message: None
     try:

@@ -179,6 +179,12 @@ class BenchmarkSpec(_Strict):
         "optimized (torch.jit.optimize_for_inference after loading), onnxruntime (the ONNX file on ONNX Runtime's "
         "CPU provider). plain is always one: speed-ups divide by it.",
     )
+    time_stages: bool = Field(
+        True,
+        description="Time every model of the pipeline: each stage, and the baseline put through the pipeline's "
+        "compile step (for the lossless floor). false times the baseline and the result only, the other stages get "
+        "sizes, MACs and quality (a search's trials: its floor trial measures the floor).",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> BenchmarkSpec:

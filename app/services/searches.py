@@ -61,7 +61,13 @@ def trial_spec(spec: SearchSpec, steps: list[dict], name: str) -> dict:
         "eval_dataset_id": spec.eval_dataset_id,
         "input_spec": [item.model_dump(mode="json") for item in spec.input_spec] if spec.input_spec else None,
         "steps": steps,
-        "benchmark": {"device": "cpu", "batch_sizes": batches, **spec.benchmark.model_dump(mode="json")},
+        # the floor trial times the floor; the others time the baseline (to pair with) and their result
+        "benchmark": {
+            "device": "cpu",
+            "batch_sizes": batches,
+            "time_stages": False,
+            **spec.benchmark.model_dump(mode="json"),
+        },
         "target": target or None,
         "seed": spec.seed,
     }

@@ -132,6 +132,13 @@ def test_a_search_finds_a_pick_on_its_front_that_holds_on_the_reloaded_artifact_
             assert bool(trial["stopped_early"]) == missed, trial
             assert (trial["figures"]["latency_ms"] is None) == missed, trial
     assert search["progress"]["trials_not_timed"] == sum(1 for t in explored if t["stopped_early"])
+    # A trial times only the baseline it pairs with and its result: the floor trial has the floor.
+    for trial in explored:
+        if trial["status"] == "succeeded" and trial["role"] != "floor" and not trial["stopped_early"]:
+            job_report = api.get(f"/v1/jobs/{trial['job_id']}/report").json()
+            assert job_report.get("baseline_compiled") is None, trial["steps"]
+            assert all(stage["metrics"]["latency_ms"] == {} for stage in job_report["stages"][:-1])
+            assert job_report["result"]["latency_ms"]["8"]["p50"] > 0
     pick = report["pick"]
     assert pick["number"] in report["front"] and pick["on_front"]
     limit = spec["constraints"]["max_accuracy_drop"]

@@ -50,6 +50,8 @@ class BenchmarkConfig:
         extra_time_s: seconds the added rounds may take in all (the budget after `rounds`).
         serving: the serving modes every timed model is run in (`serving.SERVING_MODES`), side by
             side in the same rounds; `plain` is always among them (the speed-ups divide by it).
+        time_stages: whether a job times every stage and its compiled baseline, or only the
+            baseline and the result (the caller, worker/runner.py, chooses `latency_for` by it).
 
     Example:
         BenchmarkConfig.from_spec({"device": "cpu", "batch_sizes": [1, 32], "serving": ["plain", "optimized"]})
@@ -67,6 +69,7 @@ class BenchmarkConfig:
     max_rounds: int = 31
     extra_time_s: float = 30.0
     serving: Sequence[str] = ("plain",)
+    time_stages: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
