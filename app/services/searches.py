@@ -560,7 +560,8 @@ def _queue_verification(
 ) -> None:
     """Register the candidate's artifact as a model of the tenant (validated in the sandbox like
     any upload) and queue a job that measures it alone on the eval set."""
-    source = by_id[trial["job_id"]]
+    # by_id was read at the start of the advance: a trial that ended since is asked for anew
+    source = by_id.get(trial["job_id"]) or session.get(CompressionJob, trial["job_id"])
     model = UploadedModel(
         tenant=search.tenant,
         name=f"{search.name or 'search ' + search.id[:8]} pick (trial {trial['number']})"[:255],
