@@ -247,12 +247,15 @@ def _advance(session: Session, search_id: str) -> None:
             stopped = _cancel_trials(session, search_id)
             state["stopped_by_time"] = True
             log.info("search %s: time limit reached, %d running trial(s) canceled", search_id, stopped)
-            trials = _evaluate(spec, state["trials"], {**by_id, **_refreshed(session, search_id)})
+            by_id = {**by_id, **_refreshed(session, search_id)}
+            trials = _evaluate(spec, state["trials"], by_id)
         else:
             _schedule(session, search, spec, space, state, trials)
-            trials = _evaluate(spec, state["trials"], _refreshed(session, search_id))
-            _check_early(session, search, spec, state, trials, by_id)
-            trials = _evaluate(spec, state["trials"], _refreshed(session, search_id))
+            by_id = _refreshed(session, search_id)
+            trials = _evaluate(spec, state["trials"], by_id)
+            if _check_early(session, search, spec, state, trials, by_id):
+                by_id = _refreshed(session, search_id)
+                trials = _evaluate(spec, state["trials"], by_id)
         if not any(t["status"] in ACTIVE_STATUSES for t in trials):
             phase = state["phase"] = "picking"
     if phase in ("picking", "verifying"):
@@ -480,9 +483,7 @@ def _pick(
 ) -> None:
     """Choose the best feasible trial and re-check it in a job on its reloaded artifact; finish the
     search once a pick holds (or nothing is feasible)."""
-    _collect_check(session, spec, state, trials, by_id)
-    ranked = _ranked_feasible(trials, set(state.get("rejected", [])))
-    _drop_superseded_check(session, state, ranked)
+    ranked, _ = _settle_check(session, spec, state, trials, by_id)
     if state.get("verify") is not None:
         return
     if ranked:
@@ -512,47 +513,47 @@ def _pick(
 
 def _check_early(
     session: Session, search: Search, spec: SearchSpec, state: dict, trials: list[dict], by_id: dict
-) -> None:
+) -> bool:
     """While trials still run, re-check the best feasible trial so far in a slot no trial wants:
     when it is still the best at the end, the search finishes without a check job of its own
-    (on two workers the last check was the part no second worker could share)."""
-    _collect_check(session, spec, state, trials, by_id)
-    ranked = _ranked_feasible(trials, set(state.get("rejected", [])))
-    _drop_superseded_check(session, state, ranked)
+    (on two workers the last check was the part no second worker could share). Returns whether
+    it queued or canceled a job."""
+    ranked, canceled = _settle_check(session, spec, state, trials, by_id)
     if state.get("verify") is not None:
-        return
+        return canceled
     # only where it would start now: a check queued behind waiting trials would run after them
     active = [t for t in trials if t["status"] in ACTIVE_STATUSES]
     if len(active) >= spec.budget.parallel or any(t["status"] == JobStatus.QUEUED for t in active):
-        return
+        return canceled
     if ranked and not any(v["trial"] == ranked[0]["number"] for v in state.get("verified", [])):
         _queue_verification(session, search, spec, state, ranked[0], by_id)
+        return True
+    return canceled
 
 
-def _drop_superseded_check(session: Session, state: dict, ranked: list[dict]) -> None:
-    """Cancel the check in flight when the trial it checks is no longer the best one."""
+def _settle_check(
+    session: Session, spec: SearchSpec, state: dict, trials: list[dict], by_id: dict
+) -> tuple[list[dict], bool]:
+    """Bring the pick check up to date: record the outcome of one whose job has ended (a failed
+    check rejects its trial, a canceled one, by the time limit, is forgotten and made again), and
+    cancel one whose trial is no longer the best. Returns the feasible trials, best first, and
+    whether a check was canceled."""
+    verify = state.get("verify")
+    job = None if verify is None else by_id.get(verify["job_id"]) or session.get(CompressionJob, verify["job_id"])
+    if job is not None and job.status not in ACTIVE_STATUSES:
+        state["verify"] = None
+        if job.status != JobStatus.CANCELED:
+            verify.update(_verified(spec, trials, verify["trial"], job))
+            state.setdefault("verified", []).append(dict(verify))
+            if not verify["holds"]:
+                state["rejected"] = sorted({*state.get("rejected", []), verify["trial"]})
+    ranked = _ranked_feasible(trials, set(state.get("rejected", [])))
     verify = state.get("verify")
     if verify is not None and (not ranked or ranked[0]["number"] != verify["trial"]):
         lifecycle.cancel(session, verify["job_id"])
         state["verify"] = None
-
-
-def _collect_check(session: Session, spec: SearchSpec, state: dict, trials: list[dict], by_id: dict) -> None:
-    """Record the outcome of the check in flight once its job has ended; a failed check rejects
-    its trial, a canceled one (the time limit) is forgotten and made again."""
-    verify = state.get("verify")
-    if verify is None:
-        return
-    job = by_id.get(verify["job_id"]) or session.get(CompressionJob, verify["job_id"])
-    if job is None or job.status in ACTIVE_STATUSES:
-        return
-    state["verify"] = None
-    if job.status == JobStatus.CANCELED:
-        return
-    verify.update(_verified(spec, trials, verify["trial"], job))
-    state.setdefault("verified", []).append(dict(verify))
-    if not verify["holds"]:
-        state["rejected"] = sorted({*state.get("rejected", []), verify["trial"]})
+        return ranked, True
+    return ranked, False
 
 
 def _queue_verification(
@@ -560,8 +561,7 @@ def _queue_verification(
 ) -> None:
     """Register the candidate's artifact as a model of the tenant (validated in the sandbox like
     any upload) and queue a job that measures it alone on the eval set."""
-    # by_id was read at the start of the advance: a trial that ended since is asked for anew
-    source = by_id.get(trial["job_id"]) or session.get(CompressionJob, trial["job_id"])
+    source = by_id[trial["job_id"]]
     model = UploadedModel(
         tenant=search.tenant,
         name=f"{search.name or 'search ' + search.id[:8]} pick (trial {trial['number']})"[:255],

@@ -24,7 +24,7 @@ import torch
 from worker.engines.data import ModelData
 from worker.engines.errors import EngineError, model_text
 from worker.engines.export.runtime import ort_session, run_session
-from worker.engines.export.smoothing import ALPHA, smooth_matmuls, smoothable
+from worker.engines.export.smoothing import ALPHA, reader_counts, smooth_matmuls, smoothable
 from worker.engines.measure.quality import FidelityAccumulator, fidelity_score, flatten_outputs
 from worker.engines.quantize.engine import FIDELITY_MARGIN
 from worker.engines.step_config import StepConfig
@@ -291,10 +291,7 @@ def _weights_as_int8(path: Path, node_names: set[str]) -> list[str]:
 
     model = onnx.load(str(path))
     initializers = {init.name: init for init in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = reader_counts(model)
     rewritten, nodes = [], []
     for node in model.graph.node:
         weight_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None

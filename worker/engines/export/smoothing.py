@@ -29,11 +29,11 @@ _SCALE_RANGE = (1e-4, 1e4)
 def smoothable(model, node_names: Iterable[str]) -> list[str]:
     """The nodes of `node_names` that smoothing can rewrite: MatMuls on a 2-D float weight that no
     other node reads (a shared weight cannot take one node's scales)."""
-    weights, readers = _weights(model), _readers(model)
+    weights, readers, wanted = _weights(model), reader_counts(model), set(node_names)
     return sorted(
         node.name
         for node in model.graph.node
-        if node.name in set(node_names)
+        if node.name in wanted
         and node.op_type == "MatMul"
         and node.input[1] in weights
         and len(weights[node.input[1]].dims) == 2
@@ -111,7 +111,8 @@ def _weights(model) -> dict:
     return {init.name: init for init in model.graph.initializer if init.data_type == TensorProto.FLOAT}
 
 
-def _readers(model) -> dict[str, int]:
+def reader_counts(model) -> dict[str, int]:
+    """How many nodes of the graph read each tensor (a weight read once can be rewritten alone)."""
     readers: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
